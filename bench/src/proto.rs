@@ -1,0 +1,446 @@
+//! The ringcast.v1 wire format as the load generator needs it: requests out
+//! (JSON or MessagePack) and events in, where a frame holds one event or an
+//! array of them. Decoding pulls out only the fields the figures need and
+//! allocates nothing for a `message` event, so that the client is not what
+//! limits a run.
+
+use std::fmt;
+
+use anyhow::Result;
+use clap::ValueEnum;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Json,
+    Msgpack,
+}
+
+impl Format {
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Format::Json => "ringcast.v1.json",
+            Format::Msgpack => "ringcast.v1.msgpack",
+        }
+    }
+
+    pub fn encode<T: Serialize>(self, value: &T) -> Result<Message> {
+        Ok(match self {
+            Format::Json => Message::text(serde_json::to_string(value)?),
+            // Named fields: the protocol wants maps with string keys, not the
+            // positional arrays rmp-serde writes by default.
+            Format::Msgpack => Message::binary(rmp_serde::to_vec_named(value)?),
+        })
+    }
+}
+
+#[derive(Serialize)]
+pub struct Subscribe<'a> {
+    pub action: &'static str,
+    pub channel: &'a str,
+    pub id: u64,
+}
+
+impl<'a> Subscribe<'a> {
+    pub fn new(channel: &'a str, id: u64) -> Self {
+        Subscribe {
+            action: "subscribe",
+            channel,
+            id,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Publish<'a> {
+    pub action: &'static str,
+    pub channel: &'a str,
+    pub data: Payload<'a>,
+    pub id: u64,
+}
+
+/// The published `data`: `t` is the publish time in ns since the UNIX
+/// epoch, `p` pads the value to the requested size.
+#[derive(Serialize)]
+pub struct Payload<'a> {
+    pub t: u64,
+    pub p: &'a str,
+}
+
+impl<'a> Publish<'a> {
+    pub fn new(channel: &'a str, t: u64, pad: &'a str, id: u64) -> Self {
+        Publish {
+            action: "publish",
+            channel,
+            data: Payload { t, p: pad },
+            id,
+        }
+    }
+}
+
+/// Padding that brings an encoded `data` value to about `target` bytes.
+pub fn padding(format: Format, target: usize) -> String {
+    let bare = Payload {
+        t: u64::MAX / 2,
+        p: "",
+    };
+    let overhead = match format {
+        Format::Json => serde_json::to_vec(&bare).map(|v| v.len()).unwrap_or(32),
+        Format::Msgpack => rmp_serde::to_vec_named(&bare)
+            .map(|v| v.len())
+            .unwrap_or(16),
+    };
+    "x".repeat(target.saturating_sub(overhead))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kind {
+    Subscribed,
+    Message,
+    Published,
+    Error,
+    #[default]
+    Other,
+}
+
+/// One server event, reduced to what the load generator counts.
+#[derive(Debug, Default, Deserialize)]
+pub struct Event {
+    #[serde(rename = "type", default)]
+    pub kind: Kind,
+    #[serde(default)]
+    pub id: Num,
+    /// `data.t` when `data` is a map holding an unsigned integer `t`.
+    #[serde(rename = "data", default)]
+    pub stamp: Stamp,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// Calls `each` for every event in a frame, whether the frame holds one event
+/// object or an array of them. Text frames are JSON and binary frames
+/// MessagePack, whatever was negotiated; control frames hold no events.
+pub fn decode(msg: &Message, mut each: impl FnMut(Event)) -> Result<()> {
+    match msg {
+        Message::Text(text) => {
+            let mut de = serde_json::Deserializer::from_slice(text.as_bytes());
+            de.deserialize_any(FrameVisitor(&mut each))?;
+            de.end()?;
+        }
+        Message::Binary(bytes) => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(&bytes[..]);
+            de.deserialize_any(FrameVisitor(&mut each))?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+struct FrameVisitor<'f, F>(&'f mut F);
+
+impl<'de, F: FnMut(Event)> Visitor<'de> for FrameVisitor<'_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an event object or an array of event objects")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        (self.0)(Event::deserialize(de::value::MapAccessDeserializer::new(
+            map,
+        ))?);
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(event) = seq.next_element::<Event>()? {
+            (self.0)(event);
+        }
+        Ok(())
+    }
+}
+
+/// Visitor methods that accept a value of a type we do not care about and
+/// yield the default (nothing found).
+macro_rules! default_for {
+    ($($name:ident: $ty:ty),* $(,)?) => {
+        $(fn $name<E: de::Error>(self, _: $ty) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        })*
+    };
+}
+
+/// Visitor methods shared by the lenient field types: containers and
+/// wrappers are skipped rather than rejected.
+macro_rules! skip_compound {
+    () => {
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            IgnoredAny::deserialize(d)?;
+            Ok(Default::default())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Default::default())
+        }
+    };
+}
+
+/// An unsigned integer if the value is one, `None` for any other value. Used
+/// for `id` (which the protocol also allows to be a string).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Num(pub Option<u64>);
+
+impl<'de> Deserialize<'de> for Num {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NumVisitor)
+    }
+}
+
+struct NumVisitor;
+
+impl<'de> Visitor<'de> for NumVisitor {
+    type Value = Num;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any value")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Num, E> {
+        Ok(Num(Some(v)))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Num, E> {
+        Ok(Num(u64::try_from(v).ok()))
+    }
+
+    default_for!(visit_bool: bool, visit_f64: f64, visit_str: &str, visit_bytes: &[u8]);
+    skip_compound!();
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Num, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Num(None))
+    }
+}
+
+/// The `t` field of a `data` map, `None` for any other `data`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp(pub Option<u64>);
+
+impl<'de> Deserialize<'de> for Stamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StampVisitor)
+    }
+}
+
+struct StampVisitor;
+
+impl<'de> Visitor<'de> for StampVisitor {
+    type Value = Stamp;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any value")
+    }
+
+    default_for!(
+        visit_bool: bool,
+        visit_u64: u64,
+        visit_i64: i64,
+        visit_f64: f64,
+        visit_str: &str,
+        visit_bytes: &[u8],
+    );
+    skip_compound!();
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Stamp, A::Error> {
+        let mut t = None;
+        while let Some(is_t) = map.next_key_seed(KeyIs("t"))? {
+            if is_t {
+                t = map.next_value::<Num>()?.0;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(Stamp(t))
+    }
+}
+
+/// Compares a map key with a name without allocating it.
+struct KeyIs(&'static str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a map key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<bool, E> {
+        Ok(v == self.0.as_bytes())
+    }
+
+    default_for!(visit_bool: bool, visit_u64: u64, visit_i64: i64, visit_f64: f64);
+    skip_compound!();
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+}
+
+impl<'de> Deserialize<'de> for Kind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(KindVisitor)
+    }
+}
+
+struct KindVisitor;
+
+impl<'de> Visitor<'de> for KindVisitor {
+    type Value = Kind;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an event type")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Kind, E> {
+        Ok(match v {
+            "message" => Kind::Message,
+            "published" => Kind::Published,
+            "subscribed" => Kind::Subscribed,
+            "error" => Kind::Error,
+            _ => Kind::Other,
+        })
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Kind, E> {
+        match std::str::from_utf8(v) {
+            Ok(s) => self.visit_str(s),
+            Err(_) => Ok(Kind::Other),
+        }
+    }
+
+    default_for!(visit_bool: bool, visit_u64: u64, visit_i64: i64, visit_f64: f64);
+    skip_compound!();
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Kind, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Kind::Other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(msg: Message) -> Vec<Event> {
+        let mut out = Vec::new();
+        decode(&msg, |e| out.push(e)).unwrap();
+        out
+    }
+
+    #[test]
+    fn json_single_and_batch() {
+        let one = events(Message::text(
+            r#"{"type":"message","channel":"c","seq":5,"data":{"p":"x","t":42}}"#,
+        ));
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].kind, Kind::Message);
+        assert_eq!(one[0].stamp, Stamp(Some(42)));
+
+        let batch = events(Message::text(
+            r#"[{"type":"message","channel":"c","seq":1,"data":"plain"},
+                {"type":"published","channel":"c","seq":2,"id":7},
+                {"type":"subscribed","channel":"c","seq":0,"id":"s1","epoch":"e"},
+                {"type":"error","code":"bad_channel","message":"no"},
+                {"type":"future","x":[1,{"y":null}]}]"#,
+        ));
+        let kinds: Vec<Kind> = batch.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                Kind::Message,
+                Kind::Published,
+                Kind::Subscribed,
+                Kind::Error,
+                Kind::Other
+            ]
+        );
+        assert_eq!(batch[0].stamp, Stamp(None));
+        assert_eq!(batch[1].id, Num(Some(7)));
+        assert_eq!(batch[2].id, Num(None));
+        assert_eq!(batch[3].code.as_deref(), Some("bad_channel"));
+    }
+
+    #[test]
+    fn msgpack_single_and_batch() {
+        #[derive(Serialize)]
+        struct Ev<'a> {
+            r#type: &'a str,
+            channel: &'a str,
+            seq: u64,
+            data: Payload<'a>,
+        }
+        let ev = Ev {
+            r#type: "message",
+            channel: "c",
+            seq: 3,
+            data: Payload { t: 99, p: "pad" },
+        };
+        let one = events(Message::binary(rmp_serde::to_vec_named(&ev).unwrap()));
+        assert_eq!(one[0].kind, Kind::Message);
+        assert_eq!(one[0].stamp, Stamp(Some(99)));
+        let batch = events(Message::binary(
+            rmp_serde::to_vec_named(&[&ev, &ev]).unwrap(),
+        ));
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[1].stamp, Stamp(Some(99)));
+    }
+
+    #[test]
+    fn requests_and_padding() {
+        let m = Format::Json
+            .encode(&Publish::new("bench.0", 1, "xx", 3))
+            .unwrap();
+        assert_eq!(
+            m.to_text().unwrap(),
+            r#"{"action":"publish","channel":"bench.0","data":{"t":1,"p":"xx"},"id":3}"#
+        );
+        for format in [Format::Json, Format::Msgpack] {
+            let pad = padding(format, 100);
+            let t = 1_700_000_000_000_000_000;
+            let len = match format {
+                Format::Json => serde_json::to_vec(&Payload { t, p: &pad }).unwrap().len(),
+                Format::Msgpack => rmp_serde::to_vec_named(&Payload { t, p: &pad })
+                    .unwrap()
+                    .len(),
+            };
+            assert!((99..=102).contains(&len), "{format:?}: {len}");
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Configuration: one plain struct, filled from flags, `RINGCAST_*`
+//! environment variables and an optional TOML file, validated once at start.
+//!
+//! Precedence, highest first: command-line flag, environment variable, config
+//! file, built-in default. File keys are the long flag names (`max-pending-bytes
+//! = 262144`); an unknown key stops start-up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// What to do with a connection whose pending output passes `--max-pending-bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with status 4008; the client may reconnect with `since`.
+    Disconnect,
+    /// Drop the oldest pending messages; the client sees the seq gap.
+    DropOldest,
+}
+
+/// Which I/O driver the worker runtimes use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DriverChoice {
+    /// io_uring where the kernel allows it, else epoll (with one log line).
+    Auto,
+    /// io_uring only; start-up fails where it is unavailable.
+    Uring,
+    /// epoll only.
+    Epoll,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "ringcast",
+    version,
+    about = "Thread-per-core io_uring WebSocket pub/sub edge relay",
+    long_about = "Thread-per-core io_uring WebSocket pub/sub edge relay.\n\n\
+        Every option can also be set with an environment variable (shown below) \
+        or as `long-name = value` in the TOML file given with --config. \
+        Precedence: flag, then environment, then file, then default.",
+    args_override_self = true
+)]
+pub struct Config {
+    /// Address for WebSocket and HTTP (every worker binds it with SO_REUSEPORT).
+    /// Port 0 picks a free port; the chosen address is printed at start.
+    #[arg(long, env = "RINGCAST_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of the Prometheus endpoint (GET /metrics). Port 0 picks a free port.
+    #[arg(long, env = "RINGCAST_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// Worker threads, one monoio runtime pinned to a core each.
+    /// 0 means one per CPU this process may run on.
+    #[arg(long, env = "RINGCAST_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+
+    /// I/O driver: auto (io_uring, falling back to epoll), uring or epoll.
+    #[arg(long, env = "RINGCAST_DRIVER", value_enum, default_value_t = DriverChoice::Auto)]
+    pub driver: DriverChoice,
+
+    /// Pin each worker thread to one CPU of the allowed set.
+    #[arg(long, env = "RINGCAST_PIN_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pin_workers: bool,
+
+    /// Largest WebSocket message (after reassembly of fragments) or HTTP
+    /// publish body, in bytes. Bigger frames are closed with 1009.
+    #[arg(long, env = "RINGCAST_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Most requests one frame (a JSON or MessagePack array) may hold;
+    /// a bigger batch is refused with error `too_large`.
+    #[arg(long, env = "RINGCAST_MAX_BATCH_REQUESTS", default_value_t = 100)]
+    pub max_batch_requests: usize,
+
+    /// Most channels one connection may be subscribed to at once;
+    /// beyond it, subscribe gets error `too_large`.
+    #[arg(long, env = "RINGCAST_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
+    pub max_subscriptions: usize,
+
+    /// Bound on one connection's queued output, in bytes.
+    #[arg(long, env = "RINGCAST_MAX_PENDING_BYTES", default_value_t = 256 * 1024)]
+    pub max_pending_bytes: usize,
+
+    /// What happens past --max-pending-bytes: disconnect (close 4008) or drop-oldest.
+    #[arg(long, env = "RINGCAST_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumerPolicy::Disconnect)]
+    pub slow_consumer: SlowConsumerPolicy,
+
+    /// Largest batch frame the server coalesces for one connection, in bytes.
+    #[arg(long, env = "RINGCAST_MAX_BATCH_BYTES", default_value_t = 64 * 1024)]
+    pub max_batch_bytes: usize,
+
+    /// Messages kept per channel for `since` recovery.
+    #[arg(long, env = "RINGCAST_HISTORY_SIZE", default_value_t = 100)]
+    pub history_size: usize,
+
+    /// Oldest age of a kept message, in seconds.
+    #[arg(long, env = "RINGCAST_HISTORY_TTL", default_value_t = 300)]
+    pub history_ttl: u64,
+
+    /// Seconds of silence from a client before the server pings it.
+    #[arg(long, env = "RINGCAST_PING_INTERVAL", default_value_t = 30)]
+    pub ping_interval: u64,
+
+    /// Seconds a client has to answer a ping before it is dropped.
+    #[arg(long, env = "RINGCAST_PONG_TIMEOUT", default_value_t = 10)]
+    pub pong_timeout: u64,
+
+    /// Connections this node accepts; beyond it, handshakes get 503 with Retry-After.
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS", default_value_t = 1_000_000)]
+    pub max_connections: usize,
+
+    /// On SIGTERM/SIGINT, clients are closed with 1012 spread over this many seconds.
+    #[arg(long, env = "RINGCAST_DRAIN_SECONDS", default_value_t = 10)]
+    pub drain_seconds: u64,
+
+    /// API key required by POST /publish (as `Authorization: Bearer KEY`). Unset: open.
+    #[arg(long, env = "RINGCAST_PUBLISH_KEY")]
+    pub publish_key: Option<String>,
+
+    /// Let WebSocket clients publish. When false, publish gets error `forbidden`.
+    #[arg(long, env = "RINGCAST_ALLOW_CLIENT_PUBLISH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_client_publish: bool,
+
+    /// Optional TOML file with any of these options (long names as keys).
+    #[arg(long, env = "RINGCAST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ringcast=debug`.
+    #[arg(long, env = "RINGCAST_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// Parses flags, environment and the optional file, then validates.
+    /// The error is one line meant for the operator.
+    pub fn load() -> Result<Config, String> {
+        Self::load_from(std::env::args_os().collect())
+    }
+
+    pub fn load_from(args: Vec<std::ffi::OsString>) -> Result<Config, String> {
+        let first = Config::try_parse_from(&args).map_err(|e| e.to_string())?;
+        let config = match &first.config {
+            None => first,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("reading config file {}: {e}", path.display()))?;
+                let file_args = file_to_args(&text)
+                    .map_err(|e| format!("config file {}: {e}", path.display()))?;
+                // File values go first so that flags given on the command line,
+                // which come later, win.
+                let mut merged = vec![args[0].clone()];
+                merged.extend(file_args.into_iter().map(Into::into));
+                merged.extend(args.into_iter().skip(1));
+                Config::try_parse_from(merged)
+                    .map_err(|e| format!("config file {}: {e}", path.display()))?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks relations between values once, so the rest of the code can trust them.
+    pub fn validate(&self) -> Result<(), String> {
+        let fail = |m: String| Err(format!("invalid configuration: {m}"));
+        if self.max_message_bytes < 128 {
+            return fail("--max-message-bytes must be at least 128".into());
+        }
+        if self.max_batch_requests == 0 {
+            return fail("--max-batch-requests must be at least 1".into());
+        }
+        if self.max_pending_bytes < self.max_message_bytes.min(64 * 1024) {
+            return fail(format!(
+                "--max-pending-bytes ({}) must be at least min(--max-message-bytes, 65536)",
+                self.max_pending_bytes
+            ));
+        }
+        if self.max_batch_bytes < 1024 {
+            return fail("--max-batch-bytes must be at least 1024".into());
+        }
+        if self.ping_interval == 0 || self.pong_timeout == 0 {
+            return fail("--ping-interval and --pong-timeout must be at least 1 second".into());
+        }
+        if self.history_ttl == 0 && self.history_size > 0 {
+            return fail("--history-ttl must be at least 1 second when history is kept".into());
+        }
+        if self.workers > 1024 {
+            return fail(format!("--workers {} is more than 1024", self.workers));
+        }
+        if self.listen.port() != 0 && self.listen == self.metrics_addr {
+            return fail("--listen and --metrics-addr must differ".into());
+        }
+        if let Some(key) = &self.publish_key {
+            if key.is_empty() {
+                return fail("--publish-key must not be empty".into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn history_ttl(&self) -> Duration {
+        Duration::from_secs(self.history_ttl)
+    }
+}
+
+/// Turns `key = value` lines of the TOML file into `--key=value` arguments.
+/// Env-set options are skipped so the environment keeps precedence over the file.
+fn file_to_args(text: &str) -> Result<Vec<String>, String> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_string())?;
+    let known: Vec<(String, Option<String>)> = <Config as clap::CommandFactory>::command()
+        .get_arguments()
+        .filter_map(|a| {
+            a.get_long().map(|l| {
+                (
+                    l.to_string(),
+                    a.get_env().map(|e| e.to_string_lossy().into_owned()),
+                )
+            })
+        })
+        .collect();
+    let mut args = Vec::new();
+    for (key, value) in table {
+        let Some((_, env)) = known.iter().find(|(long, _)| *long == key) else {
+            return Err(format!("unknown key `{key}`"));
+        };
+        if key == "config" {
+            return Err("`config` cannot be set from a config file".into());
+        }
+        if env.as_ref().is_some_and(|e| std::env::var_os(e).is_some()) {
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => return Err(format!("`{key}` has an unsupported value {other}")),
+        };
+        args.push(format!("--{key}={value}"));
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut v: Vec<std::ffi::OsString> = vec!["ringcast".into()];
+        v.extend(args.iter().map(Into::into));
+        Config::load_from(v)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.max_message_bytes, 65536);
+        assert_eq!(c.history_size, 100);
+        assert_eq!(c.slow_consumer, SlowConsumerPolicy::Disconnect);
+    }
+
+    #[test]
+    fn invalid_values_give_one_clear_line() {
+        let e = parse(&["--max-message-bytes", "10"]).unwrap_err();
+        assert!(e.contains("--max-message-bytes"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = parse(&["--listen", "nonsense"]).unwrap_err();
+        assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("ringcast-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.toml");
+        std::fs::write(
+            &path,
+            "history-size = 7\nslow-consumer = \"drop-oldest\"\nmax-batch-requests = 9\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = parse(&["--config", p, "--max-batch-requests", "3"]).unwrap();
+        assert_eq!(c.history_size, 7);
+        assert_eq!(c.slow_consumer, SlowConsumerPolicy::DropOldest);
+        assert_eq!(c.max_batch_requests, 3);
+        std::fs::write(&path, "no-such-option = 1\n").unwrap();
+        let e = parse(&["--config", p]).unwrap_err();
+        assert!(e.contains("unknown key `no-such-option`"), "{e}");
+    }
+}

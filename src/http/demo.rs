@@ -1,0 +1,26 @@
+//! The demo page served at `/`: a browser client of the JSON protocol, for
+//! the 30-second try in the README.
+
+pub const PAGE: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>ringcast</title>
+<style>body{font:14px system-ui;margin:2em;max-width:50em}#log{white-space:pre-wrap;background:#f4f4f4;padding:1em;height:20em;overflow:auto}</style>
+</head><body>
+<h1>ringcast</h1>
+<p>Channel <input id="ch" value="demo"> <button id="sub">Subscribe</button>
+ Data <input id="data" value='{"hello":"world"}'> <button id="pub">Publish</button></p>
+<div id="log"></div>
+<script>
+const log = (t) => { const l = document.getElementById('log'); l.textContent += t + '\n'; l.scrollTop = l.scrollHeight; };
+const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws', 'ringcast.v1.json');
+let id = 0;
+ws.onopen = () => log('connected');
+ws.onclose = (e) => log('closed ' + e.code + ' ' + e.reason);
+ws.onmessage = (e) => { const m = JSON.parse(e.data); (Array.isArray(m) ? m : [m]).forEach(ev => log(JSON.stringify(ev))); };
+document.getElementById('sub').onclick = () =>
+  ws.send(JSON.stringify({action: 'subscribe', channel: document.getElementById('ch').value, id: ++id}));
+document.getElementById('pub').onclick = () => {
+  let data; try { data = JSON.parse(document.getElementById('data').value); } catch (_) { data = document.getElementById('data').value; }
+  ws.send(JSON.stringify({action: 'publish', channel: document.getElementById('ch').value, data, id: ++id}));
+};
+</script></body></html>
+"#;

@@ -1,0 +1,394 @@
+//! Plain HTTP on the WebSocket port: the request head (parsed by `httparse`),
+//! keep-alive, and the routes `/ws` (upgrade), `/healthz`, `/readyz`,
+//! `POST /publish/{channel}` and the demo page at `/`.
+
+mod demo;
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
+
+use crate::hub::Shard;
+use crate::protocol::{validate_channel, Data};
+use crate::runtime::io::{read_some, write_all};
+
+/// Largest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+/// How long a client may take to send a request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle keep-alive connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A parsed request head, owning what the routes need.
+#[derive(Debug)]
+pub struct Head {
+    pub method: String,
+    pub path: String,
+    pub http11: bool,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    /// Parses a head from the start of `buf`: `Ok(None)` when incomplete,
+    /// else the head and its length in bytes.
+    pub fn parse(buf: &[u8], max_headers: usize) -> Result<Option<(Head, usize)>, String> {
+        let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Partial) => Ok(None),
+            Ok(httparse::Status::Complete(len)) => {
+                let head = Head {
+                    method: req.method.unwrap_or_default().to_string(),
+                    path: req.path.unwrap_or_default().to_string(),
+                    http11: req.version == Some(1),
+                    headers: req
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_ascii_lowercase(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect(),
+                };
+                Ok(Some((head, len)))
+            }
+            Err(e) => Err(format!("malformed HTTP request: {e}")),
+        }
+    }
+
+    /// The first header called `name` (lower case).
+    pub fn header<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        self.headers_named(name).next()
+    }
+
+    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The path without its query string.
+    pub fn route(&self) -> &str {
+        self.path.split('?').next().unwrap_or_default()
+    }
+
+    fn keep_alive(&self) -> bool {
+        let conn = self
+            .header("connection")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if self.http11 {
+            !conn.contains("close")
+        } else {
+            conn.contains("keep-alive")
+        }
+    }
+}
+
+/// An HTTP response to send.
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    pub extra: &'static str,
+}
+
+impl Response {
+    pub fn text(status: u16, body: &str) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: format!("{body}\n").into_bytes(),
+            extra: "",
+        }
+    }
+
+    /// A JSON error body: `{"error":{"code":...,"message":...}}`.
+    pub fn error(status: u16, code: &str, message: &str) -> Response {
+        Response {
+            status,
+            content_type: "application/json",
+            body: serde_json::to_vec(
+                &serde_json::json!({"error": {"code": code, "message": message}}),
+            )
+            .unwrap_or_default(),
+            extra: "",
+        }
+    }
+
+    fn encode(&self, keep_alive: bool) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}{}\r\n",
+            self.status,
+            reason(self.status),
+            self.content_type,
+            self.body.len(),
+            self.extra,
+            if keep_alive {
+                ""
+            } else {
+                "Connection: close\r\n"
+            }
+        )
+        .into_bytes();
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+pub async fn send(
+    stream: &mut TcpStreamPoll,
+    response: &Response,
+    keep_alive: bool,
+) -> std::io::Result<()> {
+    write_all(stream, &response.encode(keep_alive)).await
+}
+
+/// Serves one accepted TCP connection: HTTP requests until it upgrades to
+/// WebSocket, closes, or idles out.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStreamPoll) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut first = true;
+    loop {
+        let limit = if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
+        let head = match monoio::time::timeout(limit, read_head(&mut stream, &mut buf)).await {
+            Ok(Ok(Some(h))) => h,
+            Ok(Ok(None)) | Err(_) => return,
+            Ok(Err(response)) => {
+                let _ = send(&mut stream, &response, false).await;
+                return;
+            }
+        };
+        first = false;
+        let (head, head_len) = head;
+        shard.metrics.http_requests.increment(1);
+        if head.route() == "/ws" && head.header("upgrade").is_some() {
+            buf.drain(..head_len);
+            return crate::ws::connection::upgrade(shard, stream, head, buf).await;
+        }
+        let keep_alive = head.keep_alive();
+        let response = match route(&shard, &mut stream, &head, &mut buf, head_len).await {
+            Ok(r) => r,
+            Err(r) => {
+                let _ = send(&mut stream, &r, false).await;
+                return;
+            }
+        };
+        if send(&mut stream, &response, keep_alive).await.is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+/// Reads until a full head is buffered. `Ok(None)`: the peer left first.
+async fn read_head(
+    stream: &mut TcpStreamPoll,
+    buf: &mut Vec<u8>,
+) -> Result<Option<(Head, usize)>, Response> {
+    loop {
+        if !buf.is_empty() {
+            match Head::parse(buf, 64) {
+                Ok(Some(h)) => return Ok(Some(h)),
+                Ok(None) if buf.len() >= MAX_HEAD => {
+                    return Err(Response::text(431, "request head too large"))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Response::text(400, &e)),
+            }
+        }
+        match read_some(stream, buf, 4096).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Answers a plain HTTP request. `Err` responses close the connection.
+async fn route(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStreamPoll,
+    head: &Head,
+    buf: &mut Vec<u8>,
+    head_len: usize,
+) -> Result<Response, Response> {
+    let path = head.route();
+    let get = head.method == "GET" || head.method == "HEAD";
+    if let Some(channel) = path.strip_prefix("/publish/") {
+        if head.method != "POST" {
+            return Err(Response::error(405, "bad_request", "use POST to publish"));
+        }
+        let body = read_body(shard, stream, head, buf, head_len).await?;
+        return Ok(publish(shard, head, channel, &body).await);
+    }
+    if head
+        .header("content-length")
+        .is_some_and(|l| l.trim() != "0")
+        || head.header("transfer-encoding").is_some()
+    {
+        return Err(Response::text(400, "this route takes no request body"));
+    }
+    buf.drain(..head_len);
+    Ok(match path {
+        "/healthz" if get => Response::text(200, "ok"),
+        "/readyz" if get => {
+            if shard.node.is_draining() {
+                Response::text(503, "draining")
+            } else {
+                Response::text(200, "ready")
+            }
+        }
+        "/" if get => Response {
+            status: 200,
+            content_type: "text/html; charset=utf-8",
+            body: demo::PAGE.as_bytes().to_vec(),
+            extra: "",
+        },
+        "/ws" => Response::text(
+            426,
+            "this endpoint speaks WebSocket only: send Upgrade: websocket",
+        ),
+        "/healthz" | "/readyz" | "/" => Response::text(405, "method not allowed"),
+        _ => Response::text(404, "not found"),
+    })
+}
+
+/// Reads a `Content-Length` body (bounded by `--max-message-bytes`).
+async fn read_body(
+    shard: &Shard,
+    stream: &mut TcpStreamPoll,
+    head: &Head,
+    buf: &mut Vec<u8>,
+    head_len: usize,
+) -> Result<Vec<u8>, Response> {
+    if head.header("transfer-encoding").is_some() {
+        return Err(Response::error(
+            411,
+            "bad_request",
+            "send the body with Content-Length",
+        ));
+    }
+    let Some(len) = head.header("content-length") else {
+        return Err(Response::error(
+            411,
+            "bad_request",
+            "Content-Length is required",
+        ));
+    };
+    let Ok(len) = len.trim().parse::<usize>() else {
+        return Err(Response::error(
+            400,
+            "bad_request",
+            "invalid Content-Length",
+        ));
+    };
+    if len > shard.config.max_message_bytes {
+        return Err(Response::error(
+            413,
+            "too_large",
+            &format!("body exceeds {} bytes", shard.config.max_message_bytes),
+        ));
+    }
+    if head
+        .header("expect")
+        .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
+        && buf.len() < head_len + len
+    {
+        write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(|_| Response::text(400, "connection lost"))?;
+    }
+    while buf.len() < head_len + len {
+        match monoio::time::timeout(HEAD_TIMEOUT, read_some(stream, buf, len.min(64 * 1024))).await
+        {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => {
+                return Err(Response::error(
+                    400,
+                    "bad_request",
+                    "body shorter than Content-Length",
+                ))
+            }
+        }
+    }
+    let body = buf[head_len..head_len + len].to_vec();
+    buf.drain(..head_len + len);
+    Ok(body)
+}
+
+async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8]) -> Response {
+    if let Some(key) = &shard.config.publish_key {
+        let given = head
+            .header("authorization")
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim);
+        if given != Some(key.as_str()) {
+            return Response {
+                extra: "WWW-Authenticate: Bearer\r\n",
+                ..Response::error(401, "forbidden", "missing or wrong API key")
+            };
+        }
+    }
+    let channel = match percent_encoding::percent_decode_str(raw_channel).decode_utf8() {
+        Ok(c) => c.into_owned(),
+        Err(_) => return Response::error(400, "bad_channel", "channel name is not UTF-8"),
+    };
+    if let Err(why) = validate_channel(&channel) {
+        return Response::error(400, "bad_channel", why);
+    }
+    let content_type = head.header("content-type").unwrap_or("application/json");
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let data = match mime.as_str() {
+        "application/json" | "text/json" => Data::from_json_slice(body),
+        "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+            Data::from_msgpack_slice(body)
+        }
+        _ => {
+            return Response::error(
+                415,
+                "bad_request",
+                "Content-Type must be application/json or application/msgpack",
+            )
+        }
+    };
+    let data = match data {
+        Ok(d) => d,
+        Err(e) => return Response::error(400, "bad_request", &e),
+    };
+    let seq = shard.publish_http(&channel, data).seq().await;
+    Response {
+        status: 202,
+        content_type: "application/json",
+        body: serde_json::to_vec(&serde_json::json!({"channel": channel, "seq": seq}))
+            .unwrap_or_default(),
+        extra: "",
+    }
+}

@@ -1,0 +1,708 @@
+//! The hub: one per shard (worker core), owning that shard's connections,
+//! its local view of channels (who subscribes here), and the channels it
+//! owns (seq, epoch, history, which shards want them).
+//!
+//! State lives in a `RefCell` reached through an `Rc<Shard>`: a shard is one
+//! thread, so there are no locks; other shards are reached only through the
+//! backplane's queues. A borrow of the state is never held across a call
+//! that could re-enter the hub.
+
+mod history;
+pub mod outbox;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Instant;
+
+use slab::Slab;
+
+use crate::backplane::{owner_of, Mesh, Publication, Replay, ShardMsg};
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::protocol::{
+    encode_event, Action, Data, ErrorCode, Event, Format, Id, Request, RequestError,
+};
+use history::OwnedChannel;
+pub use outbox::{CloseRequest, Conn, Out, Pushed};
+
+/// State shared by every shard of the node (atomics only).
+pub struct NodeState {
+    pub draining: AtomicBool,
+    pub connections: AtomicUsize,
+    /// Random per process: epochs of an in-process backplane cannot outlive it.
+    pub epoch_nonce: u32,
+}
+
+impl NodeState {
+    pub fn new() -> Self {
+        NodeState {
+            draining: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            epoch_nonce: fastrand::u32(..),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for NodeState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where a connection's subscription to one local channel stands.
+#[derive(Clone, Copy)]
+enum SubState {
+    /// Waiting for the owner's ack (token into `pending_subs`).
+    Pending(usize),
+    /// Receiving; the slot in the channel's subscriber slab.
+    Active(usize),
+}
+
+struct ConnEntry {
+    conn: Rc<Conn>,
+    /// (local channel index, state), one per channel.
+    subs: Vec<(usize, SubState)>,
+}
+
+struct LocalChannel {
+    name: Arc<str>,
+    subscribers: Slab<Rc<Conn>>,
+    pending: u32,
+}
+
+struct PendingSub {
+    conn_key: usize,
+    conn: Rc<Conn>,
+    chan: usize,
+    id: Option<Id>,
+    since_given: bool,
+    cancelled: bool,
+}
+
+/// The wait of an HTTP publish for its seq.
+#[derive(Default)]
+pub struct PublishWait {
+    seq: Cell<Option<u64>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl PublishWait {
+    pub async fn seq(self: Rc<Self>) -> u64 {
+        std::future::poll_fn(|cx| match self.seq.get() {
+            Some(s) => std::task::Poll::Ready(s),
+            None => {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn complete(&self, seq: u64) {
+        self.seq.set(Some(seq));
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+enum PendingPub {
+    Ws {
+        conn: Rc<Conn>,
+        channel: Arc<str>,
+        id: Id,
+    },
+    Http(Rc<PublishWait>),
+}
+
+#[derive(Default)]
+struct State {
+    conns: Slab<ConnEntry>,
+    local_index: HashMap<Arc<str>, usize>,
+    local: Slab<LocalChannel>,
+    owned: HashMap<Arc<str>, OwnedChannel>,
+    pending_subs: Slab<PendingSub>,
+    pending_pubs: Slab<PendingPub>,
+    incarnations: u64,
+}
+
+/// One worker core's share of the relay.
+pub struct Shard {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub node: Arc<NodeState>,
+    pub metrics: ShardMetrics,
+    mesh: Mesh,
+    state: RefCell<State>,
+    /// Heartbeat clock: whole seconds since the shard started.
+    pub now: Cell<u32>,
+    started: Instant,
+}
+
+impl Shard {
+    pub fn new(id: usize, config: Arc<Config>, node: Arc<NodeState>, mesh: Mesh) -> Shard {
+        Shard {
+            id,
+            config,
+            node,
+            metrics: ShardMetrics::new(id),
+            mesh,
+            state: RefCell::new(State::default()),
+            now: Cell::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.state.borrow().conns.len()
+    }
+
+    /// Adds a connection; returns its key.
+    pub fn register(&self, format: Format) -> (usize, Rc<Conn>) {
+        let conn = Rc::new(Conn::new(format, self.now.get()));
+        let mut st = self.state.borrow_mut();
+        let key = st.conns.insert(ConnEntry {
+            conn: conn.clone(),
+            subs: Vec::new(),
+        });
+        self.metrics.connections.set(st.conns.len() as f64);
+        (key, conn)
+    }
+
+    /// Removes a connection and its subscriptions.
+    pub fn unregister(&self, key: usize) {
+        let (entry, emptied) = {
+            let mut st = self.state.borrow_mut();
+            let entry = st.conns.remove(key);
+            entry.conn.gone.set(true);
+            let mut emptied = Vec::new();
+            for &(chan, sub) in &entry.subs {
+                match sub {
+                    SubState::Active(slot) => {
+                        st.local[chan].subscribers.remove(slot);
+                    }
+                    SubState::Pending(token) => st.pending_subs[token].cancelled = true,
+                }
+                emptied.push(chan);
+            }
+            self.metrics.connections.set(st.conns.len() as f64);
+            (entry, emptied)
+        };
+        drop(entry);
+        for chan in emptied {
+            self.forget_local_if_unused(chan);
+        }
+    }
+
+    /// Handles one decoded request of connection `key`.
+    pub fn handle_request(&self, key: usize, req: Request) {
+        let conn = self.state.borrow().conns[key].conn.clone();
+        let Request {
+            id,
+            channel,
+            action,
+        } = req;
+        match action {
+            Action::Subscribe { since, epoch } => {
+                self.subscribe(key, &conn, channel, id, since, epoch)
+            }
+            Action::Unsubscribe => self.unsubscribe(key, &conn, &channel, id),
+            Action::Publish { data } => {
+                if !self.config.allow_client_publish {
+                    return self.reply_error(
+                        &conn,
+                        RequestError {
+                            id,
+                            channel: Some(channel),
+                            ..RequestError::new(
+                                ErrorCode::Forbidden,
+                                "clients may not publish on this relay",
+                            )
+                        },
+                    );
+                }
+                let channel: Arc<str> = channel.into();
+                let token = id.map(|id| {
+                    self.state.borrow_mut().pending_pubs.insert(PendingPub::Ws {
+                        conn: conn.clone(),
+                        channel: channel.clone(),
+                        id,
+                    })
+                });
+                self.route_publish(channel, data, token);
+            }
+        }
+    }
+
+    /// Publishes for an HTTP request; await the returned wait for the seq.
+    pub fn publish_http(&self, channel: &str, data: Data) -> Rc<PublishWait> {
+        let wait = Rc::new(PublishWait::default());
+        let token = self
+            .state
+            .borrow_mut()
+            .pending_pubs
+            .insert(PendingPub::Http(wait.clone()));
+        self.route_publish(channel.into(), data, Some(token));
+        wait
+    }
+
+    pub fn reply_error(&self, conn: &Conn, e: RequestError) {
+        self.metrics.error(e.code);
+        conn.push_reply(encode_event(
+            conn.format,
+            &Event::Error {
+                code: e.code,
+                message: &e.message,
+                id: e.id.as_ref(),
+                channel: e.channel.as_deref(),
+            },
+        ));
+    }
+
+    fn route_publish(&self, channel: Arc<str>, data: Data, token: Option<usize>) {
+        let owner = owner_of(&channel, self.mesh.shards());
+        let token = token.map(|t| t as u32);
+        if owner == self.id {
+            self.owner_publish(channel, data, self.id, token);
+        } else {
+            self.mesh.send(
+                owner,
+                ShardMsg::Publish {
+                    channel,
+                    data,
+                    from: self.id,
+                    token,
+                },
+            );
+        }
+    }
+
+    fn subscribe(
+        &self,
+        key: usize,
+        conn: &Rc<Conn>,
+        channel: String,
+        id: Option<Id>,
+        since: Option<u64>,
+        epoch: Option<String>,
+    ) {
+        let refuse = |code, message: String, channel: String| RequestError {
+            id: id.clone(),
+            channel: Some(channel),
+            ..RequestError::new(code, message)
+        };
+        let accepted = (|| {
+            let mut guard = self.state.borrow_mut();
+            let st = &mut *guard;
+            let count = st.conns[key].subs.len();
+            if count >= self.config.max_subscriptions {
+                let msg = format!(
+                    "a connection may hold at most {} subscriptions",
+                    self.config.max_subscriptions
+                );
+                return Err((ErrorCode::TooLarge, msg));
+            }
+            let chan = match st.local_index.get(channel.as_str()) {
+                Some(&c) => c,
+                None => {
+                    let name: Arc<str> = channel.as_str().into();
+                    let c = st.local.insert(LocalChannel {
+                        name: name.clone(),
+                        subscribers: Slab::new(),
+                        pending: 0,
+                    });
+                    st.local_index.insert(name, c);
+                    c
+                }
+            };
+            if st.conns[key].subs.iter().any(|(c, _)| *c == chan) {
+                return Err((
+                    ErrorCode::BadRequest,
+                    "already subscribed to this channel".into(),
+                ));
+            }
+            let token = st.pending_subs.insert(PendingSub {
+                conn_key: key,
+                conn: conn.clone(),
+                chan,
+                id: id.clone(),
+                since_given: since.is_some(),
+                cancelled: false,
+            });
+            st.local[chan].pending += 1;
+            st.conns[key].subs.push((chan, SubState::Pending(token)));
+            Ok((st.local[chan].name.clone(), token))
+        })();
+        let (name, token) = match accepted {
+            Ok(accepted) => accepted,
+            Err((code, message)) => return self.reply_error(conn, refuse(code, message, channel)),
+        };
+        let owner = owner_of(&name, self.mesh.shards());
+        let since = since.map(|s| (s, epoch));
+        if owner == self.id {
+            let (seq, epoch, replay) = self.owner_subscribe(&name, self.id, since);
+            self.on_subscribe_ack(token as u32, seq, epoch, replay);
+        } else {
+            self.mesh.send(
+                owner,
+                ShardMsg::Subscribe {
+                    channel: name,
+                    from: self.id,
+                    token: token as u32,
+                    since,
+                },
+            );
+        }
+    }
+
+    fn unsubscribe(&self, key: usize, conn: &Rc<Conn>, channel: &str, id: Option<Id>) {
+        let emptied = {
+            let mut st = self.state.borrow_mut();
+            let st = &mut *st;
+            let found = st.local_index.get(channel).copied().and_then(|chan| {
+                let subs = &mut st.conns[key].subs;
+                subs.iter()
+                    .position(|(c, _)| *c == chan)
+                    .map(|i| subs.swap_remove(i))
+            });
+            match found {
+                Some((chan, SubState::Active(slot))) => {
+                    st.local[chan].subscribers.remove(slot);
+                    Some(chan)
+                }
+                Some((chan, SubState::Pending(token))) => {
+                    st.pending_subs[token].cancelled = true;
+                    Some(chan)
+                }
+                None => None,
+            }
+        };
+        conn.push_reply(encode_event(
+            conn.format,
+            &Event::Unsubscribed {
+                channel,
+                id: id.as_ref(),
+            },
+        ));
+        if let Some(chan) = emptied {
+            self.forget_local_if_unused(chan);
+        }
+    }
+
+    /// Drops a local channel nobody here wants any more and tells its owner.
+    fn forget_local_if_unused(&self, chan: usize) {
+        let name = {
+            let mut st = self.state.borrow_mut();
+            let Some(c) = st.local.get(chan) else { return };
+            if !c.subscribers.is_empty() || c.pending > 0 {
+                return;
+            }
+            let c = st.local.remove(chan);
+            st.local_index.remove(&c.name);
+            c.name
+        };
+        let owner = owner_of(&name, self.mesh.shards());
+        if owner == self.id {
+            self.owner_unsubscribe(&name, self.id);
+        } else {
+            self.mesh.send(
+                owner,
+                ShardMsg::Unsubscribe {
+                    channel: name,
+                    from: self.id,
+                },
+            );
+        }
+    }
+
+    /// Handles one message from another shard (or the signal handler).
+    pub fn handle_msg(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Publish {
+                channel,
+                data,
+                from,
+                token,
+            } => self.owner_publish(channel, data, from, token),
+            ShardMsg::PublishAck { token, seq } => self.on_publish_ack(token, seq),
+            ShardMsg::Deliver(p) => self.deliver_local(p),
+            ShardMsg::Subscribe {
+                channel,
+                from,
+                token,
+                since,
+            } => {
+                let (seq, epoch, replay) = self.owner_subscribe(&channel, from, since);
+                self.mesh.send(
+                    from,
+                    ShardMsg::SubscribeAck {
+                        token,
+                        seq,
+                        epoch,
+                        replay,
+                    },
+                );
+            }
+            ShardMsg::SubscribeAck {
+                token,
+                seq,
+                epoch,
+                replay,
+            } => self.on_subscribe_ack(token, seq, epoch, replay),
+            ShardMsg::Unsubscribe { channel, from } => self.owner_unsubscribe(&channel, from),
+            ShardMsg::Drain => {}
+        }
+    }
+
+    fn new_epoch(&self, st: &mut State) -> Arc<str> {
+        st.incarnations += 1;
+        format!(
+            "{:08x}{:02x}{:x}",
+            self.node.epoch_nonce, self.id, st.incarnations
+        )
+        .into()
+    }
+
+    fn owned_channel<'a>(&self, st: &'a mut State, channel: &Arc<str>) -> &'a mut OwnedChannel {
+        if !st.owned.contains_key(channel) {
+            let epoch = self.new_epoch(st);
+            st.owned.insert(channel.clone(), OwnedChannel::new(epoch));
+        }
+        st.owned.get_mut(channel).expect("inserted above")
+    }
+
+    /// Owner side of a publication: assign seq, keep history, fan out.
+    fn owner_publish(&self, channel: Arc<str>, data: Data, from: usize, token: Option<u32>) {
+        self.metrics.publications.increment(1);
+        let (publication, shards) = {
+            let mut st = self.state.borrow_mut();
+            let history_size = self.config.history_size;
+            let ch = self.owned_channel(&mut st, &channel);
+            ch.seq += 1;
+            let seq = ch.seq;
+            let (json, msgpack) = crate::protocol::encode_message(&channel, Some(seq), &data);
+            let publication = Arc::new(Publication {
+                channel: channel.clone(),
+                seq: Some(seq),
+                at: Instant::now(),
+                json: json.into_boxed_slice(),
+                msgpack: msgpack.into_boxed_slice(),
+            });
+            ch.remember(&publication, history_size);
+            let shards = ch.interested;
+            if shards == 0 && ch.history.is_empty() {
+                st.owned.remove(&channel);
+            }
+            (publication, shards)
+        };
+        let seq = publication.seq.unwrap_or_default();
+        for shard in history::shards_in(shards) {
+            if shard != self.id {
+                self.mesh
+                    .send(shard, ShardMsg::Deliver(publication.clone()));
+            }
+        }
+        if shards & (1 << self.id) != 0 {
+            self.deliver_local(publication);
+        }
+        if let Some(token) = token {
+            if from == self.id {
+                self.on_publish_ack(token, seq);
+            } else {
+                self.mesh.send(from, ShardMsg::PublishAck { token, seq });
+            }
+        }
+    }
+
+    fn on_publish_ack(&self, token: u32, seq: u64) {
+        let pending = self
+            .state
+            .borrow_mut()
+            .pending_pubs
+            .try_remove(token as usize);
+        match pending {
+            Some(PendingPub::Ws { conn, channel, id }) => {
+                if !conn.gone.get() {
+                    conn.push_reply(encode_event(
+                        conn.format,
+                        &Event::Published {
+                            channel: &channel,
+                            seq,
+                            id: &id,
+                        },
+                    ));
+                }
+            }
+            Some(PendingPub::Http(wait)) => wait.complete(seq),
+            None => {}
+        }
+    }
+
+    /// Owner side of a subscribe: note the shard's interest, answer with the
+    /// current seq and the replay for `since`.
+    fn owner_subscribe(
+        &self,
+        channel: &Arc<str>,
+        from: usize,
+        since: Option<(u64, Option<String>)>,
+    ) -> (u64, Arc<str>, Replay) {
+        let mut st = self.state.borrow_mut();
+        let ttl = self.config.history_ttl();
+        let ch = self.owned_channel(&mut st, channel);
+        ch.interested |= 1 << from;
+        ch.expire(Instant::now(), ttl);
+        let replay = match since {
+            None => Replay::NotAsked,
+            Some((since, epoch)) => ch.replay_after(since, epoch.as_deref()),
+        };
+        (ch.seq, ch.epoch.clone(), replay)
+    }
+
+    fn owner_unsubscribe(&self, channel: &Arc<str>, from: usize) {
+        let mut st = self.state.borrow_mut();
+        if let Some(ch) = st.owned.get_mut(channel) {
+            ch.interested &= !(1 << from);
+            if ch.interested == 0 && ch.history.is_empty() {
+                st.owned.remove(channel);
+            }
+        }
+    }
+
+    fn on_subscribe_ack(&self, token: u32, seq: u64, epoch: Arc<str>, replay: Replay) {
+        let (p, forget) = {
+            let mut st = self.state.borrow_mut();
+            let st = &mut *st;
+            let Some(p) = st.pending_subs.try_remove(token as usize) else {
+                return;
+            };
+            st.local[p.chan].pending -= 1;
+            if p.cancelled {
+                (None, Some(p.chan))
+            } else {
+                let slot = st.local[p.chan].subscribers.insert(p.conn.clone());
+                if let Some(s) = st.conns[p.conn_key]
+                    .subs
+                    .iter_mut()
+                    .find(|(c, _)| *c == p.chan)
+                {
+                    s.1 = SubState::Active(slot);
+                }
+                (Some(p), None)
+            }
+        };
+        if let Some(chan) = forget {
+            return self.forget_local_if_unused(chan);
+        }
+        let Some(p) = p else { return };
+        let name = self.state.borrow().local[p.chan].name.clone();
+        let recovered = match replay {
+            Replay::NotAsked => None,
+            Replay::NotRecovered => Some(false),
+            Replay::Recovered(publications) => {
+                for publication in publications {
+                    self.push_to(&p.conn, &Rc::new(publication));
+                }
+                Some(true)
+            }
+        };
+        debug_assert!(p.since_given == recovered.is_some());
+        p.conn.push_reply(encode_event(
+            p.conn.format,
+            &Event::Subscribed {
+                channel: &name,
+                seq,
+                epoch: Some(&epoch),
+                id: p.id.as_ref(),
+                recovered,
+            },
+        ));
+    }
+
+    /// Fans a publication out to this shard's subscribers of its channel.
+    fn deliver_local(&self, publication: Arc<Publication>) {
+        let st = self.state.borrow();
+        let Some(&chan) = st.local_index.get(&publication.channel) else {
+            return;
+        };
+        let shared = Rc::new(publication);
+        let subscribers = &st.local[chan].subscribers;
+        self.metrics.deliveries.add(subscribers.len() as u64);
+        for (_, conn) in subscribers {
+            self.push_to(conn, &shared);
+        }
+    }
+
+    fn push_to(&self, conn: &Conn, publication: &Rc<Arc<Publication>>) {
+        match conn.push_message(
+            publication,
+            self.config.max_pending_bytes,
+            self.config.slow_consumer,
+        ) {
+            Pushed::Queued | Pushed::Closed => {}
+            Pushed::DroppedOldest(n) => self.metrics.slow_drop_oldest.increment(n as u64),
+            Pushed::Disconnected => {
+                conn.closing_since.set(Some(self.now.get()));
+                self.metrics.slow_disconnect.increment(1);
+            }
+        }
+    }
+
+    /// Once a second: heartbeats, close deadlines, history expiry, metrics.
+    pub fn tick(&self) {
+        let now = self.started.elapsed().as_secs() as u32;
+        self.now.set(now);
+        let ping_interval = self.config.ping_interval as u32;
+        let pong_timeout = self.config.pong_timeout as u32;
+        {
+            let st = self.state.borrow();
+            for (_, entry) in &st.conns {
+                let conn = &entry.conn;
+                if let Some(since) = conn.closing_since.get() {
+                    if now.saturating_sub(since) > pong_timeout {
+                        conn.request_abort();
+                    }
+                } else if let Some(sent) = conn.ping_sent.get() {
+                    if now.saturating_sub(sent) > pong_timeout {
+                        self.metrics.heartbeat_timeouts.increment(1);
+                        conn.request_abort();
+                    }
+                } else if now.saturating_sub(conn.last_read.get()) >= ping_interval {
+                    conn.ping_sent.set(Some(now));
+                    conn.push_control(|out| {
+                        crate::ws::frame::push_control(out, crate::ws::frame::OP_PING, b"")
+                    });
+                }
+            }
+        }
+        let mut st = self.state.borrow_mut();
+        let ttl = self.config.history_ttl();
+        let at = Instant::now();
+        let mut kept = 0usize;
+        st.owned.retain(|_, ch| {
+            ch.expire(at, ttl);
+            kept += ch.history.len();
+            ch.interested != 0 || !ch.history.is_empty()
+        });
+        self.metrics.history_messages.set(kept as f64);
+        self.metrics.channels_owned.set(st.owned.len() as f64);
+        self.metrics.flush();
+    }
+
+    /// The connections of this shard now (for draining).
+    pub fn connections(&self) -> Vec<Rc<Conn>> {
+        self.state
+            .borrow()
+            .conns
+            .iter()
+            .map(|(_, e)| e.conn.clone())
+            .collect()
+    }
+}

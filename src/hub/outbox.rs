@@ -1,0 +1,228 @@
+//! A connection's side that the hub sees: its bounded queue of pending output
+//! and the few flags the hub and the heartbeat set on it.
+//!
+//! Pending messages are shared references to publications encoded once
+//! ([`Publication`]); nothing is serialized or copied per subscriber here.
+//! The connection task turns the queue into frames when it next runs, so
+//! everything queued in one loop turn leaves in one write.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+
+use crate::backplane::Publication;
+use crate::config::SlowConsumerPolicy;
+use crate::protocol::Format;
+
+/// One pending output item.
+pub enum Out {
+    /// A publication shared with every subscriber on this shard.
+    Message(Rc<Arc<Publication>>),
+    /// A reply (`subscribed`, `error`, ...) for this connection alone.
+    Reply(Box<[u8]>),
+}
+
+impl Out {
+    pub fn bytes(&self, format: Format) -> &[u8] {
+        match self {
+            Out::Message(p) => match format {
+                Format::Json => &p.json,
+                Format::MsgPack => &p.msgpack,
+            },
+            Out::Reply(b) => b,
+        }
+    }
+}
+
+/// What the outbox did with a pushed message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// Older messages were dropped to make room (drop-oldest policy).
+    DroppedOldest(usize),
+    /// The connection is being closed as a slow consumer; nothing was queued.
+    Disconnected,
+    /// The connection is closing anyway; nothing was queued.
+    Closed,
+}
+
+#[derive(Default)]
+pub struct Outbox {
+    pub items: VecDeque<Out>,
+    /// Payload bytes of `items`.
+    pub bytes: usize,
+    /// Items at the front that form the frame being written; untouchable.
+    pub in_flight: usize,
+    /// Encoded control frames (ping, pong, close) waiting to go out.
+    pub control: Vec<u8>,
+    waker: Option<Waker>,
+}
+
+/// A close the connection task must perform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseRequest {
+    /// Status to send; 0 sends a close frame without a status (the echo of
+    /// a client close that carried none).
+    pub code: u16,
+    pub reason: &'static str,
+    /// Send what is queued first (draining), or drop it (errors).
+    pub flush: bool,
+}
+
+pub struct Conn {
+    pub format: Format,
+    pub out: RefCell<Outbox>,
+    /// Set by the hub: send a close frame with this status, then end.
+    pub close: Cell<Option<CloseRequest>>,
+    /// Set by the heartbeat: end now, without a close handshake.
+    pub abort: Cell<bool>,
+    /// Set when the connection left the hub; late acks are then dropped.
+    pub gone: Cell<bool>,
+    /// Heartbeat clock (shard ticks, seconds) of the last bytes read.
+    pub last_read: Cell<u32>,
+    /// Tick when a heartbeat ping was sent and not yet answered.
+    pub ping_sent: Cell<Option<u32>>,
+    /// Tick when closing started, to bound how long a close may take.
+    pub closing_since: Cell<Option<u32>>,
+}
+
+impl Conn {
+    pub fn new(format: Format, now: u32) -> Conn {
+        Conn {
+            format,
+            out: RefCell::new(Outbox::default()),
+            close: Cell::new(None),
+            abort: Cell::new(false),
+            gone: Cell::new(false),
+            last_read: Cell::new(now),
+            ping_sent: Cell::new(None),
+            closing_since: Cell::new(None),
+        }
+    }
+
+    /// Queues a publication, enforcing the pending-bytes bound.
+    pub fn push_message(
+        &self,
+        publication: &Rc<Arc<Publication>>,
+        max_pending: usize,
+        policy: SlowConsumerPolicy,
+    ) -> Pushed {
+        if self.close.get().is_some() || self.abort.get() {
+            return Pushed::Closed;
+        }
+        let len = match self.format {
+            Format::Json => publication.json.len(),
+            Format::MsgPack => publication.msgpack.len(),
+        };
+        let mut out = self.out.borrow_mut();
+        let mut dropped = 0;
+        if out.bytes + len > max_pending {
+            match policy {
+                SlowConsumerPolicy::Disconnect => {
+                    out.discard_queued(self.format);
+                    drop(out);
+                    self.request_close(CloseRequest {
+                        code: crate::ws::close::SLOW_CONSUMER,
+                        reason: "slow consumer",
+                        flush: false,
+                    });
+                    return Pushed::Disconnected;
+                }
+                SlowConsumerPolicy::DropOldest => {
+                    dropped = out.drop_oldest_messages(self.format, len, max_pending);
+                }
+            }
+        }
+        out.bytes += len;
+        out.items.push_back(Out::Message(publication.clone()));
+        out.wake();
+        if dropped > 0 {
+            Pushed::DroppedOldest(dropped)
+        } else {
+            Pushed::Queued
+        }
+    }
+
+    /// Queues a reply. Replies are few and small (one per request, and a frame
+    /// holds a bounded number of requests), so they are not counted against
+    /// the slow-consumer bound and never dropped.
+    pub fn push_reply(&self, payload: Vec<u8>) {
+        if self.close.get().is_some() || self.abort.get() {
+            return;
+        }
+        let mut out = self.out.borrow_mut();
+        out.bytes += payload.len();
+        out.items.push_back(Out::Reply(payload.into_boxed_slice()));
+        out.wake();
+    }
+
+    /// Queues a control frame (already encoded).
+    pub fn push_control(&self, frame: impl FnOnce(&mut Vec<u8>)) {
+        let mut out = self.out.borrow_mut();
+        frame(&mut out.control);
+        out.wake();
+    }
+
+    /// Asks the connection task to close with `req` (the first request wins).
+    pub fn request_close(&self, req: CloseRequest) {
+        if self.close.get().is_none() {
+            self.close.set(Some(req));
+        }
+        self.out.borrow_mut().wake();
+    }
+
+    /// Ends the connection at once (dead peer, or a close that took too long).
+    pub fn request_abort(&self) {
+        self.abort.set(true);
+        self.out.borrow_mut().wake();
+    }
+}
+
+impl Outbox {
+    pub fn set_waker(&mut self, waker: &Waker) {
+        match &self.waker {
+            Some(w) if w.will_wake(waker) => {}
+            _ => self.waker = Some(waker.clone()),
+        }
+    }
+
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.control.is_empty()
+    }
+
+    /// Drops every queued item that is not part of the frame being written.
+    fn discard_queued(&mut self, format: Format) {
+        let keep = self.in_flight;
+        for item in self.items.drain(keep..) {
+            self.bytes -= item.bytes(format).len();
+        }
+        self.items.shrink_to_fit();
+    }
+
+    /// Drops the oldest queued messages (never replies, never the frame in
+    /// flight) until `incoming` more bytes fit under `max`. Returns how many.
+    fn drop_oldest_messages(&mut self, format: Format, incoming: usize, max: usize) -> usize {
+        let mut dropped = 0;
+        let mut i = self.in_flight;
+        while self.bytes + incoming > max && i < self.items.len() {
+            if matches!(self.items[i], Out::Message(_)) {
+                if let Some(item) = self.items.remove(i) {
+                    self.bytes -= item.bytes(format).len();
+                    dropped += 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        dropped
+    }
+}

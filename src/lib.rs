@@ -1,0 +1,17 @@
+//! ringcast: a thread-per-core io_uring WebSocket pub/sub edge relay.
+//!
+//! Where things live: `runtime` (workers, listeners, signals), `http`
+//! (plain HTTP routes on the same port), `ws` (handshake, framing and the
+//! connection loop), `protocol` (sans-IO requests and events), `hub`
+//! (per-shard channels, seq, history, fan-out), `backplane` (how shards and
+//! nodes reach each other), `config`, `metrics`, `error`.
+
+pub mod backplane;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod runtime;
+pub mod ws;

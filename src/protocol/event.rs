@@ -1,0 +1,140 @@
+//! Server-to-client events, encoded into frame payload fragments.
+//!
+//! A `message` event is encoded once per publication into both formats
+//! ([`encode_message`]); the fan-out shares those bytes with every subscriber
+//! and batches them into array frames without touching them again.
+
+use serde::Serialize;
+
+use super::{Data, ErrorCode, Format, Id};
+
+/// Every event except `message`, which has its own encode-once path.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Event<'a> {
+    Subscribed {
+        channel: &'a str,
+        seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Id>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    },
+    Unsubscribed {
+        channel: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Id>,
+    },
+    Published {
+        channel: &'a str,
+        seq: u64,
+        id: &'a Id,
+    },
+    Error {
+        #[serde(serialize_with = "code_str")]
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Id>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
+    },
+}
+
+fn code_str<S: serde::Serializer>(code: &ErrorCode, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(code.as_str())
+}
+
+/// Encodes one event as a complete frame payload in `format`.
+pub fn encode_event(format: Format, event: &Event<'_>) -> Vec<u8> {
+    match format {
+        Format::Json => serde_json::to_vec(event).expect("events always serialize to JSON"),
+        Format::MsgPack => {
+            rmp_serde::to_vec_named(event).expect("events always serialize to MessagePack")
+        }
+    }
+}
+
+/// Encodes a `message` event into its JSON and MessagePack payloads.
+///
+/// Hand-assembled around the data's own bytes: the data was converted once
+/// per format and is copied in as is, which a derived serializer cannot do.
+pub fn encode_message(channel: &str, seq: Option<u64>, data: &Data) -> (Vec<u8>, Vec<u8>) {
+    let mut json = Vec::with_capacity(48 + channel.len() + 64);
+    json.extend_from_slice(br#"{"type":"message","channel":"#);
+    serde_json::to_writer(&mut json, channel).expect("writing JSON to a Vec cannot fail");
+    if let Some(seq) = seq {
+        json.extend_from_slice(br#","seq":"#);
+        json.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    }
+    json.extend_from_slice(br#","data":"#);
+    data.write_json(&mut json);
+    json.push(b'}');
+
+    let mut mp = Vec::with_capacity(32 + channel.len() + 64);
+    let fields = if seq.is_some() { 4 } else { 3 };
+    let w = "writing MessagePack to a Vec cannot fail";
+    rmp::encode::write_map_len(&mut mp, fields).expect(w);
+    rmp::encode::write_str(&mut mp, "type").expect(w);
+    rmp::encode::write_str(&mut mp, "message").expect(w);
+    rmp::encode::write_str(&mut mp, "channel").expect(w);
+    rmp::encode::write_str(&mut mp, channel).expect(w);
+    if let Some(seq) = seq {
+        rmp::encode::write_str(&mut mp, "seq").expect(w);
+        rmp::encode::write_uint(&mut mp, seq).expect(w);
+    }
+    rmp::encode::write_str(&mut mp, "data").expect(w);
+    data.write_msgpack(&mut mp);
+    (json, mp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_is_the_same_event_in_both_formats() {
+        let data = Data::from_json_slice(br#"{"p":1.5,"q":"\u00e9"}"#).unwrap();
+        let (json, mp) = encode_message("prices.\"X\"", Some(42), &data);
+        let j: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let m: serde_json::Value = rmp_serde::from_slice(&mp).unwrap();
+        assert_eq!(j, m);
+        assert_eq!(j["channel"], "prices.\"X\"");
+        assert_eq!(j["seq"], 42);
+        assert_eq!(j["data"]["q"], "é");
+    }
+
+    #[test]
+    fn events_carry_type_and_skip_absent_fields() {
+        let id = Id::Int(7);
+        let e = Event::Subscribed {
+            channel: "c",
+            seq: 3,
+            epoch: Some("e1"),
+            id: Some(&id),
+            recovered: None,
+        };
+        let j = String::from_utf8(encode_event(Format::Json, &e)).unwrap();
+        assert_eq!(
+            j,
+            r#"{"type":"subscribed","channel":"c","seq":3,"epoch":"e1","id":7}"#
+        );
+        let m: serde_json::Value =
+            rmp_serde::from_slice(&encode_event(Format::MsgPack, &e)).unwrap();
+        assert_eq!(m["type"], "subscribed");
+        assert_eq!(m["id"], 7);
+        let err = Event::Error {
+            code: ErrorCode::BadChannel,
+            message: "no",
+            id: None,
+            channel: Some("$x"),
+        };
+        let j = String::from_utf8(encode_event(Format::Json, &err)).unwrap();
+        assert_eq!(
+            j,
+            r#"{"type":"error","code":"bad_channel","message":"no","channel":"$x"}"#
+        );
+    }
+}

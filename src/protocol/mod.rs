@@ -1,0 +1,78 @@
+//! The sans-IO wire protocol of `../shared/PROTOCOL.md`: requests decoded from
+//! frames, events encoded into frame payloads, in JSON and MessagePack.
+//! Nothing here touches a socket, so all of it is unit- and property-tested.
+
+mod channel;
+mod data;
+mod event;
+mod request;
+
+pub use channel::validate_channel;
+pub use data::Data;
+pub use event::{encode_event, encode_message, Event};
+pub use request::{decode_requests, Action, Id, Request, RequestError};
+
+/// The serialization a connection chose with `Sec-WebSocket-Protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// `ringcast.v1.json`: text frames of JSON.
+    Json,
+    /// `ringcast.v1.msgpack`: binary frames of MessagePack.
+    MsgPack,
+}
+
+impl Format {
+    pub const JSON_SUBPROTOCOL: &'static str = "ringcast.v1.json";
+    pub const MSGPACK_SUBPROTOCOL: &'static str = "ringcast.v1.msgpack";
+
+    pub fn from_subprotocol(name: &str) -> Option<Format> {
+        match name {
+            Self::JSON_SUBPROTOCOL => Some(Format::Json),
+            Self::MSGPACK_SUBPROTOCOL => Some(Format::MsgPack),
+            _ => None,
+        }
+    }
+
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Format::Json => Self::JSON_SUBPROTOCOL,
+            Format::MsgPack => Self::MSGPACK_SUBPROTOCOL,
+        }
+    }
+}
+
+/// The `code` of an `error` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownAction,
+    BadChannel,
+    Forbidden,
+    RateLimited,
+    TooLarge,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 7] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownAction,
+        ErrorCode::BadChannel,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::TooLarge,
+        ErrorCode::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownAction => "unknown_action",
+            ErrorCode::BadChannel => "bad_channel",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}

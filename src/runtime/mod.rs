@@ -1,0 +1,168 @@
+//! Start-up and shutdown: worker threads (one monoio runtime pinned to a
+//! core each), their listeners, the metrics thread and signal handling.
+
+pub mod io;
+mod listener;
+mod worker;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::backplane::Mesh;
+use crate::config::{Config, DriverChoice};
+use crate::error::{Context, Error, Result};
+use crate::hub::NodeState;
+
+/// The I/O driver the workers actually run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    IoUring,
+    Epoll,
+}
+
+impl Driver {
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::IoUring => "io_uring",
+            Driver::Epoll => "epoll",
+        }
+    }
+}
+
+/// Picks the driver: io_uring unless unavailable or refused.
+pub fn resolve_driver(choice: DriverChoice) -> Result<Driver> {
+    let uring = monoio::utils::detect_uring();
+    match choice {
+        DriverChoice::Epoll => Ok(Driver::Epoll),
+        DriverChoice::Uring if uring => Ok(Driver::IoUring),
+        DriverChoice::Uring => Err(Error::msg(
+            "--driver uring: io_uring is not available here (kernel too old, or forbidden by seccomp / io_uring_disabled)",
+        )),
+        DriverChoice::Auto if uring => Ok(Driver::IoUring),
+        DriverChoice::Auto => {
+            tracing::warn!("io_uring is not available here; falling back to epoll");
+            Ok(Driver::Epoll)
+        }
+    }
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            return (0..n).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Runs the relay until it has drained after SIGTERM/SIGINT.
+pub fn run(config: Config) -> Result<()> {
+    let cpus = allowed_cpus();
+    let workers = if config.workers == 0 {
+        cpus.len().max(1)
+    } else {
+        config.workers
+    };
+    if workers > 128 {
+        return Err(Error::msg(format!(
+            "{workers} workers: at most 128 are supported"
+        )));
+    }
+    let driver = resolve_driver(config.driver)?;
+    let listeners = listener::bind_group(config.listen, workers)?;
+    let addr = listeners[0]
+        .local_addr()
+        .context("reading the listen address")?;
+
+    let handle = crate::metrics::install()?;
+    let metrics_listener = TcpListener::bind(config.metrics_addr)
+        .with_context(|| format!("binding the metrics endpoint on {}", config.metrics_addr))?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .context("reading the metrics address")?;
+    crate::metrics::serve(metrics_listener, handle)?;
+
+    let node = Arc::new(NodeState::new());
+    let (mesh, inboxes) = Mesh::new(workers);
+    let config = Arc::new(config);
+    install_signal_handler(node.clone(), mesh.clone())?;
+
+    tracing::info!(%addr, %metrics_addr, workers, driver = driver.name(), "ringcast listening");
+    // One stable line on stdout for scripts and tests to find the addresses.
+    println!(
+        "ringcast listening addr={addr} metrics={metrics_addr} workers={workers} driver={}",
+        driver.name()
+    );
+    let _ = std::io::stdout().flush();
+
+    let mut threads = Vec::with_capacity(workers);
+    for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let cpu = config
+            .pin_workers
+            .then(|| cpus.get(id % cpus.len().max(1)).copied())
+            .flatten();
+        let w = worker::Worker {
+            id,
+            cpu,
+            driver,
+            listener,
+            inbox,
+            config: config.clone(),
+            node: node.clone(),
+            mesh: mesh.clone(),
+        };
+        let t = std::thread::Builder::new()
+            .name(format!("ringcast-w{id}"))
+            .spawn(move || w.run())
+            .context("starting a worker thread")?;
+        threads.push(t);
+    }
+    let mut first_error = None;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error.get_or_insert(Error::msg("a worker thread panicked"));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("drained; exiting");
+            Ok(())
+        }
+    }
+}
+
+/// First SIGTERM/SIGINT: drain. Second: exit at once.
+fn install_signal_handler(node: Arc<NodeState>, mesh: Mesh) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("ringcast-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if node.draining.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(signal, "second signal: exiting without draining");
+                    std::process::exit(1);
+                }
+                tracing::info!(signal, "draining");
+                mesh.broadcast_drain();
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}

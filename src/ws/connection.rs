@@ -1,0 +1,539 @@
+//! The life of one WebSocket connection after the handshake: one monoio
+//! task that reads client frames, hands requests to the hub, and writes
+//! whatever the hub queued for it, all in one poll.
+//!
+//! Reads are readiness based (monoio poll-io): bytes land in the worker's
+//! shared read buffer and are parsed there, so an idle connection owns no
+//! buffer. Writes are vectored: the frame header, the batch brackets and the
+//! shared, pre-encoded publications go to the kernel without being copied.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use smallvec::SmallVec;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::frame::{self, Incoming, WsReader, MAX_HEADER};
+use super::handshake;
+use crate::http::{send, Head, Response};
+use crate::hub::{CloseRequest, Conn, Out, Shard};
+use crate::protocol::{decode_requests, Format};
+use crate::runtime::io::write_all;
+
+/// Size of the per-worker read buffer shared by all its connections.
+const READ_CHUNK: usize = 64 * 1024;
+/// Reads per poll before the task yields, so a flooding client cannot starve
+/// the others on its core.
+const READ_BUDGET: usize = 4;
+/// Most publications coalesced into one batch frame.
+const MAX_BATCH_ITEMS: usize = 256;
+/// Slices handed to one `writev`.
+const MAX_IOV: usize = 128;
+
+thread_local! {
+    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_CHUNK].into_boxed_slice());
+}
+
+/// Completes the handshake and runs the connection until it ends.
+pub async fn upgrade(
+    shard: Rc<Shard>,
+    mut stream: TcpStreamPoll,
+    head: Head,
+    mut leftover: Vec<u8>,
+) {
+    let up = match handshake::check(&head) {
+        Ok(up) => up,
+        Err(refusal) => {
+            shard.metrics.handshakes_rejected.increment(1);
+            let mut r = Response::text(refusal.status, refusal.message);
+            if refusal.status == 426 {
+                r.extra = "Sec-WebSocket-Version: 13\r\n";
+            }
+            let _ = send(&mut stream, &r, false).await;
+            return;
+        }
+    };
+    let node = shard.node.clone();
+    if node.is_draining() {
+        shard.metrics.handshakes_rejected.increment(1);
+        let r = Response {
+            extra: "Retry-After: 5\r\n",
+            ..Response::text(503, "draining: connect to another node")
+        };
+        let _ = send(&mut stream, &r, false).await;
+        return;
+    }
+    if node.connections.fetch_add(1, Ordering::Relaxed) >= shard.config.max_connections {
+        node.connections.fetch_sub(1, Ordering::Relaxed);
+        shard.metrics.handshakes_rejected.increment(1);
+        let r = Response {
+            extra: "Retry-After: 5\r\n",
+            ..Response::text(503, "this node is full")
+        };
+        let _ = send(&mut stream, &r, false).await;
+        return;
+    }
+    if write_all(&mut stream, handshake::response(&up).as_bytes())
+        .await
+        .is_ok()
+    {
+        shard.metrics.handshakes_ok.increment(1);
+        let (key, conn) = shard.register(up.format);
+        let mut task = ConnTask {
+            shard: shard.clone(),
+            key,
+            conn,
+            stream,
+            reader: WsReader::default(),
+            frame: None,
+            peer_closed: false,
+            close_queued: false,
+            discarding: false,
+            shut: false,
+        };
+        if !leftover.is_empty() {
+            task.on_bytes(&mut leftover);
+        }
+        drop(leftover);
+        poll_fn(|cx| task.poll_turn(cx)).await;
+        shard.unregister(key);
+    }
+    node.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A data frame being written: the first `items` queued outputs, framed.
+struct FrameInFlight {
+    items: usize,
+    head: [u8; MAX_HEADER + 5],
+    head_len: usize,
+    total: usize,
+    sent: usize,
+}
+
+struct ConnTask {
+    shard: Rc<Shard>,
+    key: usize,
+    conn: Rc<Conn>,
+    stream: TcpStreamPoll,
+    reader: WsReader,
+    frame: Option<FrameInFlight>,
+    /// The client's close frame arrived.
+    peer_closed: bool,
+    /// Our close frame is queued (nothing but control frames follow it).
+    close_queued: bool,
+    /// Input is read and dropped (after a violation or our close).
+    discarding: bool,
+    /// Our side of TCP is shut down after the close frame went out.
+    shut: bool,
+}
+
+enum ReadState {
+    /// Waiting for readiness.
+    Pending,
+    /// Used the read budget; poll again soon.
+    Yield,
+    /// End of stream or a socket error.
+    Ended,
+}
+
+impl ConnTask {
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.conn.abort.get() {
+            return Poll::Ready(());
+        }
+        let read = self.poll_reads(cx);
+        if matches!(read, ReadState::Ended) {
+            return Poll::Ready(());
+        }
+        match self.poll_writes(cx) {
+            Err(()) => return Poll::Ready(()),
+            Ok(true) => return Poll::Ready(()),
+            Ok(false) => {}
+        }
+        self.conn.out.borrow_mut().set_waker(cx.waker());
+        if matches!(read, ReadState::Yield) {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+
+    fn poll_reads(&mut self, cx: &mut Context<'_>) -> ReadState {
+        for _ in 0..READ_BUDGET {
+            let got = READ_BUF.with(|b| {
+                let mut b = b.borrow_mut();
+                let mut rb = ReadBuf::new(&mut b[..]);
+                match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+                    Poll::Pending => None,
+                    Poll::Ready(Err(_)) => Some(0),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n > 0 {
+                            self.on_bytes(&mut b[..n]);
+                        }
+                        Some(n)
+                    }
+                }
+            });
+            match got {
+                None => return ReadState::Pending,
+                Some(0) => return ReadState::Ended,
+                Some(_) => {}
+            }
+        }
+        ReadState::Yield
+    }
+
+    /// Parses freshly read bytes and acts on them.
+    fn on_bytes(&mut self, data: &mut [u8]) {
+        let metrics = &self.shard.metrics;
+        metrics.bytes_in.add(data.len() as u64);
+        self.conn.last_read.set(self.shard.now.get());
+        self.conn.ping_sent.set(None);
+        if self.discarding {
+            return;
+        }
+        let Self {
+            shard,
+            key,
+            conn,
+            reader,
+            peer_closed,
+            ..
+        } = self;
+        let max_message = shard.config.max_message_bytes;
+        let max_batch = shard.config.max_batch_requests;
+        let result = reader.feed(data, max_message, &mut |incoming| {
+            shard.metrics.frames_in.add(1);
+            match incoming {
+                Incoming::Message { payload, .. } => {
+                    if conn.close.get().is_some() {
+                        return true;
+                    }
+                    match decode_requests(conn.format, payload, max_batch) {
+                        Err(e) => shard.reply_error(conn, e),
+                        Ok(requests) => {
+                            for r in requests {
+                                match r {
+                                    Ok(req) => shard.handle_request(*key, req),
+                                    Err(e) => shard.reply_error(conn, e),
+                                }
+                            }
+                        }
+                    }
+                    true
+                }
+                Incoming::Ping(payload) => {
+                    conn.push_control(|out| frame::push_control(out, frame::OP_PONG, payload));
+                    true
+                }
+                Incoming::Pong => true,
+                Incoming::Close(code) => {
+                    *peer_closed = true;
+                    conn.request_close(CloseRequest {
+                        code: code.unwrap_or(0),
+                        reason: "",
+                        flush: false,
+                    });
+                    false
+                }
+            }
+        });
+        if let Err(violation) = result {
+            self.shard.metrics.ws_violations.increment(1);
+            self.conn.request_close(CloseRequest {
+                code: violation.code,
+                reason: violation.reason,
+                flush: false,
+            });
+        }
+        if self.conn.close.get().is_some() {
+            self.discarding = true;
+            self.reader = WsReader::default();
+        }
+    }
+
+    /// Writes what is queued. `Ok(true)`: the connection is finished.
+    fn poll_writes(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
+        loop {
+            if self.frame.is_none() {
+                let mut out = self.conn.out.borrow_mut();
+                if !out.control.is_empty() {
+                    match Pin::new(&mut self.stream).poll_write(cx, &out.control) {
+                        Poll::Pending => return Ok(false),
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            self.shard.metrics.bytes_out.add(n as u64);
+                            out.control.drain(..n);
+                            if out.control.is_empty() {
+                                out.control = Vec::new();
+                            }
+                            continue;
+                        }
+                        Poll::Ready(_) => return Err(()),
+                    }
+                }
+                if self.close_queued {
+                    drop(out);
+                    return self.after_close(cx);
+                }
+                if let Some(req) = self.conn.close.get() {
+                    if !req.flush || out.items.is_empty() {
+                        out.items.clear();
+                        out.items.shrink_to_fit();
+                        out.bytes = 0;
+                        if req.code == 0 {
+                            frame::push_control(&mut out.control, frame::OP_CLOSE, b"");
+                        } else {
+                            frame::push_close(&mut out.control, req.code, req.reason);
+                        }
+                        self.close_queued = true;
+                        if self.conn.closing_since.get().is_none() {
+                            self.conn.closing_since.set(Some(self.shard.now.get()));
+                        }
+                        continue;
+                    }
+                }
+                if out.items.is_empty() {
+                    if out.items.capacity() > 64 {
+                        out.items.shrink_to(8);
+                    }
+                    return Ok(false);
+                }
+                let frame = plan_frame(
+                    &out.items,
+                    self.conn.format,
+                    self.shard.config.max_batch_bytes,
+                );
+                out.in_flight = frame.items;
+                self.frame = Some(frame);
+            }
+            let Some(frame) = self.frame.as_mut() else {
+                continue;
+            };
+            let written = {
+                let out = self.conn.out.borrow();
+                let mut iov = Iov::new(frame.sent);
+                let format = self.conn.format;
+                let batch = frame.items > 1;
+                let json = format == Format::Json;
+                let mut more = iov.push(&frame.head[..frame.head_len]);
+                for (i, item) in out.items.iter().take(frame.items).enumerate() {
+                    if !more {
+                        break;
+                    }
+                    if json && batch && i > 0 {
+                        more = iov.push(b",");
+                    }
+                    more = more && iov.push(item.bytes(format));
+                }
+                if more && json && batch {
+                    iov.push(b"]");
+                }
+                match Pin::new(&mut self.stream).poll_write_vectored(cx, &iov.slices) {
+                    Poll::Pending => return Ok(false),
+                    Poll::Ready(Ok(n)) if n > 0 => n,
+                    Poll::Ready(_) => return Err(()),
+                }
+            };
+            frame.sent += written;
+            self.shard.metrics.bytes_out.add(written as u64);
+            if frame.sent == frame.total {
+                let items = frame.items;
+                self.frame = None;
+                self.finish_frame(items);
+            }
+        }
+    }
+
+    /// Pops a fully written frame's items and records its metrics.
+    fn finish_frame(&mut self, items: usize) {
+        let mut out = self.conn.out.borrow_mut();
+        let format = self.conn.format;
+        let metrics = &self.shard.metrics;
+        let mut oldest = None;
+        let mut messages = 0u64;
+        let mut freed = 0;
+        for item in out.items.drain(..items) {
+            if let Out::Message(p) = &item {
+                messages += 1;
+                oldest.get_or_insert(p.at);
+            }
+            freed += item.bytes(format).len();
+        }
+        out.bytes -= freed;
+        out.in_flight = 0;
+        metrics.frames_out.add(1);
+        if messages > 0 {
+            metrics.batches.add(1);
+            metrics.batch_messages.record(messages as f64);
+            if let Some(at) = oldest {
+                metrics.publish_to_write.record(at.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    /// After our close frame is out: shut our side down and wait for the
+    /// client's close or end of stream (bounded by the heartbeat's deadline).
+    fn after_close(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
+        if self.peer_closed {
+            return Ok(true);
+        }
+        if !self.shut {
+            self.shut = true;
+            let _ = Pin::new(&mut self.stream).poll_shutdown(cx);
+        }
+        Ok(false)
+    }
+}
+
+/// Chooses how many queued items go in the next frame and frames them.
+fn plan_frame(
+    items: &std::collections::VecDeque<Out>,
+    format: Format,
+    max_batch_bytes: usize,
+) -> FrameInFlight {
+    let json = format == Format::Json;
+    let mut n = 0;
+    let mut payload = 0;
+    for item in items.iter().take(MAX_BATCH_ITEMS) {
+        let len = item.bytes(format).len() + usize::from(json && n > 0);
+        if n > 0 && payload + len > max_batch_bytes {
+            break;
+        }
+        payload += len;
+        n += 1;
+    }
+    let mut prefix = [0u8; 5];
+    let prefix_len = if n == 1 {
+        0
+    } else if json {
+        prefix[0] = b'[';
+        1
+    } else {
+        let mut p = &mut prefix[..];
+        rmp::encode::write_array_len(&mut p, n as u32).expect("5 bytes hold any array header");
+        5 - p.len()
+    };
+    // A JSON batch is `[` + items + `]`; a MessagePack batch is the array
+    // header + items.
+    let ws_payload = payload + if json && n > 1 { 2 } else { prefix_len };
+    let opcode = if json {
+        frame::OP_TEXT
+    } else {
+        frame::OP_BINARY
+    };
+    let mut ws_head = [0u8; MAX_HEADER];
+    let ws_len = frame::write_header(&mut ws_head, opcode, ws_payload);
+    let mut head = [0u8; MAX_HEADER + 5];
+    head[..ws_len].copy_from_slice(&ws_head[..ws_len]);
+    head[ws_len..ws_len + prefix_len].copy_from_slice(&prefix[..prefix_len]);
+    let head_len = ws_len + prefix_len;
+    FrameInFlight {
+        items: n,
+        head,
+        head_len,
+        total: ws_len + ws_payload,
+        sent: 0,
+    }
+}
+
+/// Gathers the unsent part of a frame into at most `MAX_IOV` slices.
+struct Iov<'a> {
+    slices: SmallVec<[IoSlice<'a>; MAX_IOV]>,
+    skip: usize,
+}
+
+impl<'a> Iov<'a> {
+    fn new(skip: usize) -> Self {
+        Iov {
+            slices: SmallVec::new(),
+            skip,
+        }
+    }
+
+    /// Adds `s` past the already-sent bytes; false when the slices are full.
+    fn push(&mut self, s: &'a [u8]) -> bool {
+        if self.skip >= s.len() {
+            self.skip -= s.len();
+            return true;
+        }
+        self.slices.push(IoSlice::new(&s[self.skip..]));
+        self.skip = 0;
+        self.slices.len() < MAX_IOV
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::Publication;
+    use std::sync::Arc;
+
+    fn item(json: &str) -> Out {
+        Out::Message(Rc::new(Arc::new(Publication {
+            channel: "c".into(),
+            seq: Some(1),
+            at: std::time::Instant::now(),
+            json: json.as_bytes().into(),
+            msgpack: vec![0xc0].into(),
+        })))
+    }
+
+    /// Concatenates what the writer would send for the planned frame.
+    fn render(
+        items: &std::collections::VecDeque<Out>,
+        format: Format,
+        f: &FrameInFlight,
+    ) -> Vec<u8> {
+        let mut out = f.head[..f.head_len].to_vec();
+        for (i, it) in items.iter().take(f.items).enumerate() {
+            if format == Format::Json && f.items > 1 && i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(it.bytes(format));
+        }
+        if format == Format::Json && f.items > 1 {
+            out.push(b']');
+        }
+        out
+    }
+
+    #[test]
+    fn batches_are_arrays_with_exact_lengths() {
+        let items: std::collections::VecDeque<Out> =
+            (0..3).map(|i| item(&format!("{{\"n\":{i}}}"))).collect();
+        let f = plan_frame(&items, Format::Json, 1 << 16);
+        let bytes = render(&items, Format::Json, &f);
+        assert_eq!(bytes.len(), f.total);
+        assert_eq!(&bytes[2..], br#"[{"n":0},{"n":1},{"n":2}]"#);
+        assert_eq!(bytes[1] as usize, bytes.len() - 2);
+        let f = plan_frame(&items, Format::MsgPack, 1 << 16);
+        let bytes = render(&items, Format::MsgPack, &f);
+        assert_eq!(bytes.len(), f.total);
+        assert_eq!(&bytes[2..], &[0x93, 0xc0, 0xc0, 0xc0]);
+    }
+
+    #[test]
+    fn single_items_are_not_wrapped_and_batches_respect_the_cap() {
+        let items: std::collections::VecDeque<Out> =
+            (0..10).map(|_| item(&"x".repeat(400))).collect();
+        let f = plan_frame(&items, Format::Json, 1024);
+        assert_eq!(f.items, 2);
+        let one: std::collections::VecDeque<Out> = [item("{}")].into_iter().collect();
+        let f = plan_frame(&one, Format::Json, 1024);
+        assert_eq!(render(&one, Format::Json, &f), b"\x81\x02{}");
+    }
+
+    #[test]
+    fn iov_skips_what_was_sent() {
+        let mut iov = Iov::new(3);
+        assert!(iov.push(b"ab"));
+        assert!(iov.push(b"cdef"));
+        assert_eq!(&*iov.slices[0], b"def");
+    }
+}
