@@ -321,7 +321,7 @@ mod tests {
     fn frame_level_errors() {
         let e = decode_requests(Format::Json, b"{nope", 10).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
-        let e = decode_requests(Format::MsgPack, &[0xc1], 10).unwrap_err();
+        let e = decode_requests(Format::MsgPack, &[0x82, 0xa1], 10).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
         let batch = format!(
             "[{}]",

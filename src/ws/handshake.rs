@@ -121,7 +121,7 @@ mod tests {
     fn rfc_example_accept_key() {
         assert_eq!(
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZK+xOo0s="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 

@@ -1,0 +1,190 @@
+//! The relay's life as operators see it: health and readiness, draining on
+//! SIGTERM, the connection cap, heartbeats, slow consumers, and memory that
+//! stays bounded whatever clients do.
+
+mod common;
+
+use common::{http, http_publish, raw_ws, Client, Fmt, Relay};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+
+#[tokio::test]
+async fn health_and_demo_page() {
+    let relay = Relay::start(&["--workers", "1"]);
+    assert_eq!(
+        http(
+            relay.addr,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .await,
+        (200, "ok\n".into())
+    );
+    assert_eq!(
+        http(
+            relay.addr,
+            "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .await
+        .0,
+        200
+    );
+    let (status, body) = http(
+        relay.addr,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("ringcast.v1.json"));
+}
+
+#[tokio::test]
+async fn sigterm_drains_with_1012_while_readyz_says_503_then_exits_0() {
+    let mut relay = Relay::start(&["--workers", "2", "--drain-seconds", "6"]);
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut c = Client::connect(&relay, Fmt::Json).await;
+        c.subscribe("d").await;
+        clients.push(c);
+    }
+    relay.signal(libc::SIGTERM);
+    // The first close is at least 6/5 s away; the relay answers meanwhile.
+    let (status, body) = http(
+        relay.addr,
+        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    let (status, _) = http(relay.addr, "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await;
+    assert_eq!(status, 503, "no new WebSocket clients while draining");
+    for c in clients.iter_mut() {
+        assert_eq!(c.close_code().await, Some(1012));
+    }
+    let status = relay.wait_exit();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn past_max_connections_handshakes_get_503_with_retry_after() {
+    let relay = Relay::start(&["--workers", "2", "--max-connections", "3"]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(Client::connect(&relay, Fmt::Json).await);
+    }
+    let req = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let (status, head, _) = common::http_full(relay.addr, req.as_bytes()).await;
+    assert_eq!(status, 503);
+    assert!(head.contains("Retry-After: "), "{head}");
+    drop(held.pop());
+    relay
+        .wait_metric("ringcast_connections", &[], |v| v == 2.0)
+        .await;
+    Client::connect(&relay, Fmt::Json).await;
+}
+
+#[tokio::test]
+async fn silent_clients_are_pinged_then_dropped() {
+    let relay = Relay::start(&[
+        "--workers",
+        "1",
+        "--ping-interval",
+        "1",
+        "--pong-timeout",
+        "1",
+    ]);
+    let mut silent = raw_ws(&relay).await;
+    // The raw client never answers the ping: the relay must hang up.
+    let mut buf = vec![0u8; 1024];
+    let mut got_ping = false;
+    loop {
+        let n = tokio::time::timeout(common::PATIENCE, silent.read(&mut buf))
+            .await
+            .expect("never dropped")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got_ping |= buf[0] == 0x89;
+    }
+    assert!(got_ping, "a ping came before the drop");
+    relay
+        .wait_metric("ringcast_heartbeat_timeouts_total", &[], |v| v >= 1.0)
+        .await;
+    // A client that answers pings (tungstenite does) stays.
+    let mut alive = Client::connect(&relay, Fmt::Json).await;
+    alive.subscribe("hb").await;
+    for _ in 0..3 {
+        http_publish(relay.addr, "hb", "1", "").await;
+        alive.expect_type("message").await;
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    }
+}
+
+/// A subscriber that never reads, and a publisher flooding its channel.
+async fn flood_a_client_that_never_reads(policy: &str) -> (Relay, Client) {
+    let relay = Relay::start(&[
+        "--workers",
+        "1",
+        "--slow-consumer",
+        policy,
+        "--max-pending-bytes",
+        "65536",
+    ]);
+    let mut stuck = Client::connect(&relay, Fmt::Json).await;
+    stuck.subscribe("flood").await;
+    let mut healthy = Client::connect(&relay, Fmt::Json).await;
+    healthy.subscribe("flood").await;
+    let rss_before = relay.rss();
+    let mut publisher = Client::connect(&relay, Fmt::Json).await;
+    let payload = "x".repeat(1000);
+    // 40 MB towards a client that reads nothing: far past every buffer.
+    for round in 0..1000 {
+        let batch: Vec<_> = (0..40).map(|i| json!({"action": "publish", "channel": "flood", "data": [round * 40 + i, payload]})).collect();
+        publisher.send(serde_json::Value::Array(batch)).await;
+        // The healthy client keeps up and gets everything in order.
+        for i in 0..40 {
+            let ev = healthy.expect_type("message").await;
+            assert_eq!(ev["data"][0], round * 40 + i);
+        }
+    }
+    let growth = relay.rss().saturating_sub(rss_before);
+    assert!(
+        growth < 16 << 20,
+        "relay memory grew by {growth} bytes for a client that never reads"
+    );
+    (relay, stuck)
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_disconnected_with_4008_and_memory_stays_bounded() {
+    let (relay, mut stuck) = flood_a_client_that_never_reads("disconnect").await;
+    relay
+        .wait_metric(
+            "ringcast_slow_consumer_total",
+            &["action=\"disconnect\""],
+            |v| v == 1.0,
+        )
+        .await;
+    // When it finally reads: what was already in the socket, then 4008.
+    assert_eq!(stuck.close_code().await, Some(4008));
+}
+
+#[tokio::test]
+async fn drop_oldest_keeps_a_slow_client_with_a_detectable_seq_gap() {
+    let (relay, mut stuck) = flood_a_client_that_never_reads("drop-oldest").await;
+    assert!(
+        relay
+            .metric("ringcast_slow_consumer_total", &["action=\"drop_oldest\""])
+            .await
+            > 0.0
+    );
+    let mut last = 0;
+    let mut gap = false;
+    while last < 40_000 {
+        let ev = stuck.expect_type("message").await;
+        let seq = ev["seq"].as_u64().unwrap();
+        assert!(seq > last, "order kept");
+        gap |= seq > last + 1;
+        last = seq;
+    }
+    assert!(gap, "messages were dropped, so the seq shows a gap");
+}
