@@ -4,7 +4,7 @@
 //! `SubscribeAck` reaches a shard after every `Deliver` it sent before it and
 //! before every `Deliver` it sends after it.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -104,9 +104,8 @@ impl Mesh {
 pub fn owner_of(channel: &str, shards: usize) -> usize {
     // A fixed-key hasher: every shard must agree, and an attacker choosing
     // names can at worst pile channels onto one shard, not break a table.
-    let mut h = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().build_hasher();
-    channel.hash(&mut h);
-    (h.finish() % shards as u64) as usize
+    let h = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(channel);
+    (h % shards as u64) as usize
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use crate::protocol::{
     encode_event, Action, Data, ErrorCode, Event, Format, Id, Request, RequestError,
 };
 use history::OwnedChannel;
-pub use outbox::{CloseRequest, Conn, Out, Pushed};
+pub use outbox::{CloseRequest, Conn, Out, Pushed, SharedPublication};
 
 /// State shared by every shard of the node (atomics only).
 pub struct NodeState {
@@ -529,20 +529,18 @@ impl Shard {
             .pending_pubs
             .try_remove(token as usize);
         match pending {
-            Some(PendingPub::Ws { conn, channel, id }) => {
-                if !conn.gone.get() {
-                    conn.push_reply(encode_event(
-                        conn.format,
-                        &Event::Published {
-                            channel: &channel,
-                            seq,
-                            id: &id,
-                        },
-                    ));
-                }
+            Some(PendingPub::Ws { conn, channel, id }) if !conn.gone.get() => {
+                conn.push_reply(encode_event(
+                    conn.format,
+                    &Event::Published {
+                        channel: &channel,
+                        seq,
+                        id: &id,
+                    },
+                ));
             }
             Some(PendingPub::Http(wait)) => wait.complete(seq),
-            None => {}
+            Some(PendingPub::Ws { .. }) | None => {}
         }
     }
 
@@ -640,7 +638,7 @@ impl Shard {
         }
     }
 
-    fn push_to(&self, conn: &Conn, publication: &Rc<Arc<Publication>>) {
+    fn push_to(&self, conn: &Conn, publication: &SharedPublication) {
         match conn.push_message(
             publication,
             self.config.max_pending_bytes,

@@ -16,10 +16,17 @@ use crate::backplane::Publication;
 use crate::config::SlowConsumerPolicy;
 use crate::protocol::Format;
 
+/// A publication as a shard shares it among its subscribers: an `Rc` (a
+/// plain increment per subscriber, on this core only) around the `Arc` that
+/// crossed cores once. `Rc<Publication>` would need a copy per shard and
+/// `Arc<Publication>` alone would bounce one refcount between all cores.
+#[allow(clippy::redundant_allocation)]
+pub type SharedPublication = Rc<Arc<Publication>>;
+
 /// One pending output item.
 pub enum Out {
     /// A publication shared with every subscriber on this shard.
-    Message(Rc<Arc<Publication>>),
+    Message(SharedPublication),
     /// A reply (`subscribed`, `error`, ...) for this connection alone.
     Reply(Box<[u8]>),
 }
@@ -105,7 +112,7 @@ impl Conn {
     /// Queues a publication, enforcing the pending-bytes bound.
     pub fn push_message(
         &self,
-        publication: &Rc<Arc<Publication>>,
+        publication: &SharedPublication,
         max_pending: usize,
         policy: SlowConsumerPolicy,
     ) -> Pushed {

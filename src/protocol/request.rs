@@ -325,7 +325,7 @@ mod tests {
         assert_eq!(e.code, ErrorCode::BadRequest);
         let batch = format!(
             "[{}]",
-            vec![r#"{"action":"subscribe","channel":"a"}"#; 11].join(",")
+            [r#"{"action":"subscribe","channel":"a"}"#; 11].join(",")
         );
         let e = decode_requests(Format::Json, batch.as_bytes(), 10).unwrap_err();
         assert_eq!(e.code, ErrorCode::TooLarge);
