@@ -132,32 +132,60 @@ pub struct Config {
     pub log: String,
 }
 
+/// Why configuration could not be loaded.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// A command-line problem, or `--help` / `--version`: clap prints it and
+    /// picks the exit code (`ConfigError::exit`).
+    CommandLine(clap::Error),
+    /// A bad file or an invalid value: one line for the operator.
+    Invalid(String),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::CommandLine(e) => write!(f, "{e}"),
+            ConfigError::Invalid(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// The first line of a clap error, without its `error: ` prefix.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
+}
+
 impl Config {
     /// Parses flags, environment and the optional file, then validates.
-    /// The error is one line meant for the operator.
-    pub fn load() -> Result<Config, String> {
+    pub fn load() -> Result<Config, ConfigError> {
         Self::load_from(std::env::args_os().collect())
     }
 
-    pub fn load_from(args: Vec<std::ffi::OsString>) -> Result<Config, String> {
-        let first = Config::try_parse_from(&args).map_err(|e| e.to_string())?;
+    pub fn load_from(args: Vec<std::ffi::OsString>) -> Result<Config, ConfigError> {
+        let first = Config::try_parse_from(&args).map_err(ConfigError::CommandLine)?;
         let config = match &first.config {
             None => first,
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("reading config file {}: {e}", path.display()))?;
-                let file_args = file_to_args(&text)
-                    .map_err(|e| format!("config file {}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::Invalid(format!("reading config file {}: {e}", path.display()))
+                })?;
+                let file_args = file_to_args(&text).map_err(|e| {
+                    ConfigError::Invalid(format!("config file {}: {e}", path.display()))
+                })?;
                 // File values go first so that flags given on the command line,
                 // which come later, win.
                 let mut merged = vec![args[0].clone()];
                 merged.extend(file_args.into_iter().map(Into::into));
                 merged.extend(args.into_iter().skip(1));
-                Config::try_parse_from(merged)
-                    .map_err(|e| format!("config file {}: {e}", path.display()))?
+                Config::try_parse_from(merged).map_err(|e| {
+                    ConfigError::Invalid(format!("config file {}: {}", path.display(), one_line(&e)))
+                })?
             }
         };
-        config.validate()?;
+        config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
     }
 
@@ -251,7 +279,10 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut v: Vec<std::ffi::OsString> = vec!["ringcast".into()];
         v.extend(args.iter().map(Into::into));
-        Config::load_from(v)
+        Config::load_from(v).map_err(|e| match e {
+            ConfigError::CommandLine(e) => one_line(&e),
+            ConfigError::Invalid(m) => m,
+        })
     }
 
     #[test]

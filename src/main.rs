@@ -2,27 +2,15 @@
 
 use std::process::ExitCode;
 
+use ringcast::config::{Config, ConfigError};
+
 fn main() -> ExitCode {
-    let config = match ringcast::config::Config::load() {
+    let config = match Config::load() {
         Ok(c) => c,
-        Err(e) => {
-            // clap's own output (--help, --version, usage errors) is already formatted.
-            if e.starts_with("error:")
-                || e.contains("Usage:")
-                || !e.starts_with("invalid") && !e.contains("config file")
-            {
-                eprint!("{e}");
-                if !e.ends_with('\n') {
-                    eprintln!();
-                }
-                let help = e.contains("Usage: ringcast [OPTIONS]") && !e.starts_with("error:");
-                return if help || e.starts_with("ringcast ") {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(2)
-                };
-            }
-            eprintln!("ringcast: {e}");
+        // clap prints usage errors, --help and --version and picks the exit code.
+        Err(ConfigError::CommandLine(e)) => e.exit(),
+        Err(ConfigError::Invalid(message)) => {
+            eprintln!("ringcast: {message}");
             return ExitCode::from(2);
         }
     };

@@ -59,6 +59,9 @@ pub async fn upgrade(
             return;
         }
     };
+    // Nothing of the request is needed past this point; an idle connection
+    // must not keep its headers.
+    drop(head);
     let node = shard.node.clone();
     if node.is_draining() {
         shard.metrics.handshakes_rejected.increment(1);
