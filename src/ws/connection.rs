@@ -8,7 +8,7 @@
 //! shared, pre-encoded publications go to the kernel without being copied.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -82,32 +82,34 @@ pub async fn upgrade(
         let _ = send(&mut stream, &r, false).await;
         return;
     }
-    if write_all(&mut stream, handshake::response(&up).as_bytes())
-        .await
-        .is_ok()
-    {
-        shard.metrics.handshakes_ok.increment(1);
-        let (key, conn) = shard.register(up.format);
-        let mut task = ConnTask {
-            shard: shard.clone(),
-            key,
-            conn,
-            stream,
-            reader: WsReader::default(),
-            frame: None,
-            peer_closed: false,
-            close_queued: false,
-            discarding: false,
-            shut: false,
-        };
-        if !leftover.is_empty() {
-            task.on_bytes(&mut leftover);
-        }
-        drop(leftover);
-        poll_fn(|cx| task.poll_turn(cx)).await;
-        shard.unregister(key);
+    let format = up.format;
+    let response = handshake::response(&up);
+    drop(up);
+    if write_all(&mut stream, response.as_bytes()).await.is_err() {
+        node.connections.fetch_sub(1, Ordering::Relaxed);
+        return;
     }
-    node.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(response);
+    shard.metrics.handshakes_ok.increment(1);
+    let (key, conn) = shard.register(format);
+    let mut task = ConnTask {
+        shard: shard.clone(),
+        key,
+        conn,
+        stream,
+        reader: WsReader::default(),
+        frame: None,
+        peer_closed: false,
+        close_queued: false,
+        discarding: false,
+        shut: false,
+    };
+    if !leftover.is_empty() {
+        task.on_bytes(&mut leftover);
+    }
+    // The connection lives on in a task of its own whose future is just
+    // `ConnTask` (a few hundred bytes), not this handshake's larger state.
+    monoio::spawn(task);
 }
 
 /// A data frame being written: the first `items` queued outputs, framed.
@@ -143,6 +145,21 @@ enum ReadState {
     Yield,
     /// End of stream or a socket error.
     Ended,
+}
+
+impl Future for ConnTask {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.get_mut().poll_turn(cx)
+    }
+}
+
+impl Drop for ConnTask {
+    fn drop(&mut self) {
+        self.shard.unregister(self.key);
+        self.shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnTask {
