@@ -45,7 +45,7 @@ run() { # kind label loadgen-args...
     local kind=$1 port
     port=$([ "$kind" = ringcast ] && echo 8080 || echo 8090)
     for _ in $(seq "$RUNS"); do
-        start_server "$kind" "$port" --max-subscriptions 1000
+        start_server "$kind" "$port" --max-publish-rate 0
         load "$@"
         stop_server
         sleep 1

@@ -123,6 +123,11 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_ALLOW_CLIENT_PUBLISH", default_value_t = true, action = clap::ArgAction::Set)]
     pub allow_client_publish: bool,
 
+    /// Publications one WebSocket connection may make per second (counted
+    /// per one-second tick); beyond, publish gets error `rate_limited`. 0: no limit.
+    #[arg(long, env = "RINGCAST_MAX_PUBLISH_RATE", default_value_t = 1000)]
+    pub max_publish_rate: u32,
+
     /// Optional TOML file with any of these options (long names as keys).
     #[arg(long, env = "RINGCAST_CONFIG")]
     pub config: Option<std::path::PathBuf>,
@@ -181,7 +186,11 @@ impl Config {
                 merged.extend(file_args.into_iter().map(Into::into));
                 merged.extend(args.into_iter().skip(1));
                 Config::try_parse_from(merged).map_err(|e| {
-                    ConfigError::Invalid(format!("config file {}: {}", path.display(), one_line(&e)))
+                    ConfigError::Invalid(format!(
+                        "config file {}: {}",
+                        path.display(),
+                        one_line(&e)
+                    ))
                 })?
             }
         };

@@ -292,3 +292,28 @@ async fn bad_clients_cost_the_others_on_the_same_worker_nothing() {
         );
     }
 }
+
+#[tokio::test]
+async fn publishing_past_the_rate_limit_gets_rate_limited() {
+    let relay = Relay::start(&["--workers", "1", "--max-publish-rate", "5"]);
+    let mut c = Client::connect(&relay, Fmt::Json).await;
+    // One frame is handled in one go, so the per-second window cannot reset inside it.
+    let batch: Vec<_> = (0..8)
+        .map(|i| json!({"action": "publish", "channel": "r", "data": i, "id": i}))
+        .collect();
+    c.send(serde_json::Value::Array(batch)).await;
+    let mut published = 0;
+    let mut limited = Vec::new();
+    for _ in 0..8 {
+        let ev = c.next().await;
+        match ev["type"].as_str().unwrap() {
+            "published" => published += 1,
+            "error" => {
+                assert_eq!(ev["code"], "rate_limited");
+                limited.push(ev["id"].as_i64().unwrap());
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((published, limited), (5, vec![5, 6, 7]));
+}

@@ -128,6 +128,8 @@ async fn flood_a_client_that_never_reads(policy: &str) -> (Relay, Client) {
         policy,
         "--max-pending-bytes",
         "65536",
+        "--max-publish-rate",
+        "0",
     ]);
     let mut stuck = Client::connect(&relay, Fmt::Json).await;
     stuck.subscribe("flood").await;
@@ -187,4 +189,43 @@ async fn drop_oldest_keeps_a_slow_client_with_a_detectable_seq_gap() {
         last = seq;
     }
     assert!(gap, "messages were dropped, so the seq shows a gap");
+}
+
+#[tokio::test]
+async fn requests_whose_replies_are_never_read_cannot_grow_memory() {
+    use tokio::io::AsyncWriteExt;
+    let relay = Relay::start(&["--workers", "1", "--max-pending-bytes", "65536"]);
+    let mut s = raw_ws(&relay).await;
+    let batch: Vec<_> = (0..100)
+        .map(|i| json!({"action": "unsubscribe", "channel": format!("c{i}"), "id": i}))
+        .collect();
+    let frame = common::frame(
+        true,
+        0x1,
+        serde_json::Value::Array(batch).to_string().as_bytes(),
+        common::MASK,
+    );
+    let rss_before = relay.rss();
+    // Up to 40 MB of replies requested; the relay must cut this client off.
+    for _ in 0..10_000 {
+        if s.write_all(&frame).await.is_err() {
+            break;
+        }
+        if relay
+            .metric("ringcast_slow_consumer_total", &["action=\"disconnect\""])
+            .await
+            >= 1.0
+        {
+            break;
+        }
+    }
+    relay
+        .wait_metric(
+            "ringcast_slow_consumer_total",
+            &["action=\"disconnect\""],
+            |v| v >= 1.0,
+        )
+        .await;
+    let growth = relay.rss().saturating_sub(rss_before);
+    assert!(growth < 16 << 20, "relay memory grew by {growth} bytes");
 }

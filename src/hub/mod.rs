@@ -229,6 +229,22 @@ impl Shard {
                         },
                     );
                 }
+                let limit = self.config.max_publish_rate;
+                if limit > 0 {
+                    let n = conn.publishes_this_tick.get();
+                    if n >= limit {
+                        let msg = format!("at most {limit} publications per second per connection");
+                        return self.reply_error(
+                            &conn,
+                            RequestError {
+                                id,
+                                channel: Some(channel),
+                                ..RequestError::new(ErrorCode::RateLimited, msg)
+                            },
+                        );
+                    }
+                    conn.publishes_this_tick.set(n + 1);
+                }
                 let channel: Arc<str> = channel.into();
                 let token = id.map(|id| {
                     self.state.borrow_mut().pending_pubs.insert(PendingPub::Ws {
@@ -254,17 +270,28 @@ impl Shard {
         wait
     }
 
+    /// Queues a reply for `conn`, within its pending-bytes bound.
+    fn reply(&self, conn: &Conn, payload: Vec<u8>) {
+        let pushed = conn.push_reply(payload, self.config.max_pending_bytes);
+        if pushed == Pushed::Disconnected {
+            self.metrics.slow_disconnect.increment(1);
+        }
+    }
+
     pub fn reply_error(&self, conn: &Conn, e: RequestError) {
         self.metrics.error(e.code);
-        conn.push_reply(encode_event(
-            conn.format,
-            &Event::Error {
-                code: e.code,
-                message: &e.message,
-                id: e.id.as_ref(),
-                channel: e.channel.as_deref(),
-            },
-        ));
+        self.reply(
+            &conn,
+            encode_event(
+                conn.format,
+                &Event::Error {
+                    code: e.code,
+                    message: &e.message,
+                    id: e.id.as_ref(),
+                    channel: e.channel.as_deref(),
+                },
+            ),
+        );
     }
 
     fn route_publish(&self, channel: Arc<str>, data: Data, token: Option<usize>) {
@@ -385,13 +412,16 @@ impl Shard {
                 None => None,
             }
         };
-        conn.push_reply(encode_event(
-            conn.format,
-            &Event::Unsubscribed {
-                channel,
-                id: id.as_ref(),
-            },
-        ));
+        self.reply(
+            &conn,
+            encode_event(
+                conn.format,
+                &Event::Unsubscribed {
+                    channel,
+                    id: id.as_ref(),
+                },
+            ),
+        );
         if let Some(chan) = emptied {
             self.forget_local_if_unused(chan);
         }
@@ -530,14 +560,17 @@ impl Shard {
             .try_remove(token as usize);
         match pending {
             Some(PendingPub::Ws { conn, channel, id }) if !conn.gone.get() => {
-                conn.push_reply(encode_event(
-                    conn.format,
-                    &Event::Published {
-                        channel: &channel,
-                        seq,
-                        id: &id,
-                    },
-                ));
+                self.reply(
+                    &conn,
+                    encode_event(
+                        conn.format,
+                        &Event::Published {
+                            channel: &channel,
+                            seq,
+                            id: &id,
+                        },
+                    ),
+                );
             }
             Some(PendingPub::Http(wait)) => wait.complete(seq),
             Some(PendingPub::Ws { .. }) | None => {}
@@ -612,16 +645,19 @@ impl Shard {
             }
         };
         debug_assert!(p.since_given == recovered.is_some());
-        p.conn.push_reply(encode_event(
-            p.conn.format,
-            &Event::Subscribed {
-                channel: &name,
-                seq,
-                epoch: Some(&epoch),
-                id: p.id.as_ref(),
-                recovered,
-            },
-        ));
+        self.reply(
+            &p.conn,
+            encode_event(
+                p.conn.format,
+                &Event::Subscribed {
+                    channel: &name,
+                    seq,
+                    epoch: Some(&epoch),
+                    id: p.id.as_ref(),
+                    recovered,
+                },
+            ),
+        );
     }
 
     /// Fans a publication out to this shard's subscribers of its channel.
@@ -663,6 +699,10 @@ impl Shard {
             let st = self.state.borrow();
             for (_, entry) in &st.conns {
                 let conn = &entry.conn;
+                conn.publishes_this_tick.set(0);
+                if conn.close.get().is_some() && conn.closing_since.get().is_none() {
+                    conn.closing_since.set(Some(now));
+                }
                 if let Some(since) = conn.closing_since.get() {
                     if now.saturating_sub(since) > pong_timeout {
                         conn.request_abort();

@@ -93,6 +93,8 @@ pub struct Conn {
     pub ping_sent: Cell<Option<u32>>,
     /// Tick when closing started, to bound how long a close may take.
     pub closing_since: Cell<Option<u32>>,
+    /// Publications this second, for `--max-publish-rate`.
+    pub publishes_this_tick: Cell<u32>,
 }
 
 impl Conn {
@@ -106,6 +108,7 @@ impl Conn {
             last_read: Cell::new(now),
             ping_sent: Cell::new(None),
             closing_since: Cell::new(None),
+            publishes_this_tick: Cell::new(0),
         }
     }
 
@@ -152,17 +155,28 @@ impl Conn {
         }
     }
 
-    /// Queues a reply. Replies are few and small (one per request, and a frame
-    /// holds a bounded number of requests), so they are not counted against
-    /// the slow-consumer bound and never dropped.
-    pub fn push_reply(&self, payload: Vec<u8>) {
+    /// Queues a reply. Replies are never dropped, so a client that keeps
+    /// sending requests without reading the answers past `max_pending` is
+    /// disconnected whatever the slow-consumer policy.
+    pub fn push_reply(&self, payload: Vec<u8>, max_pending: usize) -> Pushed {
         if self.close.get().is_some() || self.abort.get() {
-            return;
+            return Pushed::Closed;
         }
         let mut out = self.out.borrow_mut();
+        if out.bytes + payload.len() > max_pending {
+            out.discard_queued(self.format);
+            drop(out);
+            self.request_close(CloseRequest {
+                code: crate::ws::close::SLOW_CONSUMER,
+                reason: "slow consumer",
+                flush: false,
+            });
+            return Pushed::Disconnected;
+        }
         out.bytes += payload.len();
         out.items.push_back(Out::Reply(payload.into_boxed_slice()));
         out.wake();
+        Pushed::Queued
     }
 
     /// Queues a control frame (already encoded).
