@@ -281,7 +281,7 @@ impl Shard {
     pub fn reply_error(&self, conn: &Conn, e: RequestError) {
         self.metrics.error(e.code);
         self.reply(
-            &conn,
+            conn,
             encode_event(
                 conn.format,
                 &Event::Error {
@@ -413,7 +413,7 @@ impl Shard {
             }
         };
         self.reply(
-            &conn,
+            conn,
             encode_event(
                 conn.format,
                 &Event::Unsubscribed {
