@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 BIN=target/release
 OUT=bench/results/core-$(date +%Y%m%d)-$(hostname).jsonl
-: > "$OUT"
+[ -n "${APPEND:-}" ] || : > "$OUT"
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 IPS=127.0.0.1-127.0.0.20
@@ -42,6 +42,8 @@ load() { # kind label loadgen-args...
 }
 
 run() { # kind label loadgen-args...
+    # ONLY=regex runs just the matching workloads (appending with APPEND=1).
+    [[ -z "${ONLY:-}" || "$2" =~ $ONLY ]] || return 0
     local kind=$1 port
     port=$([ "$kind" = ringcast ] && echo 8080 || echo 8090)
     for _ in $(seq "$RUNS"); do
@@ -52,16 +54,20 @@ run() { # kind label loadgen-args...
     done
 }
 
-for kind in ringcast baseline; do
+for kind in ${KINDS:-ringcast baseline}; do
     run $kind broadcast-saturation fanout --connections 10000 --duration 5 --payload 100
     run $kind broadcast-at-5pps fanout --connections 10000 --duration 5 --payload 100 --rate 5
     run $kind many-channels fanout --connections 10000 --channels 1000 --subs-per-conn 10 --duration 5 --payload 100
+    run $kind many-channels-at-500pps fanout --connections 10000 --channels 1000 --subs-per-conn 10 --duration 5 --payload 100 --rate 500
     run $kind connect connect --connections 10000 --concurrency 200
     run $kind idle-15k idle --connections 15000 --hold 3
 done
-# ringcast at half its own saturation rate: set HALF_RATE (publications/s).
+# ringcast at half its own saturation rates: set HALF_RATE and
+# HALF_RATE_MANY (publications/s) from a first run's saturation figures.
 if [ -n "${HALF_RATE:-}" ]; then
     run ringcast "broadcast-at-${HALF_RATE}pps" fanout --connections 10000 --duration 5 --payload 100 --rate "$HALF_RATE"
-    run ringcast "many-channels-at-${HALF_RATE}pps" fanout --connections 10000 --channels 1000 --subs-per-conn 10 --duration 5 --payload 100 --rate "$HALF_RATE"
+fi
+if [ -n "${HALF_RATE_MANY:-}" ]; then
+    run ringcast "many-channels-at-${HALF_RATE_MANY}pps" fanout --connections 10000 --channels 1000 --subs-per-conn 10 --duration 5 --payload 100 --rate "$HALF_RATE_MANY"
 fi
 python3 bench/summarize.py "$OUT"
