@@ -47,17 +47,32 @@ async fn sigterm_drains_with_1012_while_readyz_says_503_then_exits_0() {
         clients.push(c);
     }
     relay.signal(libc::SIGTERM);
-    // The first close is at least 6/5 s away; the relay answers meanwhile.
-    let (status, body) = http(
-        relay.addr,
-        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    // The signal is handled on the relay's own thread; readiness flips as
+    // soon as it is. The relay cannot exit before its clients are closed
+    // (the first at 6/5 s), so it is still there to answer.
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    loop {
+        let (status, body) = http(
+            relay.addr,
+            "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        if status == 503 {
+            assert_eq!(body, "draining\n");
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never went 503"
+        );
+    }
     let (status, _) = http(relay.addr, "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await;
     assert_eq!(status, 503, "no new WebSocket clients while draining");
-    for c in clients.iter_mut() {
+    for mut c in clients {
         assert_eq!(c.close_code().await, Some(1012));
+        // Dropping the client ends its side of TCP, so the relay need not
+        // wait out the close deadline.
     }
     let status = relay.wait_exit();
     assert_eq!(status.code(), Some(0));
@@ -112,11 +127,24 @@ async fn silent_clients_are_pinged_then_dropped() {
     // A client that answers pings (tungstenite does) stays.
     let mut alive = Client::connect(&relay, Fmt::Json).await;
     alive.subscribe("hb").await;
-    for _ in 0..3 {
-        http_publish(relay.addr, "hb", "1", "").await;
-        alive.expect_type("message").await;
-        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    // tungstenite answers pings while it is being read, so keep reading
+    // through several ping intervals; every ping must be answered.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(4);
+    while let Ok(Some(msg)) =
+        tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut alive.ws)).await
+    {
+        if matches!(msg, Ok(tokio_tungstenite::tungstenite::Message::Ping(_))) {
+            pings += 1;
+        }
     }
+    assert!(pings >= 1, "the idle client was pinged");
+    http_publish(relay.addr, "hb", "1", "").await;
+    assert_eq!(
+        alive.expect_type("message").await["data"],
+        1,
+        "and it is still connected"
+    );
 }
 
 /// A subscriber that never reads, and a publisher flooding its channel.

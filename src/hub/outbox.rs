@@ -131,14 +131,8 @@ impl Conn {
         if out.bytes + len > max_pending {
             match policy {
                 SlowConsumerPolicy::Disconnect => {
-                    out.discard_queued(self.format);
                     drop(out);
-                    self.request_close(CloseRequest {
-                        code: crate::ws::close::SLOW_CONSUMER,
-                        reason: "slow consumer",
-                        flush: false,
-                    });
-                    return Pushed::Disconnected;
+                    return self.disconnect_slow();
                 }
                 SlowConsumerPolicy::DropOldest => {
                     dropped = out.drop_oldest_messages(self.format, len, max_pending);
@@ -164,19 +158,24 @@ impl Conn {
         }
         let mut out = self.out.borrow_mut();
         if out.bytes + payload.len() > max_pending {
-            out.discard_queued(self.format);
             drop(out);
-            self.request_close(CloseRequest {
-                code: crate::ws::close::SLOW_CONSUMER,
-                reason: "slow consumer",
-                flush: false,
-            });
-            return Pushed::Disconnected;
+            return self.disconnect_slow();
         }
         out.bytes += payload.len();
         out.items.push_back(Out::Reply(payload.into_boxed_slice()));
         out.wake();
         Pushed::Queued
+    }
+
+    /// Frees what is queued and asks for a 4008 close.
+    fn disconnect_slow(&self) -> Pushed {
+        self.out.borrow_mut().discard_queued(self.format);
+        self.request_close(CloseRequest {
+            code: crate::ws::close::SLOW_CONSUMER,
+            reason: "slow consumer",
+            flush: false,
+        });
+        Pushed::Disconnected
     }
 
     /// Queues a control frame (already encoded).

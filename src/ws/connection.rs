@@ -63,21 +63,19 @@ pub async fn upgrade(
     // must not keep its headers.
     drop(head);
     let node = shard.node.clone();
-    if node.is_draining() {
-        shard.metrics.handshakes_rejected.increment(1);
-        let r = Response {
-            extra: "Retry-After: 5\r\n",
-            ..Response::text(503, "draining: connect to another node")
-        };
-        let _ = send(&mut stream, &r, false).await;
-        return;
-    }
-    if node.connections.fetch_add(1, Ordering::Relaxed) >= shard.config.max_connections {
+    let unavailable = if node.is_draining() {
+        Some("draining: connect to another node")
+    } else if node.connections.fetch_add(1, Ordering::Relaxed) >= shard.config.max_connections {
         node.connections.fetch_sub(1, Ordering::Relaxed);
+        Some("this node is full")
+    } else {
+        None
+    };
+    if let Some(why) = unavailable {
         shard.metrics.handshakes_rejected.increment(1);
         let r = Response {
             extra: "Retry-After: 5\r\n",
-            ..Response::text(503, "this node is full")
+            ..Response::text(503, why)
         };
         let _ = send(&mut stream, &r, false).await;
         return;
