@@ -257,3 +257,36 @@ async fn requests_whose_replies_are_never_read_cannot_grow_memory() {
     let growth = relay.rss().saturating_sub(rss_before);
     assert!(growth < 16 << 20, "relay memory grew by {growth} bytes");
 }
+
+#[test]
+fn invalid_configuration_stops_start_up_with_one_clear_line() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--max-message-bytes", "10", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("ringcast: invalid configuration: --max-message-bytes"),
+        "{err}"
+    );
+    let (code, err) = run(&["--slow-consumer", "maybe"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("invalid value 'maybe'"), "{err}");
+    // A port held by another (non-SO_REUSEPORT) socket: a clear bind error.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let (code, err) = run(&["--listen", &addr, "--metrics-addr", "127.0.0.1:0"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("binding SO_REUSEPORT listener 0 on {addr}")),
+        "{err}"
+    );
+}
