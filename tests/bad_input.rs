@@ -317,3 +317,43 @@ async fn publishing_past_the_rate_limit_gets_rate_limited() {
     }
     assert_eq!((published, limited), (5, vec![5, 6, 7]));
 }
+
+#[tokio::test]
+async fn http_keep_alive_and_expect_continue() {
+    use tokio::io::AsyncReadExt;
+    let relay = Relay::start(&["--workers", "1"]);
+    let mut s = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    // Two publishes on one connection, the second announcing its body.
+    s.write_all(b"POST /publish/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1\r\n\r\n1")
+        .await
+        .unwrap();
+    s.write_all(
+        b"POST /publish/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("100 Continue") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    s.write_all(b"2").await.unwrap();
+    while !String::from_utf8_lossy(&got).contains(r#""seq":2"#) {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(text.matches("HTTP/1.1 202 Accepted").count(), 2, "{text}");
+    assert!(text.contains(r#"{"channel":"k","seq":1}"#), "{text}");
+}
