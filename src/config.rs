@@ -222,8 +222,8 @@ impl Config {
         if self.history_ttl == 0 && self.history_size > 0 {
             return fail("--history-ttl must be at least 1 second when history is kept".into());
         }
-        if self.workers > 1024 {
-            return fail(format!("--workers {} is more than 1024", self.workers));
+        if self.workers > 128 {
+            return fail(format!("--workers {} is more than 128", self.workers));
         }
         if self.listen.port() != 0 && self.listen == self.metrics_addr {
             return fail("--listen and --metrics-addr must differ".into());

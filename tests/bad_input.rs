@@ -142,11 +142,7 @@ async fn request_errors_carry_codes_and_ids_and_keep_the_connection() {
     }
     c.send(json!({"action": "subscribe", "channel": "s4", "id": 9}))
         .await;
-    let e = c.expect_type("error").await;
-    assert_eq!(
-        (e["code"].as_str(), e["id"].as_i64()),
-        (Some("too_large"), Some(9))
-    );
+    c.expect_error("too_large", 9).await;
     // Still open and working.
     http_publish(relay.addr, "s2", "\"alive\"", "").await;
     assert_eq!(c.expect_type("message").await["data"], "alive");
@@ -173,11 +169,7 @@ async fn malformed_msgpack_gets_bad_request() {
     }
     c.send(json!({"action": "dance", "channel": "a", "id": 3}))
         .await;
-    let e = c.expect_type("error").await;
-    assert_eq!(
-        (e["code"].as_str(), e["id"].as_i64()),
-        (Some("unknown_action"), Some(3))
-    );
+    c.expect_error("unknown_action", 3).await;
 }
 
 #[tokio::test]
@@ -210,11 +202,7 @@ async fn client_publish_can_be_forbidden() {
     let mut c = Client::connect(&relay, Fmt::Json).await;
     c.send(json!({"action": "publish", "channel": "a", "data": 1, "id": 1}))
         .await;
-    let e = c.expect_type("error").await;
-    assert_eq!(
-        (e["code"].as_str(), e["id"].as_i64()),
-        (Some("forbidden"), Some(1))
-    );
+    c.expect_error("forbidden", 1).await;
 }
 
 #[tokio::test]

@@ -10,8 +10,14 @@ use crate::backplane::{Publication, Replay};
 /// Shards are numbered below 128 (checked at start), one bit each.
 pub type ShardSet = u128;
 
-pub fn shards_in(set: ShardSet) -> impl Iterator<Item = usize> {
-    (0..128).filter(move |i| set & (1 << i) != 0)
+pub fn shards_in(mut set: ShardSet) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (set != 0).then(|| {
+            let shard = set.trailing_zeros() as usize;
+            set &= set - 1;
+            shard
+        })
+    })
 }
 
 pub struct OwnedChannel {
@@ -102,6 +108,13 @@ mod tests {
             Replay::Recovered(v) => Some(v.iter().map(|p| p.seq.unwrap()).collect()),
             _ => None,
         }
+    }
+
+    #[test]
+    fn shards_in_lists_the_set_bits() {
+        let set: ShardSet = 1 | 1 << 5 | 1 << 127;
+        assert_eq!(shards_in(set).collect::<Vec<_>>(), vec![0, 5, 127]);
+        assert_eq!(shards_in(0).count(), 0);
     }
 
     #[test]

@@ -326,48 +326,8 @@ impl Shard {
             channel: Some(channel),
             ..RequestError::new(code, message)
         };
-        let accepted = (|| {
-            let mut guard = self.state.borrow_mut();
-            let st = &mut *guard;
-            let count = st.conns[key].subs.len();
-            if count >= self.config.max_subscriptions {
-                let msg = format!(
-                    "a connection may hold at most {} subscriptions",
-                    self.config.max_subscriptions
-                );
-                return Err((ErrorCode::TooLarge, msg));
-            }
-            let chan = match st.local_index.get(channel.as_str()) {
-                Some(&c) => c,
-                None => {
-                    let name: Arc<str> = channel.as_str().into();
-                    let c = st.local.insert(LocalChannel {
-                        name: name.clone(),
-                        subscribers: Slab::new(),
-                        pending: 0,
-                    });
-                    st.local_index.insert(name, c);
-                    c
-                }
-            };
-            if st.conns[key].subs.iter().any(|(c, _)| *c == chan) {
-                return Err((
-                    ErrorCode::BadRequest,
-                    "already subscribed to this channel".into(),
-                ));
-            }
-            let token = st.pending_subs.insert(PendingSub {
-                conn_key: key,
-                conn: conn.clone(),
-                chan,
-                id: id.clone(),
-                since_given: since.is_some(),
-                cancelled: false,
-            });
-            st.local[chan].pending += 1;
-            st.conns[key].subs.push((chan, SubState::Pending(token)));
-            Ok((st.local[chan].name.clone(), token))
-        })();
+        let accepted =
+            self.add_pending_subscription(key, conn, &channel, id.clone(), since.is_some());
         let (name, token) = match accepted {
             Ok(accepted) => accepted,
             Err((code, message)) => return self.reply_error(conn, refuse(code, message, channel)),
@@ -388,6 +348,57 @@ impl Shard {
                 },
             );
         }
+    }
+
+    /// Records a subscription waiting for its owner's ack; returns the
+    /// channel's shared name and the ack token, or why it is refused.
+    fn add_pending_subscription(
+        &self,
+        key: usize,
+        conn: &Rc<Conn>,
+        channel: &str,
+        id: Option<Id>,
+        since_given: bool,
+    ) -> Result<(Arc<str>, usize), (ErrorCode, String)> {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        if st.conns[key].subs.len() >= self.config.max_subscriptions {
+            let msg = format!(
+                "a connection may hold at most {} subscriptions",
+                self.config.max_subscriptions
+            );
+            return Err((ErrorCode::TooLarge, msg));
+        }
+        let chan = match st.local_index.get(channel) {
+            Some(&c) => c,
+            None => {
+                let name: Arc<str> = channel.into();
+                let c = st.local.insert(LocalChannel {
+                    name: name.clone(),
+                    subscribers: Slab::new(),
+                    pending: 0,
+                });
+                st.local_index.insert(name, c);
+                c
+            }
+        };
+        if st.conns[key].subs.iter().any(|(c, _)| *c == chan) {
+            return Err((
+                ErrorCode::BadRequest,
+                "already subscribed to this channel".into(),
+            ));
+        }
+        let token = st.pending_subs.insert(PendingSub {
+            conn_key: key,
+            conn: conn.clone(),
+            chan,
+            id,
+            since_given,
+            cancelled: false,
+        });
+        st.local[chan].pending += 1;
+        st.conns[key].subs.push((chan, SubState::Pending(token)));
+        Ok((st.local[chan].name.clone(), token))
     }
 
     fn unsubscribe(&self, key: usize, conn: &Rc<Conn>, channel: &str, id: Option<Id>) {

@@ -10,13 +10,10 @@
 
 /// WebSocket close status codes the relay sends.
 pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL_ERROR: u16 = 1002;
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const SERVICE_RESTART: u16 = 1012;
-    pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const SLOW_CONSUMER: u16 = 4008;
 }
 
@@ -191,11 +188,6 @@ impl WsReader {
     /// True when no partial frame or message is held (nothing allocated).
     pub fn is_idle(&self) -> bool {
         self.partial.capacity() == 0 && self.fragments.capacity() == 0
-    }
-
-    /// Bytes held for incomplete frames and messages.
-    pub fn buffered(&self) -> usize {
-        self.partial.capacity() + self.fragments.capacity()
     }
 
     /// Feeds freshly read bytes. `on` is called for each complete event and

@@ -303,6 +303,17 @@ impl Client {
         v
     }
 
+    /// The next event must be an `error` with `code` naming request `id`.
+    pub async fn expect_error(&mut self, code: &str, id: i64) -> Value {
+        let e = self.expect_type("error").await;
+        assert_eq!(
+            (e["code"].as_str(), e["id"].as_i64()),
+            (Some(code), Some(id)),
+            "{e}"
+        );
+        e
+    }
+
     /// Reads until the server closes; returns the close code.
     pub async fn close_code(&mut self) -> Option<u16> {
         loop {
