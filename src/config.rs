@@ -128,6 +128,32 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_MAX_PUBLISH_RATE", default_value_t = 1000)]
     pub max_publish_rate: u32,
 
+    /// Use one Redis (or Sentinel) as the backplane between nodes, e.g.
+    /// `redis://127.0.0.1:6379/0`, `rediss://…`,
+    /// `redis-sentinel://host:26379/0?sentinelServiceName=mymaster`.
+    /// Unset (and no --redis-cluster): the embedded, single-node backplane.
+    #[arg(long, env = "RINGCAST_REDIS", conflicts_with = "redis_cluster")]
+    pub redis: Option<String>,
+
+    /// Use a Redis Cluster as the backplane: comma-separated seed nodes
+    /// (`host:port,host:port`). Channels travel by sharded pub/sub.
+    #[arg(long, env = "RINGCAST_REDIS_CLUSTER", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
+
+    /// Prefix of every Redis key and pub/sub channel ringcast uses.
+    #[arg(long, env = "RINGCAST_REDIS_PREFIX", default_value = "ringcast:")]
+    pub redis_prefix: String,
+
+    /// Seconds between the probe messages a node publishes to itself through
+    /// Redis; three missed in a row mark the pub/sub link deaf (reconnect).
+    #[arg(long, env = "RINGCAST_REDIS_PROBE_INTERVAL", default_value_t = 1.0)]
+    pub redis_probe_interval: f64,
+
+    /// Seconds a quiet channel's seq and epoch stay in Redis after its last
+    /// publication (then it starts again at 1 under a new epoch).
+    #[arg(long, env = "RINGCAST_REDIS_STATE_TTL", default_value_t = 86_400)]
+    pub redis_state_ttl: u64,
+
     /// Optional TOML file with any of these options (long names as keys).
     #[arg(long, env = "RINGCAST_CONFIG")]
     pub config: Option<std::path::PathBuf>,
@@ -228,12 +254,42 @@ impl Config {
         if self.listen.port() != 0 && self.listen == self.metrics_addr {
             return fail("--listen and --metrics-addr must differ".into());
         }
+        if let Some(url) = &self.redis {
+            crate::backplane::redis::client_config(self)
+                .map_err(|e| format!("invalid configuration: --redis {url}: {e}"))?;
+        }
+        if !self.redis_cluster.is_empty() {
+            crate::backplane::redis::client_config(self).map_err(|e| {
+                format!(
+                    "invalid configuration: --redis-cluster {}: {e}",
+                    self.redis_cluster.join(",")
+                )
+            })?;
+        }
+        if self
+            .redis_prefix
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return fail("--redis-prefix must not contain whitespace or control characters".into());
+        }
+        if !(0.05..=60.0).contains(&self.redis_probe_interval) {
+            return fail("--redis-probe-interval must be between 0.05 and 60 seconds".into());
+        }
+        if self.redis_state_ttl < self.history_ttl {
+            return fail("--redis-state-ttl must be at least --history-ttl".into());
+        }
         if let Some(key) = &self.publish_key {
             if key.is_empty() {
                 return fail("--publish-key must not be empty".into());
             }
         }
         Ok(())
+    }
+
+    /// True when a Redis (standalone, Sentinel or Cluster) backplane is configured.
+    pub fn uses_redis(&self) -> bool {
+        self.redis.is_some() || !self.redis_cluster.is_empty()
     }
 
     pub fn history_ttl(&self) -> Duration {

@@ -68,6 +68,24 @@ pub enum ShardMsg {
     Unsubscribe { channel: Arc<str>, from: usize },
     /// From the signal handler: start draining.
     Drain,
+    /// From the Redis thread to the publisher's shard: publication `token`
+    /// was not sequenced (the backplane is down or refused it).
+    PublishFailed { token: u32 },
+    /// From the Redis thread to the channel's owner: a pub/sub message,
+    /// still encoded (see `envelope`).
+    RedisMessage {
+        channel: Arc<str>,
+        payload: bytes::Bytes,
+    },
+    /// From the Redis thread to the channel's owner: the node's
+    /// subscription `join` is live (again, after a reconnect or a lag).
+    RedisSubscribed { channel: Arc<str>, join: u64 },
+    /// From the Redis thread to the channel's owner: the answer to a fetch.
+    Fetched {
+        channel: Arc<str>,
+        fetch: u64,
+        reply: Option<super::redis::FetchReply>,
+    },
 }
 
 /// The senders to every shard's inbox, shared by all shards.

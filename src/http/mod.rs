@@ -257,6 +257,8 @@ async fn route(
         "/readyz" if get => {
             if shard.node.is_draining() {
                 Response::text(503, "draining")
+            } else if !shard.node.backplane_ready() {
+                Response::text(503, "backplane unavailable")
             } else {
                 Response::text(200, "ready")
             }
@@ -383,7 +385,12 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
         Ok(d) => d,
         Err(e) => return Response::error(400, "bad_request", &e),
     };
-    let seq = shard.publish_http(&channel, data).seq().await;
+    let Some(seq) = shard.publish_http(&channel, data).seq().await else {
+        return Response {
+            extra: "Retry-After: 1\r\n",
+            ..Response::error(503, "unavailable", "the backplane is down; retry")
+        };
+    };
     Response {
         status: 202,
         content_type: "application/json",

@@ -69,23 +69,37 @@ impl OwnedChannel {
     /// What a subscriber that last saw `since` (in `epoch`) missed, if
     /// history still holds all of it.
     pub fn replay_after(&self, since: u64, epoch: Option<&str>) -> Replay {
-        if epoch.is_some_and(|e| e != &*self.epoch) || since > self.seq {
-            return Replay::NotRecovered;
-        }
-        if since == self.seq {
-            return Replay::Recovered(Vec::new());
-        }
-        let oldest = self.history.front().and_then(|p| p.seq);
-        match oldest {
-            Some(first) if first <= since + 1 => Replay::Recovered(
-                self.history
-                    .iter()
-                    .filter(|p| p.seq.is_some_and(|s| s > since))
-                    .cloned()
-                    .collect(),
-            ),
-            _ => Replay::NotRecovered,
-        }
+        replay_from(&[], &self.history, since, epoch, &self.epoch, self.seq)
+    }
+}
+
+/// What a subscriber that last saw `since` (in `epoch`) missed, from kept
+/// publications `older` followed by `recent` (together consecutive, ending
+/// at `seq` of epoch `current`), if they hold all of it.
+pub fn replay_from(
+    older: &[Arc<Publication>],
+    recent: &VecDeque<Arc<Publication>>,
+    since: u64,
+    epoch: Option<&str>,
+    current: &str,
+    seq: u64,
+) -> Replay {
+    if epoch.is_some_and(|e| e != current) || since > seq {
+        return Replay::NotRecovered;
+    }
+    if since == seq {
+        return Replay::Recovered(Vec::new());
+    }
+    let kept = older.iter().chain(recent.iter());
+    let first = older.first().or(recent.front()).and_then(|p| p.seq);
+    let last = recent.back().or(older.last()).and_then(|p| p.seq);
+    match (first, last) {
+        (Some(first), Some(last)) if first <= since + 1 && last == seq => Replay::Recovered(
+            kept.filter(|p| p.seq.is_some_and(|s| s > since))
+                .cloned()
+                .collect(),
+        ),
+        _ => Replay::NotRecovered,
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod history;
 pub mod outbox;
+mod remote;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -20,6 +21,8 @@ use std::time::Instant;
 
 use slab::Slab;
 
+use crate::backplane::envelope::{self, Incoming};
+use crate::backplane::redis::{FetchReply, RedisCmd, RedisHandle};
 use crate::backplane::{owner_of, Mesh, Publication, Replay, ShardMsg};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
@@ -28,10 +31,13 @@ use crate::protocol::{
 };
 use history::OwnedChannel;
 pub use outbox::{CloseRequest, Conn, Out, Pushed, SharedPublication};
+use remote::{Effect, RemoteChannel, Snapshot, Waiter};
 
 /// State shared by every shard of the node (atomics only).
 pub struct NodeState {
     pub draining: AtomicBool,
+    /// The backplane can sequence and deliver (always, when embedded).
+    backplane_ready: AtomicBool,
     pub connections: AtomicUsize,
     /// Random per process: epochs of an in-process backplane cannot outlive it.
     pub epoch_nonce: u32,
@@ -41,6 +47,7 @@ impl NodeState {
     pub fn new() -> Self {
         NodeState {
             draining: AtomicBool::new(false),
+            backplane_ready: AtomicBool::new(true),
             connections: AtomicUsize::new(0),
             epoch_nonce: fastrand::u32(..),
         }
@@ -48,6 +55,15 @@ impl NodeState {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn backplane_ready(&self) -> bool {
+        self.backplane_ready.load(Ordering::Relaxed)
+    }
+
+    /// Sets readiness; true when it changed.
+    pub fn set_backplane_ready(&self, ready: bool) -> bool {
+        self.backplane_ready.swap(ready, Ordering::Relaxed) != ready
     }
 }
 
@@ -90,12 +106,14 @@ struct PendingSub {
 /// The wait of an HTTP publish for its seq.
 #[derive(Default)]
 pub struct PublishWait {
-    seq: Cell<Option<u64>>,
+    /// Some(None): the backplane could not sequence it.
+    seq: Cell<Option<Option<u64>>>,
     waker: RefCell<Option<Waker>>,
 }
 
 impl PublishWait {
-    pub async fn seq(self: Rc<Self>) -> u64 {
+    /// The seq given to the publication, or None when it failed.
+    pub async fn seq(self: Rc<Self>) -> Option<u64> {
         std::future::poll_fn(|cx| match self.seq.get() {
             Some(s) => std::task::Poll::Ready(s),
             None => {
@@ -106,7 +124,7 @@ impl PublishWait {
         .await
     }
 
-    fn complete(&self, seq: u64) {
+    fn complete(&self, seq: Option<u64>) {
         self.seq.set(Some(seq));
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
@@ -118,7 +136,7 @@ enum PendingPub {
     Ws {
         conn: Rc<Conn>,
         channel: Arc<str>,
-        id: Id,
+        id: Option<Id>,
     },
     Http(Rc<PublishWait>),
 }
@@ -132,6 +150,9 @@ struct State {
     pending_subs: Slab<PendingSub>,
     pending_pubs: Slab<PendingPub>,
     incarnations: u64,
+    /// Channels this shard owns behind the Redis backplane.
+    remote: HashMap<Arc<str>, RemoteChannel>,
+    joins: u64,
 }
 
 /// One worker core's share of the relay.
@@ -141,6 +162,8 @@ pub struct Shard {
     pub node: Arc<NodeState>,
     pub metrics: ShardMetrics,
     mesh: Mesh,
+    /// Set when Redis is the backplane.
+    redis: Option<RedisHandle>,
     state: RefCell<State>,
     /// Heartbeat clock: whole seconds since the shard started.
     pub now: Cell<u32>,
@@ -148,13 +171,20 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(id: usize, config: Arc<Config>, node: Arc<NodeState>, mesh: Mesh) -> Shard {
+    pub fn new(
+        id: usize,
+        config: Arc<Config>,
+        node: Arc<NodeState>,
+        mesh: Mesh,
+        redis: Option<RedisHandle>,
+    ) -> Shard {
         Shard {
             id,
             config,
             node,
             metrics: ShardMetrics::new(id),
             mesh,
+            redis,
             state: RefCell::new(State::default()),
             now: Cell::new(0),
             started: Instant::now(),
@@ -246,7 +276,9 @@ impl Shard {
                     conn.publishes_this_tick.set(n + 1);
                 }
                 let channel: Arc<str> = channel.into();
-                let token = id.map(|id| {
+                // Behind Redis a publication can fail, and the client must
+                // hear of it even without an id.
+                let token = (id.is_some() || self.redis.is_some()).then(|| {
                     self.state.borrow_mut().pending_pubs.insert(PendingPub::Ws {
                         conn: conn.clone(),
                         channel: channel.clone(),
@@ -295,8 +327,22 @@ impl Shard {
     }
 
     fn route_publish(&self, channel: Arc<str>, data: Data, token: Option<usize>) {
-        let owner = owner_of(&channel, self.mesh.shards());
         let token = token.map(|t| t as u32);
+        if let Some(redis) = &self.redis {
+            let token = token.expect("publications behind Redis always have a token");
+            let sent = self.node.backplane_ready()
+                && redis.send(RedisCmd::Publish {
+                    channel,
+                    item: envelope::encode_item(&data),
+                    from: self.id,
+                    token,
+                });
+            if !sent {
+                self.on_publish_failed(token);
+            }
+            return;
+        }
+        let owner = owner_of(&channel, self.mesh.shards());
         if owner == self.id {
             self.owner_publish(channel, data, self.id, token);
         } else {
@@ -326,6 +372,10 @@ impl Shard {
             channel: Some(channel),
             ..RequestError::new(code, message)
         };
+        if self.redis.is_some() && !self.node.backplane_ready() {
+            let message = "the backplane is down; retry".to_string();
+            return self.reply_error(conn, refuse(ErrorCode::Unavailable, message, channel));
+        }
         let accepted =
             self.add_pending_subscription(key, conn, &channel, id.clone(), since.is_some());
         let (name, token) = match accepted {
@@ -335,8 +385,7 @@ impl Shard {
         let owner = owner_of(&name, self.mesh.shards());
         let since = since.map(|s| (s, epoch));
         if owner == self.id {
-            let (seq, epoch, replay) = self.owner_subscribe(&name, self.id, since);
-            self.on_subscribe_ack(token as u32, seq, epoch, replay);
+            self.owner_subscribe(&name, self.id, token as u32, since);
         } else {
             self.mesh.send(
                 owner,
@@ -480,18 +529,7 @@ impl Shard {
                 from,
                 token,
                 since,
-            } => {
-                let (seq, epoch, replay) = self.owner_subscribe(&channel, from, since);
-                self.mesh.send(
-                    from,
-                    ShardMsg::SubscribeAck {
-                        token,
-                        seq,
-                        epoch,
-                        replay,
-                    },
-                );
-            }
+            } => self.owner_subscribe(&channel, from, token, since),
             ShardMsg::SubscribeAck {
                 token,
                 seq,
@@ -500,6 +538,19 @@ impl Shard {
             } => self.on_subscribe_ack(token, seq, epoch, replay),
             ShardMsg::Unsubscribe { channel, from } => self.owner_unsubscribe(&channel, from),
             ShardMsg::Drain => {}
+            ShardMsg::PublishFailed { token } => self.on_publish_failed(token),
+            ShardMsg::RedisMessage { channel, payload } => self.on_redis_message(channel, &payload),
+            ShardMsg::RedisSubscribed { channel, join } => {
+                self.with_remote(&channel, |ch, fx| ch.joined(join, fx))
+            }
+            ShardMsg::Fetched {
+                channel,
+                fetch,
+                reply,
+            } => {
+                let snapshot = reply.map(|r| self.snapshot(&channel, r));
+                self.with_remote(&channel, |ch, fx| ch.fetched(fetch, snapshot, fx))
+            }
         }
     }
 
@@ -545,6 +596,18 @@ impl Shard {
             (publication, shards)
         };
         let seq = publication.seq.unwrap_or_default();
+        self.fan_out(publication, shards);
+        if let Some(token) = token {
+            if from == self.id {
+                self.on_publish_ack(token, seq);
+            } else {
+                self.mesh.send(from, ShardMsg::PublishAck { token, seq });
+            }
+        }
+    }
+
+    /// Sends a publication to every shard in `shards` (this one last).
+    fn fan_out(&self, publication: Arc<Publication>, shards: history::ShardSet) {
         for shard in history::shards_in(shards) {
             if shard != self.id {
                 self.mesh
@@ -553,13 +616,6 @@ impl Shard {
         }
         if shards & (1 << self.id) != 0 {
             self.deliver_local(publication);
-        }
-        if let Some(token) = token {
-            if from == self.id {
-                self.on_publish_ack(token, seq);
-            } else {
-                self.mesh.send(from, ShardMsg::PublishAck { token, seq });
-            }
         }
     }
 
@@ -570,7 +626,11 @@ impl Shard {
             .pending_pubs
             .try_remove(token as usize);
         match pending {
-            Some(PendingPub::Ws { conn, channel, id }) if !conn.gone.get() => {
+            Some(PendingPub::Ws {
+                conn,
+                channel,
+                id: Some(id),
+            }) if !conn.gone.get() => {
                 self.reply(
                     &conn,
                     encode_event(
@@ -583,32 +643,244 @@ impl Shard {
                     ),
                 );
             }
-            Some(PendingPub::Http(wait)) => wait.complete(seq),
+            Some(PendingPub::Http(wait)) => wait.complete(Some(seq)),
+            Some(PendingPub::Ws { .. }) | None => {}
+        }
+    }
+
+    fn on_publish_failed(&self, token: u32) {
+        let pending = self
+            .state
+            .borrow_mut()
+            .pending_pubs
+            .try_remove(token as usize);
+        match pending {
+            Some(PendingPub::Ws { conn, channel, id }) if !conn.gone.get() => self.reply_error(
+                &conn,
+                RequestError {
+                    id,
+                    channel: Some(channel.to_string()),
+                    ..RequestError::new(ErrorCode::Unavailable, "the backplane is down; retry")
+                },
+            ),
+            Some(PendingPub::Http(wait)) => wait.complete(None),
             Some(PendingPub::Ws { .. }) | None => {}
         }
     }
 
     /// Owner side of a subscribe: note the shard's interest, answer with the
-    /// current seq and the replay for `since`.
+    /// current seq and the replay for `since` (behind Redis, once the
+    /// channel is live on this node).
     fn owner_subscribe(
         &self,
         channel: &Arc<str>,
         from: usize,
+        token: u32,
         since: Option<(u64, Option<String>)>,
-    ) -> (u64, Arc<str>, Replay) {
-        let mut st = self.state.borrow_mut();
-        let ttl = self.config.history_ttl();
-        let ch = self.owned_channel(&mut st, channel);
-        ch.interested |= 1 << from;
-        ch.expire(Instant::now(), ttl);
-        let replay = match since {
-            None => Replay::NotAsked,
-            Some((since, epoch)) => ch.replay_after(since, epoch.as_deref()),
+    ) {
+        if let Some(redis) = &self.redis {
+            let joined = {
+                let mut guard = self.state.borrow_mut();
+                let st = &mut *guard;
+                if st.remote.contains_key(channel) {
+                    None
+                } else {
+                    st.joins += 1;
+                    let ch = RemoteChannel::new(st.joins, self.config.history_size);
+                    st.remote.insert(channel.clone(), ch);
+                    Some(st.joins)
+                }
+            };
+            if let Some(join) = joined {
+                redis.send_reliably(RedisCmd::Subscribe {
+                    channel: channel.clone(),
+                    join,
+                });
+            }
+            return self.with_remote(channel, |ch, fx| {
+                ch.interested |= 1 << from;
+                ch.subscribe(Waiter::new(from, token, since), fx)
+            });
+        }
+        let (seq, epoch, replay) = {
+            let mut st = self.state.borrow_mut();
+            let ttl = self.config.history_ttl();
+            let ch = self.owned_channel(&mut st, channel);
+            ch.interested |= 1 << from;
+            ch.expire(Instant::now(), ttl);
+            let replay = match since {
+                None => Replay::NotAsked,
+                Some((since, epoch)) => ch.replay_after(since, epoch.as_deref()),
+            };
+            (ch.seq, ch.epoch.clone(), replay)
         };
-        (ch.seq, ch.epoch.clone(), replay)
+        self.send_subscribe_ack(from, token, seq, epoch, replay);
+    }
+
+    fn send_subscribe_ack(&self, to: usize, token: u32, seq: u64, epoch: Arc<str>, replay: Replay) {
+        if to == self.id {
+            self.on_subscribe_ack(token, seq, epoch, replay);
+        } else {
+            self.mesh.send(
+                to,
+                ShardMsg::SubscribeAck {
+                    token,
+                    seq,
+                    epoch,
+                    replay,
+                },
+            );
+        }
+    }
+
+    /// Runs one step of a Redis-backed channel's state machine and carries
+    /// out what it asks for.
+    fn with_remote(
+        &self,
+        channel: &Arc<str>,
+        step: impl FnOnce(&mut RemoteChannel, &mut Vec<Effect>),
+    ) {
+        let mut fx = Vec::new();
+        let interested = {
+            let mut st = self.state.borrow_mut();
+            let Some(ch) = st.remote.get_mut(channel) else {
+                return;
+            };
+            step(ch, &mut fx);
+            ch.interested
+        };
+        for effect in fx {
+            match effect {
+                Effect::Deliver(publication) => {
+                    self.metrics.publications.increment(1);
+                    self.fan_out(publication, interested);
+                }
+                Effect::Ack {
+                    waiter,
+                    seq,
+                    epoch,
+                    replay,
+                } => self.send_subscribe_ack(waiter.from, waiter.token, seq, epoch, replay),
+                Effect::Fetch {
+                    fetch,
+                    after,
+                    epoch,
+                } => {
+                    if let Some(redis) = &self.redis {
+                        redis.send_reliably(RedisCmd::Fetch {
+                            channel: channel.clone(),
+                            fetch,
+                            after,
+                            epoch,
+                        });
+                    }
+                }
+                Effect::Gap(lost) => {
+                    tracing::warn!(%channel, lost, "publications lost beyond Redis history");
+                    metrics::counter!("ringcast_redis_gaps_total").increment(1);
+                }
+            }
+        }
+    }
+
+    /// Decodes a fetch answer into publications of `channel`.
+    fn snapshot(&self, channel: &Arc<str>, reply: FetchReply) -> Snapshot {
+        let at = Instant::now();
+        let entries = reply
+            .entries
+            .iter()
+            .filter_map(|(seq, item)| match envelope::decode_item(item) {
+                Ok(data) => Some(self.publication(channel, Some(*seq), &data, at)),
+                Err(e) => {
+                    tracing::warn!(%channel, seq, error = %e, "undecodable history entry skipped");
+                    None
+                }
+            })
+            .collect();
+        Snapshot {
+            epoch: reply.epoch.into(),
+            seq: reply.seq,
+            entries,
+        }
+    }
+
+    fn publication(
+        &self,
+        channel: &Arc<str>,
+        seq: Option<u64>,
+        data: &Data,
+        at: Instant,
+    ) -> Arc<Publication> {
+        let (json, msgpack) = crate::protocol::encode_message(channel, seq, data);
+        Arc::new(Publication {
+            channel: channel.clone(),
+            seq,
+            at,
+            json: json.into_boxed_slice(),
+            msgpack: msgpack.into_boxed_slice(),
+        })
+    }
+
+    /// A pub/sub message from Redis for a channel this shard owns.
+    fn on_redis_message(&self, channel: Arc<str>, payload: &[u8]) {
+        let at = Instant::now();
+        match envelope::decode_message(payload) {
+            Ok(Incoming::Raw(raw)) => {
+                metrics::counter!("ringcast_redis_raw_messages_total").increment(1);
+                let publication = self.publication(&channel, None, &envelope::raw_data(raw), at);
+                self.with_remote(&channel, |ch, fx| ch.message(None, publication, fx));
+            }
+            Ok(Incoming::Sequenced {
+                epoch,
+                first,
+                items,
+            }) => {
+                let epoch: Arc<str> = epoch.into();
+                let mut publications = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match envelope::decode_item(item) {
+                        Ok(data) => publications.push(self.publication(
+                            &channel,
+                            Some(first + i as u64),
+                            &data,
+                            at,
+                        )),
+                        Err(e) => {
+                            metrics::counter!("ringcast_redis_bad_envelopes_total").increment(1);
+                            tracing::warn!(%channel, error = %e, "undecodable publication skipped");
+                        }
+                    }
+                }
+                self.with_remote(&channel, |ch, fx| {
+                    for publication in publications {
+                        ch.message(Some(epoch.clone()), publication, fx);
+                    }
+                });
+            }
+            Err(e) => {
+                metrics::counter!("ringcast_redis_bad_envelopes_total").increment(1);
+                tracing::warn!(%channel, error = e, "message with a malformed envelope dropped");
+            }
+        }
     }
 
     fn owner_unsubscribe(&self, channel: &Arc<str>, from: usize) {
+        if let Some(redis) = &self.redis {
+            let forgotten = {
+                let mut st = self.state.borrow_mut();
+                let emptied = st.remote.get_mut(channel).is_some_and(|ch| {
+                    ch.interested &= !(1 << from);
+                    ch.interested == 0
+                });
+                emptied && st.remote.remove(channel).is_some()
+            };
+            if forgotten {
+                redis.send_reliably(RedisCmd::Unsubscribe {
+                    channel: channel.clone(),
+                });
+            }
+            return;
+        }
         let mut st = self.state.borrow_mut();
         if let Some(ch) = st.owned.get_mut(channel) {
             ch.interested &= !(1 << from);
@@ -663,7 +935,8 @@ impl Shard {
                 &Event::Subscribed {
                     channel: &name,
                     seq,
-                    epoch: Some(&epoch),
+                    // Behind Redis a channel has no epoch before its first publication.
+                    epoch: (!epoch.is_empty()).then_some(&*epoch),
                     id: p.id.as_ref(),
                     recovered,
                 },
@@ -740,8 +1013,24 @@ impl Shard {
             kept += ch.history.len();
             ch.interested != 0 || !ch.history.is_empty()
         });
+        let mut retries = Vec::new();
+        for (name, ch) in st.remote.iter_mut() {
+            ch.expire(at, ttl);
+            kept += ch.history.len();
+            if !ch.is_live() {
+                retries.push(name.clone());
+            }
+        }
         self.metrics.history_messages.set(kept as f64);
-        self.metrics.channels_owned.set(st.owned.len() as f64);
+        self.metrics
+            .channels_owned
+            .set((st.owned.len() + st.remote.len()) as f64);
+        drop(st);
+        if self.node.backplane_ready() {
+            for channel in retries {
+                self.with_remote(&channel, |ch, fx| ch.retry(fx));
+            }
+        }
         self.metrics.flush();
     }
 

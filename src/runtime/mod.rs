@@ -94,11 +94,28 @@ pub fn run(config: Config) -> Result<()> {
     let (mesh, inboxes) = Mesh::new(workers);
     let config = Arc::new(config);
     install_signal_handler(node.clone(), mesh.clone())?;
+    let redis = if config.uses_redis() {
+        // Not ready until Redis answers: /readyz is 503 and publishes get
+        // `unavailable` meanwhile.
+        node.set_backplane_ready(false);
+        Some(crate::backplane::redis::start(
+            config.clone(),
+            mesh.clone(),
+            node.clone(),
+        )?)
+    } else {
+        None
+    };
+    let backplane = if config.uses_redis() {
+        "redis"
+    } else {
+        "embedded"
+    };
 
-    tracing::info!(%addr, %metrics_addr, workers, driver = driver.name(), "ringcast listening");
+    tracing::info!(%addr, %metrics_addr, workers, driver = driver.name(), backplane, "ringcast listening");
     // One stable line on stdout for scripts and tests to find the addresses.
     println!(
-        "ringcast listening addr={addr} metrics={metrics_addr} workers={workers} driver={}",
+        "ringcast listening addr={addr} metrics={metrics_addr} workers={workers} driver={} backplane={backplane}",
         driver.name()
     );
     let _ = std::io::stdout().flush();
@@ -118,6 +135,7 @@ pub fn run(config: Config) -> Result<()> {
             config: config.clone(),
             node: node.clone(),
             mesh: mesh.clone(),
+            redis: redis.clone(),
         };
         let t = std::thread::Builder::new()
             .name(format!("ringcast-w{id}"))

@@ -24,6 +24,7 @@ pub struct Worker {
     pub config: Arc<Config>,
     pub node: Arc<NodeState>,
     pub mesh: Mesh,
+    pub redis: Option<crate::backplane::redis::RedisHandle>,
 }
 
 impl Worker {
@@ -50,7 +51,13 @@ impl Worker {
     }
 
     async fn main(self) -> Result<()> {
-        let shard = Rc::new(Shard::new(self.id, self.config, self.node, self.mesh));
+        let shard = Rc::new(Shard::new(
+            self.id,
+            self.config,
+            self.node,
+            self.mesh,
+            self.redis,
+        ));
         let listener = monoio::net::TcpListener::from_std(self.listener)
             .with_context(|| format!("registering the listener of worker {}", self.id))?;
         let stop = Rc::new(Stop::default());

@@ -3,6 +3,8 @@
 //! for HTTP and for malformed WebSocket traffic.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -59,6 +61,27 @@ impl Relay {
             metrics: field("metrics").parse().unwrap(),
             workers: field("workers").parse().unwrap(),
             child,
+        }
+    }
+
+    /// Waits until `/readyz` answers `status` (the backplane came up or went
+    /// down; this only absorbs how long that takes).
+    pub async fn wait_readyz(&self, status: u16) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let (got, _) = http(
+                self.addr,
+                "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            if got == status {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz stuck at {got}, expected {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

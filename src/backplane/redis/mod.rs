@@ -1,0 +1,120 @@
+//! The Redis backplane: one thread ("ringcast-redis") running a small tokio
+//! runtime with two fred clients, one for commands (the publish and fetch
+//! scripts, probes) and one for pub/sub. It is the only tokio code in the
+//! relay; shards reach it through a bounded queue ([`RedisHandle`]) and it
+//! answers through the shards' inboxes ([`Mesh`]), so no shard ever waits on
+//! Redis.
+//!
+//! The thread never fans out per subscriber: it sequences publications in
+//! batches (one script call per tick, however many publications piled up),
+//! keeps the node subscribed to exactly the channels some shard wants, and
+//! hands every pub/sub message, still encoded, to the channel's owner shard.
+//! Why it is built this way: `docs/design/redis-backplane.md`.
+
+mod link;
+pub mod scripts;
+
+use std::sync::Arc;
+
+use crate::backplane::Mesh;
+use crate::config::Config;
+use crate::error::{Context, Result};
+use crate::hub::NodeState;
+
+/// Commands from shards to the Redis thread.
+#[derive(Debug)]
+pub enum RedisCmd {
+    /// Sequence and publish one item (see `envelope::encode_item`); the
+    /// outcome goes to shard `from` as `PublishAck` or `PublishFailed`.
+    Publish {
+        channel: Arc<str>,
+        item: Vec<u8>,
+        from: usize,
+        token: u32,
+    },
+    /// From the channel's owner: the node needs this channel (first
+    /// subscriber on any shard). Answered with `RedisSubscribed { join }`
+    /// once the subscription is live on the Redis connection.
+    Subscribe { channel: Arc<str>, join: u64 },
+    /// From the channel's owner: no subscriber is left on the node.
+    Unsubscribe { channel: Arc<str> },
+    /// From the channel's owner: read seq, epoch and the history after
+    /// `after` (all of it if the epoch differs from `epoch`); answered with
+    /// `Fetched { fetch }`.
+    Fetch {
+        channel: Arc<str>,
+        fetch: u64,
+        after: Option<u64>,
+        epoch: Arc<str>,
+    },
+}
+
+/// What a fetch found: the channel's epoch ("" when it has no state yet),
+/// its seq, and the history entries asked for, oldest first.
+#[derive(Debug, Default)]
+pub struct FetchReply {
+    pub epoch: String,
+    pub seq: u64,
+    pub entries: Vec<(u64, bytes::Bytes)>,
+}
+
+/// The shards' side of the queue to the Redis thread.
+#[derive(Clone)]
+pub struct RedisHandle {
+    tx: flume::Sender<RedisCmd>,
+}
+
+/// Commands waiting for the Redis thread; beyond it, publishes are refused
+/// with `unavailable` instead of growing memory while Redis is slow.
+const QUEUE_CAPACITY: usize = 65_536;
+
+impl RedisHandle {
+    /// Queues a command; false when the queue is full or the thread gone.
+    pub fn send(&self, cmd: RedisCmd) -> bool {
+        self.tx.try_send(cmd).is_ok()
+    }
+
+    /// Queues a command the node cannot drop (subscription bookkeeping):
+    /// waits for room rather than losing it.
+    pub fn send_reliably(&self, cmd: RedisCmd) {
+        let _ = self.tx.send(cmd);
+    }
+}
+
+/// The fred configuration for `--redis` / `--redis-cluster`.
+pub fn client_config(config: &Config) -> std::result::Result<fred::prelude::Config, String> {
+    use fred::prelude::{Config as FredConfig, ServerConfig};
+    let mut fred_config = if let Some(url) = &config.redis {
+        FredConfig::from_url(url).map_err(|e| e.details().to_string())?
+    } else {
+        let mut hosts = Vec::new();
+        for node in &config.redis_cluster {
+            let (host, port) = node
+                .rsplit_once(':')
+                .ok_or_else(|| format!("`{node}` is not host:port"))?;
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("`{node}` has no valid port"))?;
+            hosts.push((host.trim_matches(['[', ']']).to_string(), port));
+        }
+        FredConfig {
+            server: ServerConfig::new_clustered(hosts),
+            ..FredConfig::default()
+        }
+    };
+    // Keep retrying in the background: a relay starts (not ready) while
+    // Redis is unreachable.
+    fred_config.fail_fast = false;
+    Ok(fred_config)
+}
+
+/// Starts the Redis thread; it runs for the life of the process.
+pub fn start(config: Arc<Config>, mesh: Mesh, node: Arc<NodeState>) -> Result<RedisHandle> {
+    let fred_config = client_config(&config).map_err(crate::error::Error::msg)?;
+    let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
+    std::thread::Builder::new()
+        .name("ringcast-redis".into())
+        .spawn(move || link::run(fred_config, config, mesh, node, rx))
+        .context("starting the Redis thread")?;
+    Ok(RedisHandle { tx })
+}

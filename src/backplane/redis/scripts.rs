@@ -1,0 +1,204 @@
+//! The Lua scripts ringcast runs in Redis and the keys they touch.
+//!
+//! Per ringcast channel `c`, with `N = prefix + c` (also its pub/sub
+//! channel), three keys share N's hash slot so one script may touch them and
+//! publish on N even on a Redis Cluster: `B:seq` (counter), `B:epoch`
+//! (string) and `B:hist` (a stream whose entry IDs are the seqs, so "what
+//! came after seq s" is one `XRANGE` and a missing entry is visible).
+
+use std::sync::OnceLock;
+
+/// Sequences, stores and publishes the publications of one or more
+/// channels in one atomic step. Batching happens in the arguments because
+/// every script call is a socket flush in fred.
+///
+/// KEYS: per channel `seq`, `epoch`, `hist`.
+/// ARGV: history size, history TTL ms, state TTL ms, epoch candidate,
+/// publish command (`PUBLISH`/`SPUBLISH`), then per channel: the pub/sub
+/// channel, the item count n, n items.
+/// Returns per channel: epoch, first seq.
+///
+/// Seq, epoch and history exist together or not at all: when the counter
+/// restarts (new channel, or state lost), the epoch is replaced and the old
+/// history deleted, so no client can take a new seq for an old one.
+pub const PUBLISH: &str = r#"
+local hsize = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local state_ttl = tonumber(ARGV[3])
+local cand = ARGV[4]
+local cmd = ARGV[5]
+local now = 0
+if hsize > 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local out = {}
+local a = 6
+for c = 1, #KEYS / 3 do
+  local kseq, kepoch, khist = KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c]
+  local name = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
+  local last = redis.call('INCRBY', kseq, n)
+  local epoch = redis.call('GET', kepoch)
+  if last == n or not epoch then
+    last = n
+    epoch = cand .. c
+    redis.call('SET', kseq, n)
+    redis.call('SET', kepoch, epoch)
+    redis.call('DEL', khist)
+  end
+  local first = last - n + 1
+  local parts = {'\0rc1\n', epoch, '\n', tostring(first), '\n'}
+  for i = 0, n - 1 do
+    local item = ARGV[a + i]
+    if hsize > 0 then
+      redis.call('XADD', khist, 'MAXLEN', hsize, tostring(first + i) .. '-0', 'd', item, 't', now)
+    end
+    parts[#parts + 1] = tostring(#item) .. '\n'
+    parts[#parts + 1] = item
+  end
+  a = a + n
+  if hsize > 0 then
+    redis.call('PEXPIRE', khist, ttl)
+  end
+  redis.call('PEXPIRE', kseq, state_ttl)
+  redis.call('PEXPIRE', kepoch, state_ttl)
+  redis.call(cmd, name, table.concat(parts))
+  out[#out + 1] = epoch
+  out[#out + 1] = first
+end
+return out
+"#;
+
+/// Reads one channel's state in one consistent snapshot.
+///
+/// KEYS: `seq`, `epoch`, `hist`. ARGV: after (-1: no entries wanted),
+/// expected epoch ("" for none), history TTL ms, most entries.
+/// Returns: epoch ("" when the channel has no state), seq, then per entry
+/// after `after` (all of history when the epoch is not the expected one):
+/// its seq and its item. Entries older than the TTL are left out.
+pub const FETCH: &str = r#"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  return {'', 0}
+end
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local out = {epoch, seq}
+local after = tonumber(ARGV[1])
+if ARGV[2] ~= '' and ARGV[2] ~= epoch then
+  after = 0
+end
+if after >= 0 and after < seq then
+  local t = redis.call('TIME')
+  local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+  local entries = redis.call('XRANGE', KEYS[3], tostring(after + 1) .. '-0', '+', 'COUNT', ARGV[4])
+  for _, e in ipairs(entries) do
+    local f = e[2]
+    if tonumber(f[4]) >= oldest then
+      out[#out + 1] = tonumber(string.match(e[1], '^(%d+)'))
+      out[#out + 1] = f[2]
+    end
+  end
+end
+return out
+"#;
+
+/// Names of one channel in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelKeys {
+    /// The pub/sub channel, `prefix + channel`.
+    pub pubsub: String,
+    pub seq: String,
+    pub epoch: String,
+    pub hist: String,
+}
+
+impl ChannelKeys {
+    pub fn new(prefix: &str, channel: &str) -> ChannelKeys {
+        let pubsub = format!("{prefix}{channel}");
+        let base = key_base(&pubsub);
+        ChannelKeys {
+            seq: format!("{base}:seq"),
+            epoch: format!("{base}:epoch"),
+            hist: format!("{base}:hist"),
+            pubsub,
+        }
+    }
+}
+
+/// The hash tag Redis Cluster would use for `key`, if any.
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let close = key[open + 1..].find('}')? + open + 1;
+    (close > open + 1).then(|| &key[open + 1..close])
+}
+
+/// A key prefix whose slot is the slot of the pub/sub channel `n`.
+fn key_base(n: &str) -> String {
+    if hash_tag(n).is_some() {
+        // The suffixes keep n's own tag, hence its slot.
+        return n.to_string();
+    }
+    if !n.contains(['{', '}']) {
+        return format!("{{{n}}}");
+    }
+    // Braces that form no tag: n hashes whole, so borrow a short tag of the
+    // same slot.
+    let slot = fred::util::redis_keyslot(n.as_bytes());
+    format!("{{{}}}{n}", slot_tags()[slot as usize])
+}
+
+/// For each of the 16384 slots, a short string that hashes to it.
+fn slot_tags() -> &'static [String] {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); 16384];
+        let mut missing = tags.len();
+        let mut i = 0u64;
+        while missing > 0 {
+            let tag = format!("t{i}");
+            let slot = fred::util::redis_keyslot(tag.as_bytes()) as usize;
+            if tags[slot].is_empty() {
+                tags[slot] = tag;
+                missing -= 1;
+            }
+            i += 1;
+        }
+        tags
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fred::util::redis_keyslot;
+
+    #[test]
+    fn every_key_shares_the_slot_of_the_pubsub_channel() {
+        for channel in [
+            "prices.AAPL",
+            "a{b}c",
+            "x}y{",
+            "{}z",
+            "}{",
+            "é{",
+            "{user1}.feed",
+        ] {
+            let k = ChannelKeys::new("ringcast:", channel);
+            let slot = redis_keyslot(k.pubsub.as_bytes());
+            for key in [&k.seq, &k.epoch, &k.hist] {
+                assert_eq!(redis_keyslot(key.as_bytes()), slot, "{channel}: {key}");
+            }
+        }
+    }
+
+    #[test]
+    fn keys_are_readable() {
+        let k = ChannelKeys::new("ringcast:", "prices.AAPL");
+        assert_eq!(k.pubsub, "ringcast:prices.AAPL");
+        assert_eq!(k.seq, "{ringcast:prices.AAPL}:seq");
+        assert_eq!(hash_tag("a{b}c"), Some("b"));
+        assert_eq!(hash_tag("a{}b}"), None);
+    }
+}

@@ -1,0 +1,272 @@
+//! The Redis backplane end to end: several relay processes sharing one
+//! real `redis-server` (started by each test on a free port) behave as one
+//! relay — delivery, global seq, `since` on another node, raw PUBLISH from
+//! backends, and recovery from Redis faults.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::redis::{free_port, RedisServer};
+use common::{http_publish, Client, Fmt, Relay};
+use serde_json::{json, Value};
+
+/// A relay on `redis` with two workers, waited until ready.
+async fn node(redis: &RedisServer, extra: &[&str]) -> Relay {
+    let url = redis.url();
+    let mut args = vec!["--redis", url.as_str(), "--workers", "2"];
+    args.extend_from_slice(extra);
+    let relay = Relay::start(&args);
+    relay.wait_readyz(200).await;
+    relay
+}
+
+/// Collects `n` messages of `channel` (ignoring other events).
+async fn messages(client: &mut Client, n: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let ev = client.next().await;
+        if ev["type"] == "message" {
+            got.push(ev);
+        }
+    }
+    got
+}
+
+fn seqs(msgs: &[Value]) -> Vec<u64> {
+    msgs.iter()
+        .map(|m| m["seq"].as_u64().expect("a seq"))
+        .collect()
+}
+
+#[tokio::test]
+async fn delivery_crosses_nodes_both_ways_with_one_seq() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]).await;
+    let b = node(&redis, &[]).await;
+    let mut on_a = Client::connect(&a, Fmt::Json).await;
+    let mut on_b = Client::connect(&b, Fmt::MsgPack).await;
+    assert_eq!(on_a.subscribe("room").await["seq"], 0);
+    assert_eq!(on_b.subscribe("room").await["seq"], 0);
+
+    on_a.send(json!({"action": "publish", "channel": "room", "data": {"from": "a"}, "id": 1}))
+        .await;
+    let (status, body) = http_publish(b.addr, "room", r#"{"from":"b"}"#, "").await;
+    assert_eq!(status, 202, "{body}");
+
+    let mut published = None;
+    for client in [&mut on_a, &mut on_b] {
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let ev = client.next().await;
+            match ev["type"].as_str() {
+                Some("message") => got.push(ev),
+                Some("published") => published = Some(ev),
+                _ => panic!("unexpected {ev}"),
+            }
+        }
+        assert_eq!(seqs(&got), vec![1, 2]);
+        let mut froms: Vec<_> = got.iter().map(|m| m["data"]["from"].clone()).collect();
+        froms.sort_by_key(|v| v.to_string());
+        assert_eq!(froms, vec![json!("a"), json!("b")]);
+    }
+    let published = match published {
+        Some(p) => p,
+        None => on_a.expect_type("published").await,
+    };
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let mut acked = vec![
+        published["seq"].as_u64().unwrap(),
+        body["seq"].as_u64().unwrap(),
+    ];
+    acked.sort();
+    assert_eq!(acked, vec![1, 2], "acks name the seqs the messages carry");
+}
+
+#[tokio::test]
+async fn concurrent_publishers_on_three_nodes_share_one_gap_free_seq() {
+    let redis = RedisServer::start();
+    let nodes = [
+        node(&redis, &["--max-publish-rate", "0"]).await,
+        node(&redis, &["--max-publish-rate", "0"]).await,
+        node(&redis, &["--max-publish-rate", "0"]).await,
+    ];
+    let mut subscribers = Vec::new();
+    for n in &nodes {
+        let mut c = Client::connect(n, Fmt::Json).await;
+        c.subscribe("ticks").await;
+        subscribers.push(c);
+    }
+    const PER_NODE: usize = 200;
+    let mut publishers = Vec::new();
+    for (p, n) in nodes.iter().enumerate() {
+        let mut c = Client::connect(n, Fmt::Json).await;
+        publishers.push(tokio::spawn(async move {
+            for chunk in (0..PER_NODE).collect::<Vec<_>>().chunks(50) {
+                let batch: Vec<Value> = chunk
+                    .iter()
+                    .map(|i| json!({"action": "publish", "channel": "ticks", "data": [p, i], "id": i}))
+                    .collect();
+                c.send(Value::Array(batch)).await;
+            }
+            let mut acks = BTreeMap::new();
+            while acks.len() < PER_NODE {
+                let ev = c.next().await;
+                assert_eq!(ev["type"], "published", "{ev}");
+                acks.insert(ev["id"].as_u64().unwrap(), ev["seq"].as_u64().unwrap());
+            }
+            acks
+        }));
+    }
+    let mut all_acked = Vec::new();
+    let mut data_by_seq = BTreeMap::new();
+    for (p, task) in publishers.into_iter().enumerate() {
+        let acks = task.await.unwrap();
+        let mut previous = 0;
+        for (i, seq) in acks {
+            assert!(seq > previous, "one publisher's messages keep their order");
+            previous = seq;
+            data_by_seq.insert(seq, json!([p, i]));
+            all_acked.push(seq);
+        }
+    }
+    all_acked.sort();
+    let total = 3 * PER_NODE;
+    assert_eq!(all_acked, (1..=total as u64).collect::<Vec<_>>());
+    for mut s in subscribers {
+        let got = messages(&mut s, total).await;
+        assert_eq!(seqs(&got), (1..=total as u64).collect::<Vec<_>>());
+        for m in got {
+            assert_eq!(m["data"], data_by_seq[&m["seq"].as_u64().unwrap()]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn since_recovers_on_another_node_from_redis_history() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &["--history-size", "20"]).await;
+    let b = node(&redis, &["--history-size", "20"]).await;
+    let mut first = Client::connect(&a, Fmt::Json).await;
+    let ack = first.subscribe("feed").await;
+    for i in 1..=5 {
+        http_publish(a.addr, "feed", &i.to_string(), "").await;
+    }
+    let got = messages(&mut first, 5).await;
+    assert_eq!(seqs(&got), vec![1, 2, 3, 4, 5]);
+    drop(first);
+    let _ = ack;
+
+    // Missed while away, published through the other node.
+    for i in 6..=12 {
+        let (status, _) = http_publish(b.addr, "feed", &i.to_string(), "").await;
+        assert_eq!(status, 202);
+    }
+    let mut probe = Client::connect(&a, Fmt::Json).await;
+    let epoch = probe.subscribe("feed").await["epoch"].clone();
+    assert!(
+        epoch.is_string(),
+        "a channel with publications has an epoch"
+    );
+
+    // B has never had a subscriber for the channel: the replay comes from Redis.
+    let mut back = Client::connect(&b, Fmt::MsgPack).await;
+    back.send(
+        json!({"action": "subscribe", "channel": "feed", "since": 5, "epoch": epoch, "id": 1}),
+    )
+    .await;
+    let replay = messages(&mut back, 7).await;
+    assert_eq!(seqs(&replay), (6..=12).collect::<Vec<_>>());
+    assert_eq!(replay[0]["data"], 6);
+    let ack = back.expect_type("subscribed").await;
+    assert_eq!(
+        (ack["seq"].as_u64(), ack["recovered"].as_bool()),
+        (Some(12), Some(true))
+    );
+    http_publish(a.addr, "feed", "13", "").await;
+    assert_eq!(
+        seqs(&messages(&mut back, 1).await),
+        vec![13],
+        "then live, no gap"
+    );
+
+    // Another epoch, or a since older than Redis keeps: not recovered.
+    let mut other = Client::connect(&b, Fmt::Json).await;
+    other
+        .send(
+            json!({"action": "subscribe", "channel": "feed", "since": 5, "epoch": "nope", "id": 2}),
+        )
+        .await;
+    assert_eq!(other.expect_type("subscribed").await["recovered"], false);
+    for i in 14..=40 {
+        http_publish(a.addr, "feed", &i.to_string(), "").await;
+    }
+    let mut late = Client::connect(&a, Fmt::Json).await;
+    late.send(json!({"action": "subscribe", "channel": "feed", "since": 10, "id": 3}))
+        .await;
+    let ack = late.expect_type("subscribed").await;
+    assert_eq!(
+        (ack["seq"].as_u64(), ack["recovered"].as_bool()),
+        (Some(40), Some(false))
+    );
+}
+
+#[tokio::test]
+async fn backends_publish_straight_into_redis() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]).await;
+    let mut json_client = Client::connect(&a, Fmt::Json).await;
+    let mut mp_client = Client::connect(&a, Fmt::MsgPack).await;
+    json_client.subscribe("legacy").await;
+    mp_client.subscribe("legacy").await;
+    assert_eq!(
+        redis.cli(&["PUBLISH", "ringcast:legacy", r#"{"price":10.5}"#]),
+        "1"
+    );
+    assert_eq!(
+        redis.cli(&["PUBLISH", "ringcast:legacy", "plain text"]),
+        "1"
+    );
+    for c in [&mut json_client, &mut mp_client] {
+        let got = messages(c, 2).await;
+        assert_eq!(got[0]["data"], json!({"price": 10.5}));
+        assert_eq!(got[1]["data"], "plain text");
+        assert!(
+            got.iter().all(|m| m.get("seq").is_none()),
+            "raw messages carry no seq"
+        );
+    }
+    // Raw messages do not take a seq: the next sequenced one is 1.
+    http_publish(a.addr, "legacy", "1", "").await;
+    assert_eq!(seqs(&messages(&mut json_client, 1).await), vec![1]);
+}
+
+#[tokio::test]
+async fn redis_unreachable_at_start_means_not_ready_and_unavailable() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let relay = Relay::start(&["--redis", &url, "--workers", "1"]);
+    relay.wait_readyz(503).await;
+    let mut c = Client::connect(&relay, Fmt::Json).await;
+    c.send(json!({"action": "publish", "channel": "x", "data": 1, "id": 7}))
+        .await;
+    c.expect_error("unavailable", 7).await;
+    c.send(json!({"action": "subscribe", "channel": "x", "id": 8}))
+        .await;
+    c.expect_error("unavailable", 8).await;
+    let (status, body) = http_publish(relay.addr, "x", "1", "").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("unavailable"), "{body}");
+
+    let _redis = RedisServer::start_with(port, &[]);
+    relay.wait_readyz(200).await;
+    c.subscribe("x").await;
+    c.send(json!({"action": "publish", "channel": "x", "data": 1, "id": 9}))
+        .await;
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        kinds.push(c.next().await["type"].as_str().unwrap().to_string());
+    }
+    kinds.sort();
+    assert_eq!(kinds, vec!["message", "published"]);
+}
