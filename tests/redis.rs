@@ -270,3 +270,178 @@ async fn redis_unreachable_at_start_means_not_ready_and_unavailable() {
     kinds.sort();
     assert_eq!(kinds, vec!["message", "published"]);
 }
+
+/// Publishes `0..n` as data on `channel` through `relay`'s HTTP endpoint,
+/// one at a time, retrying while the backplane answers 503; returns the seq
+/// each was acknowledged with.
+async fn publish_all(
+    relay: std::net::SocketAddr,
+    channel: String,
+    n: usize,
+    mut after_each: impl FnMut(usize),
+) -> BTreeMap<u64, usize> {
+    let mut acked = BTreeMap::new();
+    for i in 0..n {
+        loop {
+            let (status, body) = http_publish(relay, &channel, &i.to_string(), "").await;
+            if status == 202 {
+                let body: Value = serde_json::from_str(&body).unwrap();
+                acked.insert(body["seq"].as_u64().unwrap(), i);
+                break;
+            }
+            assert_eq!(status, 503, "{body}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        after_each(i);
+    }
+    acked
+}
+
+/// Reads messages until one with `last` arrives; asserts seqs run 1..=last
+/// with no gap and no duplicate, and each acknowledged seq carries its data.
+async fn expect_exactly_once(client: &mut Client, last: u64, acked: &BTreeMap<u64, usize>) {
+    let mut seen = Vec::new();
+    while seen.last().copied() != Some(last) {
+        let ev = client.next().await;
+        if ev["type"] != "message" {
+            continue;
+        }
+        let seq = ev["seq"].as_u64().unwrap();
+        if let Some(i) = acked.get(&seq) {
+            assert_eq!(ev["data"], json!(i), "seq {seq}");
+        }
+        seen.push(seq);
+    }
+    assert_eq!(seen, (1..=last).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn redis_restart_mid_stream_loses_nothing_acknowledged() {
+    let mut redis = RedisServer::start_with(
+        free_port(),
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    );
+    let a = node(&redis, &[]).await;
+    let b = node(&redis, &[]).await;
+    let mut on_a = Client::connect(&a, Fmt::Json).await;
+    let mut on_b = Client::connect(&b, Fmt::Json).await;
+    on_a.subscribe("stream").await;
+    on_b.subscribe("stream").await;
+
+    let (kill_tx, mut kill_rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = a.addr;
+    let publisher = tokio::spawn(async move {
+        publish_all(addr, "stream".into(), 150, move |i| {
+            if i == 50 {
+                let _ = kill_tx.send(());
+            }
+        })
+        .await
+    });
+    kill_rx.recv().await.unwrap();
+    redis.restart();
+    let acked = publisher.await.unwrap();
+    assert_eq!(acked.len(), 150);
+    let last = *acked.keys().last().unwrap();
+    expect_exactly_once(&mut on_a, last, &acked).await;
+    expect_exactly_once(&mut on_b, last, &acked).await;
+    assert!(b.metric("ringcast_redis_reconnects_total", &[]).await >= 2.0);
+}
+
+#[tokio::test]
+async fn killed_pubsub_connections_resubscribe_and_catch_up_in_order() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]).await;
+    let b = node(&redis, &[]).await;
+    let mut on_b = Client::connect(&b, Fmt::Json).await;
+    on_b.subscribe("cut").await;
+    let (kill_tx, mut kill_rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = a.addr;
+    let publisher = tokio::spawn(async move {
+        publish_all(addr, "cut".into(), 300, move |i| {
+            if i == 100 {
+                let _ = kill_tx.send(());
+            }
+        })
+        .await
+    });
+    kill_rx.recv().await.unwrap();
+    let killed: u32 = redis
+        .cli(&["CLIENT", "KILL", "TYPE", "pubsub"])
+        .parse()
+        .unwrap();
+    assert!(killed >= 2, "both nodes' pub/sub links were cut ({killed})");
+    let acked = publisher.await.unwrap();
+    let last = *acked.keys().last().unwrap();
+    assert_eq!(
+        last, 300,
+        "publishing never failed: only pub/sub links were cut"
+    );
+    expect_exactly_once(&mut on_b, last, &acked).await;
+    assert!(b.metric("ringcast_redis_reconnects_total", &[]).await >= 2.0);
+}
+
+#[tokio::test]
+async fn a_subscribe_storm_of_ten_thousand_channels_is_one_redis_subscription_each() {
+    let redis = RedisServer::start();
+    let extra = [
+        "--max-subscriptions",
+        "10000",
+        "--max-batch-requests",
+        "1000",
+    ];
+    let a = node(&redis, &extra).await;
+    let b = node(&redis, &extra).await;
+    let mut clients = Vec::new();
+    for relay in [&a, &a, &b] {
+        let mut c = Client::connect(relay, Fmt::MsgPack).await;
+        for chunk in (0..10_000).collect::<Vec<_>>().chunks(1000) {
+            let batch: Vec<Value> = chunk
+                .iter()
+                .map(|i| json!({"action": "subscribe", "channel": format!("storm.{i}")}))
+                .collect();
+            c.send(Value::Array(batch)).await;
+        }
+        clients.push(c);
+    }
+    for c in clients.iter_mut() {
+        for _ in 0..10_000 {
+            c.expect_type("subscribed").await;
+        }
+    }
+    let channels = redis.cli(&[
+        "PUBSUB",
+        "NUMSUB",
+        "ringcast:storm.0",
+        "ringcast:storm.9999",
+    ]);
+    assert_eq!(
+        channels.lines().collect::<Vec<_>>(),
+        vec!["ringcast:storm.0", "2", "ringcast:storm.9999", "2"],
+        "one Redis subscription per node, however many clients"
+    );
+    let all = redis.cli(&["PUBSUB", "CHANNELS", "ringcast:storm.*"]);
+    assert_eq!(all.lines().count(), 10_000);
+    http_publish(a.addr, "storm.4321", r#""hit""#, "").await;
+    for c in clients.iter_mut() {
+        let m = messages(c, 1).await;
+        assert_eq!(
+            (m[0]["channel"].as_str(), m[0]["seq"].as_u64()),
+            (Some("storm.4321"), Some(1))
+        );
+    }
+    // The last subscriber of a node leaving ends that node's subscription.
+    drop(clients.pop());
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        let numsub = redis.cli(&["PUBSUB", "NUMSUB", "ringcast:storm.0"]);
+        if numsub.lines().nth(1) == Some("1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node B never unsubscribed: {numsub}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
