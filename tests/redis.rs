@@ -445,3 +445,47 @@ async fn a_subscribe_storm_of_ten_thousand_channels_is_one_redis_subscription_ea
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_deaf_pubsub_link_is_noticed_by_the_probe_and_healed() {
+    let redis = RedisServer::start();
+    let proxy = common::redis::DeafeningProxy::start(redis.port).await;
+    let a = node(&redis, &[]).await;
+    let url = proxy.url();
+    let b = Relay::start(&[
+        "--redis",
+        &url,
+        "--workers",
+        "2",
+        "--redis-probe-interval",
+        "0.1",
+    ]);
+    b.wait_readyz(200).await;
+    let mut on_b = Client::connect(&b, Fmt::Json).await;
+    on_b.subscribe("quiet").await;
+    let addr = a.addr;
+    let first = publish_all(addr, "quiet".into(), 20, |_| {}).await;
+    expect_exactly_once(&mut on_b, 20, &first).await;
+
+    proxy.deafen_current_subscribers();
+    // Published while B hears nothing; B must notice and catch up.
+    let mut acked = first;
+    acked.extend(publish_all(addr, "quiet".into(), 80, |_| {}).await);
+    b.wait_metric("ringcast_redis_deaf_total", &[], |v| v >= 1.0)
+        .await;
+    b.wait_readyz(200).await;
+    let last = *acked.keys().last().unwrap();
+    assert_eq!(last, 100);
+    let mut seen = Vec::new();
+    while seen.last().copied() != Some(last) {
+        let ev = on_b.next().await;
+        if ev["type"] == "message" {
+            seen.push(ev["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(
+        seen,
+        (21..=100).collect::<Vec<_>>(),
+        "caught up in order, once"
+    );
+}
