@@ -136,7 +136,7 @@ pub struct Config {
     pub redis: Option<String>,
 
     /// Use a Redis Cluster as the backplane: comma-separated seed nodes
-    /// (`host:port,host:port`). Channels travel by sharded pub/sub.
+    /// (`host:port,host:port`). Not supported yet: start-up refuses it.
     #[arg(long, env = "RINGCAST_REDIS_CLUSTER", value_delimiter = ',')]
     pub redis_cluster: Vec<String>,
 
@@ -259,12 +259,12 @@ impl Config {
                 .map_err(|e| format!("invalid configuration: --redis {url}: {e}"))?;
         }
         if !self.redis_cluster.is_empty() {
-            crate::backplane::redis::client_config(self).map_err(|e| {
-                format!(
-                    "invalid configuration: --redis-cluster {}: {e}",
-                    self.redis_cluster.join(",")
-                )
-            })?;
+            // Sharded pub/sub subscriptions (SSUBSCRIBE per slot) are not
+            // built yet; refusing beats starting a node that never delivers.
+            return fail(
+                "--redis-cluster is not supported yet; use --redis with one Redis or Sentinel"
+                    .into(),
+            );
         }
         if self
             .redis_prefix

@@ -31,7 +31,9 @@ pub struct Cli {
 
 #[derive(Args, Debug)]
 pub struct Common {
-    /// WebSocket URL of the server; the host must be loopback.
+    /// WebSocket URL of the server; the host must be loopback. Several,
+    /// comma-separated (nodes of one relay): subscribers are spread over them
+    /// round-robin and publishers use the first.
     #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/ws")]
     pub url: String,
     /// Subprotocol: json (text frames) or msgpack (binary frames).

@@ -37,7 +37,9 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What every connection of a run shares.
 pub struct Ctx {
-    pub target: Target,
+    /// Servers, one or more (comma-separated `--url`): subscriber connection
+    /// n goes to `targets[n % len]`; publishers go to the first.
+    pub targets: Vec<Target>,
     pub format: Format,
     pub source_ips: Vec<IpAddr>,
     /// `bench.0` .. `bench.{C-1}`, built once.
@@ -59,7 +61,12 @@ impl Ctx {
 /// Opens connection number `n`: TCP from the n-th source address
 /// (round-robin), then the WebSocket handshake offering the subprotocol.
 pub async fn connect(ctx: &Ctx, n: usize) -> Result<Ws> {
-    let addr = ctx.target.addr;
+    connect_to(ctx, n, &ctx.targets[n % ctx.targets.len()]).await
+}
+
+/// As [`connect`], to a given server.
+pub async fn connect_to(ctx: &Ctx, n: usize, target: &Target) -> Result<Ws> {
+    let addr = target.addr;
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -77,7 +84,7 @@ pub async fn connect(ctx: &Ctx, n: usize) -> Result<Ws> {
         .with_context(|| format!("TCP connect to {addr}"))?;
     // Latency is the figure under test; Nagle would add up to 40 ms to it.
     stream.set_nodelay(true)?;
-    let mut request = ctx.target.url.as_str().into_client_request()?;
+    let mut request = target.url.as_str().into_client_request()?;
     request.headers_mut().insert(
         SEC_WEBSOCKET_PROTOCOL,
         HeaderValue::from_static(ctx.format.subprotocol()),

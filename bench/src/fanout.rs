@@ -13,7 +13,7 @@ use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::FanoutArgs;
-use crate::client::{bar_style, connect, open_all, Ctx, Ws, CLOSE_TIMEOUT};
+use crate::client::{bar_style, connect_to, open_all, Ctx, Ws, CLOSE_TIMEOUT};
 use crate::procfs::ServerSampler;
 use crate::proto::{decode, padding, Kind, Publish};
 use crate::stats::{merged_latencies, now_ns, round, Report};
@@ -82,7 +82,7 @@ pub async fn run(
 
     let mut publishers = Vec::new();
     for p in 0..args.publishers as usize {
-        match connect(&ctx, conns as usize + p).await {
+        match connect_to(&ctx, conns as usize + p, &ctx.targets[0]).await {
             Ok(ws) => publishers.push(ws),
             Err(e) => {
                 opened.close(&stop_tx).await;

@@ -50,9 +50,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<Report> {
     let common = cli.common;
-    let target = parse_target(&common.url)?;
+    let targets = common
+        .url
+        .split(',')
+        .map(parse_target)
+        .collect::<Result<Vec<_>>>()?;
     let source_ips = match &common.source_ips {
-        Some(spec) => parse_source_ips(spec, &target)?,
+        Some(spec) => parse_source_ips(spec, &targets[0])?,
         None => Vec::new(),
     };
     let (mode, conn) = match &cli.mode {
@@ -69,7 +73,7 @@ fn run(cli: Cli) -> Result<Report> {
         );
     }
     let ctx = Arc::new(Ctx {
-        target,
+        targets,
         format: common.format,
         source_ips,
         names: (0..conn.channels).map(|c| format!("bench.{c}")).collect(),
