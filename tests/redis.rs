@@ -489,3 +489,17 @@ async fn a_deaf_pubsub_link_is_noticed_by_the_probe_and_healed() {
         "caught up in order, once"
     );
 }
+
+#[tokio::test]
+async fn a_flushed_script_cache_is_reloaded_without_failing_a_publish() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]).await;
+    let mut c = Client::connect(&a, Fmt::Json).await;
+    c.subscribe("s").await;
+    http_publish(a.addr, "s", "1", "").await;
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+    let (status, body) = http_publish(a.addr, "s", "2", "").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(seqs(&messages(&mut c, 2).await), vec![1, 2]);
+    assert!(a.metric("ringcast_redis_script_reloads_total", &[]).await >= 1.0);
+}

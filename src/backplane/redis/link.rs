@@ -679,6 +679,11 @@ impl CallBuilder {
 
 /// EVALSHA, falling back to EVAL (which also caches the script) when Redis
 /// lost its script cache (restart, SCRIPT FLUSH, failover).
+///
+/// If two calls touching one channel are in flight when the cache goes, each
+/// retries on its own and the second may overtake the first: their
+/// publications keep gap-free seqs but may be ordered differently from how
+/// they were sent. A rare, accepted cost of not serializing every call.
 async fn run_script(
     client: &Client,
     options: &Options,
