@@ -368,6 +368,26 @@ mod tests {
     }
 
     #[test]
+    fn redis_options_are_checked_at_start() {
+        let c = parse(&["--redis", "redis://127.0.0.1:6379/0"]).unwrap();
+        assert!(c.uses_redis());
+        assert!(!parse(&[]).unwrap().uses_redis());
+        let e = parse(&["--redis", "not a url"]).unwrap_err();
+        assert!(
+            e.starts_with("invalid configuration: --redis not a url:"),
+            "{e}"
+        );
+        let e = parse(&["--redis-cluster", "127.0.0.1:7000"]).unwrap_err();
+        assert!(e.contains("--redis-cluster is not supported yet"), "{e}");
+        let e = parse(&["--redis-probe-interval", "0"]).unwrap_err();
+        assert!(e.contains("--redis-probe-interval"), "{e}");
+        let e = parse(&["--redis-prefix", "a b"]).unwrap_err();
+        assert!(e.contains("--redis-prefix"), "{e}");
+        let e = parse(&["--redis-state-ttl", "10"]).unwrap_err();
+        assert!(e.contains("--redis-state-ttl"), "{e}");
+    }
+
+    #[test]
     fn file_values_apply_and_flags_win() {
         let dir = std::env::temp_dir().join(format!("ringcast-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

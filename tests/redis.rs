@@ -239,6 +239,33 @@ async fn backends_publish_straight_into_redis() {
     // Raw messages do not take a seq: the next sequenced one is 1.
     http_publish(a.addr, "legacy", "1", "").await;
     assert_eq!(seqs(&messages(&mut json_client, 1).await), vec![1]);
+    assert_eq!(seqs(&messages(&mut mp_client, 1).await), vec![1]);
+}
+
+#[tokio::test]
+async fn malformed_envelopes_in_redis_are_dropped_and_counted() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]).await;
+    let mut c = Client::connect(&a, Fmt::Json).await;
+    c.subscribe("bad").await;
+    // The reserved prefix with a broken envelope, then a well-formed
+    // envelope whose item is not JSON.
+    for payload in ["\0rc1\nnonsense", "\0rc1\ne\n1\n9\njnot-json"] {
+        assert_eq!(redis.command(&["PUBLISH", "ringcast:bad", payload]), ":1");
+    }
+    a.wait_metric("ringcast_redis_bad_envelopes_total", &[], |v| v == 2.0)
+        .await;
+    assert_eq!(redis.cli(&["PUBLISH", "ringcast:bad", "after"]), "1");
+    http_publish(a.addr, "bad", r#""sequenced""#, "").await;
+    let got = messages(&mut c, 2).await;
+    assert_eq!(
+        got[0]["data"], "after",
+        "nothing of the bad ones reached the client"
+    );
+    assert_eq!(
+        (got[1]["data"].as_str(), got[1]["seq"].as_u64()),
+        (Some("sequenced"), Some(1))
+    );
 }
 
 #[tokio::test]

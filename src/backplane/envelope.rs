@@ -119,31 +119,28 @@ fn take_number(rest: &mut &[u8]) -> Option<u64> {
     std::str::from_utf8(line).ok()?.parse().ok()
 }
 
-/// Builds an envelope as the publish script does (for tests and benchmarks
-/// that stand in for the script).
-pub fn encode_envelope(epoch: &str, first: u64, items: &[&[u8]]) -> Vec<u8> {
-    let mut out = MAGIC.to_vec();
-    out.extend_from_slice(epoch.as_bytes());
-    out.push(b'\n');
-    out.extend_from_slice(first.to_string().as_bytes());
-    out.push(b'\n');
-    for item in items {
-        out.extend_from_slice(item.len().to_string().as_bytes());
-        out.push(b'\n');
-        out.extend_from_slice(item);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     fn json_of(data: &Data) -> String {
-        let mut out = Vec::new();
-        data.write_json(&mut out);
-        String::from_utf8(out).unwrap()
+        data.json_text()
+    }
+
+    /// Builds an envelope as the publish script does.
+    fn encode_envelope(epoch: &str, first: u64, items: &[&[u8]]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(epoch.as_bytes());
+        out.push(b'\n');
+        out.extend_from_slice(first.to_string().as_bytes());
+        out.push(b'\n');
+        for item in items {
+            out.extend_from_slice(item.len().to_string().as_bytes());
+            out.push(b'\n');
+            out.extend_from_slice(item);
+        }
+        out
     }
 
     #[test]

@@ -43,33 +43,47 @@ impl OwnedChannel {
     }
 
     pub fn remember(&mut self, publication: &Arc<Publication>, history_size: usize) {
-        if history_size == 0 {
-            return;
-        }
-        if self.history.len() == history_size {
-            self.history.pop_front();
-        }
-        self.history.push_back(publication.clone());
+        remember(&mut self.history, publication, history_size);
     }
 
     /// Forgets publications older than `ttl`.
     pub fn expire(&mut self, now: Instant, ttl: Duration) {
-        while self
-            .history
-            .front()
-            .is_some_and(|p| now.saturating_duration_since(p.at) > ttl)
-        {
-            self.history.pop_front();
-        }
-        if self.history.is_empty() && self.history.capacity() > 0 {
-            self.history = VecDeque::new();
-        }
+        expire(&mut self.history, now, ttl);
     }
 
     /// What a subscriber that last saw `since` (in `epoch`) missed, if
     /// history still holds all of it.
     pub fn replay_after(&self, since: u64, epoch: Option<&str>) -> Replay {
         replay_from(&[], &self.history, since, epoch, &self.epoch, self.seq)
+    }
+}
+
+/// Appends to a bounded history, dropping the oldest past `history_size`.
+pub fn remember(
+    history: &mut VecDeque<Arc<Publication>>,
+    publication: &Arc<Publication>,
+    history_size: usize,
+) {
+    if history_size == 0 {
+        return;
+    }
+    if history.len() >= history_size {
+        history.pop_front();
+    }
+    history.push_back(publication.clone());
+}
+
+/// Forgets publications older than `ttl` (and the buffer, once empty: idle
+/// channels are many).
+pub fn expire(history: &mut VecDeque<Arc<Publication>>, now: Instant, ttl: Duration) {
+    while history
+        .front()
+        .is_some_and(|p| now.saturating_duration_since(p.at) > ttl)
+    {
+        history.pop_front();
+    }
+    if history.is_empty() && history.capacity() > 0 {
+        *history = VecDeque::new();
     }
 }
 

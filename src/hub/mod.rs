@@ -331,7 +331,7 @@ impl Shard {
         if let Some(redis) = &self.redis {
             let token = token.expect("publications behind Redis always have a token");
             let sent = self.node.backplane_ready()
-                && redis.send(RedisCmd::Publish {
+                && redis.publish(RedisCmd::Publish {
                     channel,
                     item: envelope::encode_item(&data),
                     from: self.id,
@@ -619,13 +619,16 @@ impl Shard {
         }
     }
 
-    fn on_publish_ack(&self, token: u32, seq: u64) {
-        let pending = self
-            .state
+    /// The publication waiting for `token`, if it still waits.
+    fn take_pending_pub(&self, token: u32) -> Option<PendingPub> {
+        self.state
             .borrow_mut()
             .pending_pubs
-            .try_remove(token as usize);
-        match pending {
+            .try_remove(token as usize)
+    }
+
+    fn on_publish_ack(&self, token: u32, seq: u64) {
+        match self.take_pending_pub(token) {
             Some(PendingPub::Ws {
                 conn,
                 channel,
@@ -649,12 +652,7 @@ impl Shard {
     }
 
     fn on_publish_failed(&self, token: u32) {
-        let pending = self
-            .state
-            .borrow_mut()
-            .pending_pubs
-            .try_remove(token as usize);
-        match pending {
+        match self.take_pending_pub(token) {
             Some(PendingPub::Ws { conn, channel, id }) if !conn.gone.get() => self.reply_error(
                 &conn,
                 RequestError {
@@ -692,7 +690,7 @@ impl Shard {
                 }
             };
             if let Some(join) = joined {
-                redis.send_reliably(RedisCmd::Subscribe {
+                redis.control(RedisCmd::Subscribe {
                     channel: channel.clone(),
                     join,
                 });
@@ -767,7 +765,7 @@ impl Shard {
                     epoch,
                 } => {
                     if let Some(redis) = &self.redis {
-                        redis.send_reliably(RedisCmd::Fetch {
+                        redis.control(RedisCmd::Fetch {
                             channel: channel.clone(),
                             fetch,
                             after,
@@ -875,7 +873,7 @@ impl Shard {
                 emptied && st.remote.remove(channel).is_some()
             };
             if forgotten {
-                redis.send_reliably(RedisCmd::Unsubscribe {
+                redis.control(RedisCmd::Unsubscribe {
                     channel: channel.clone(),
                 });
             }
@@ -1017,7 +1015,7 @@ impl Shard {
         for (name, ch) in st.remote.iter_mut() {
             ch.expire(at, ttl);
             kept += ch.history.len();
-            if !ch.is_live() {
+            if ch.wants_retry() {
                 retries.push(name.clone());
             }
         }

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::history::{replay_from, ShardSet};
+use super::history::{self, replay_from, ShardSet};
 use crate::backplane::{Publication, Replay};
 
 /// A subscribe waiting for the owner's answer.
@@ -122,8 +122,14 @@ impl RemoteChannel {
         }
     }
 
-    pub fn is_live(&self) -> bool {
+    #[cfg(test)]
+    fn is_live(&self) -> bool {
         self.phase == Phase::Live
+    }
+
+    /// The last fetch failed and [`retry`](Self::retry) would send another.
+    pub fn wants_retry(&self) -> bool {
+        self.phase == Phase::Retry
     }
 
     /// A subscribe from shard `waiter.from`.
@@ -239,12 +245,7 @@ impl RemoteChannel {
             self.history.clear();
         }
         self.seq = seq;
-        if self.history_size > 0 {
-            if self.history.len() >= self.history_size {
-                self.history.pop_front();
-            }
-            self.history.push_back(publication.clone());
-        }
+        history::remember(&mut self.history, &publication, self.history_size);
         fx.push(Effect::Deliver(publication));
     }
 
@@ -337,13 +338,7 @@ impl RemoteChannel {
 
     /// Forgets history older than `ttl`.
     pub fn expire(&mut self, now: Instant, ttl: Duration) {
-        while self
-            .history
-            .front()
-            .is_some_and(|p| now.saturating_duration_since(p.at) > ttl)
-        {
-            self.history.pop_front();
-        }
+        history::expire(&mut self.history, now, ttl);
     }
 }
 

@@ -45,6 +45,14 @@ impl Data {
         }
     }
 
+    /// The JSON form as text (for tests).
+    #[cfg(test)]
+    pub fn json_text(&self) -> String {
+        let mut out = Vec::new();
+        self.write_json(&mut out);
+        String::from_utf8(out).expect("JSON is UTF-8")
+    }
+
     /// Appends the MessagePack form of the data.
     pub fn write_msgpack(&self, out: &mut Vec<u8>) {
         match self {
@@ -120,9 +128,7 @@ mod tests {
     use super::*;
 
     fn json_of(d: &Data) -> String {
-        let mut v = Vec::new();
-        d.write_json(&mut v);
-        String::from_utf8(v).unwrap()
+        d.json_text()
     }
 
     #[test]

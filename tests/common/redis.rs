@@ -113,7 +113,13 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
-    /// One inline command over raw TCP; the first reply line.
+    /// One command over raw TCP (any bytes, NUL included, unlike
+    /// redis-cli's arguments); the first reply line.
+    pub fn command(&self, args: &[&str]) -> String {
+        self.try_command(args)
+            .unwrap_or_else(|| panic!("no reply to {args:?}"))
+    }
+
     fn try_command(&self, args: &[&str]) -> Option<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;

@@ -34,12 +34,28 @@ const MAX_COMMANDS_PER_TURN: usize = 16_384;
 /// How often the loop republishes unconfirmed fences and checks health.
 const TICK: Duration = Duration::from_millis(25);
 
+/// The receiving ends of the shards' queues (see `RedisHandle`).
+pub struct Queues {
+    pub publications: flume::Receiver<RedisCmd>,
+    pub control: flume::Receiver<RedisCmd>,
+}
+
+impl Queues {
+    /// The next queued command, control first.
+    fn try_next(&self) -> Option<RedisCmd> {
+        self.control
+            .try_recv()
+            .or_else(|_| self.publications.try_recv())
+            .ok()
+    }
+}
+
 pub fn run(
     fred_config: fred::prelude::Config,
     config: Arc<RelayConfig>,
     mesh: Mesh,
     node: Arc<NodeState>,
-    rx: flume::Receiver<RedisCmd>,
+    queues: Queues,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -53,7 +69,7 @@ pub fn run(
     };
     runtime.block_on(async move {
         match Link::new(fred_config, config, mesh, node) {
-            Ok(link) => link.run(rx).await,
+            Ok(link) => link.run(queues).await,
             Err(e) => tracing::error!(error = %e, "cannot create the Redis clients; the node stays not ready"),
         }
     });
@@ -146,7 +162,7 @@ impl Link {
         })
     }
 
-    async fn run(mut self, rx: flume::Receiver<RedisCmd>) {
+    async fn run(mut self, queues: Queues) {
         let mut messages = self.pubsub.message_rx();
         let mut pubsub_connects = self.pubsub.reconnect_rx();
         let mut command_connects = self.commands.reconnect_rx();
@@ -157,8 +173,12 @@ impl Link {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
-                cmd = rx.recv_async() => match cmd {
-                    Ok(cmd) => self.take_commands(cmd, &rx),
+                cmd = queues.control.recv_async() => match cmd {
+                    Ok(cmd) => self.take_commands(cmd, &queues),
+                    Err(_) => return,
+                },
+                cmd = queues.publications.recv_async() => match cmd {
+                    Ok(cmd) => self.take_commands(cmd, &queues),
                     Err(_) => return,
                 },
                 msg = messages.recv() => match msg {
@@ -209,7 +229,7 @@ impl Link {
 
     /// Takes `first` and whatever else is queued, then issues the script
     /// calls and subscription commands they need.
-    fn take_commands(&mut self, first: RedisCmd, rx: &flume::Receiver<RedisCmd>) {
+    fn take_commands(&mut self, first: RedisCmd, queues: &Queues) {
         let mut publishes: Vec<(Arc<str>, Vec<PendingPublish>)> = Vec::new();
         let mut publish_index: HashMap<Arc<str>, usize> = HashMap::new();
         let mut subscribe = Vec::new();
@@ -247,7 +267,7 @@ impl Link {
             }
             taken += 1;
             next = if taken < MAX_COMMANDS_PER_TURN {
-                rx.try_recv().ok()
+                queues.try_next()
             } else {
                 None
             };

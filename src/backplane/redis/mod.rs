@@ -58,26 +58,30 @@ pub struct FetchReply {
     pub entries: Vec<(u64, bytes::Bytes)>,
 }
 
-/// The shards' side of the queue to the Redis thread.
+/// The shards' side of the queues to the Redis thread. Publications go
+/// through a bounded queue (full: the publish is refused, so a slow Redis
+/// cannot grow memory); subscription bookkeeping and fetches, which must not
+/// be lost and are bounded by the number of channels, through an unbounded
+/// one, so a shard never blocks on either.
 #[derive(Clone)]
 pub struct RedisHandle {
-    tx: flume::Sender<RedisCmd>,
+    publications: flume::Sender<RedisCmd>,
+    control: flume::Sender<RedisCmd>,
 }
 
-/// Commands waiting for the Redis thread; beyond it, publishes are refused
-/// with `unavailable` instead of growing memory while Redis is slow.
-const QUEUE_CAPACITY: usize = 65_536;
+/// Publications waiting for the Redis thread; beyond, publishes are refused
+/// with `unavailable`.
+const PUBLISH_QUEUE_CAPACITY: usize = 65_536;
 
 impl RedisHandle {
-    /// Queues a command; false when the queue is full or the thread gone.
-    pub fn send(&self, cmd: RedisCmd) -> bool {
-        self.tx.try_send(cmd).is_ok()
+    /// Queues a publication; false when the queue is full or the thread gone.
+    pub fn publish(&self, cmd: RedisCmd) -> bool {
+        self.publications.try_send(cmd).is_ok()
     }
 
-    /// Queues a command the node cannot drop (subscription bookkeeping):
-    /// waits for room rather than losing it.
-    pub fn send_reliably(&self, cmd: RedisCmd) {
-        let _ = self.tx.send(cmd);
+    /// Queues a subscription change or a fetch.
+    pub fn control(&self, cmd: RedisCmd) {
+        let _ = self.control.send(cmd);
     }
 }
 
@@ -111,10 +115,18 @@ pub fn client_config(config: &Config) -> std::result::Result<fred::prelude::Conf
 /// Starts the Redis thread; it runs for the life of the process.
 pub fn start(config: Arc<Config>, mesh: Mesh, node: Arc<NodeState>) -> Result<RedisHandle> {
     let fred_config = client_config(&config).map_err(crate::error::Error::msg)?;
-    let (tx, rx) = flume::bounded(QUEUE_CAPACITY);
+    let (publications, publications_rx) = flume::bounded(PUBLISH_QUEUE_CAPACITY);
+    let (control, control_rx) = flume::unbounded();
+    let queues = link::Queues {
+        publications: publications_rx,
+        control: control_rx,
+    };
     std::thread::Builder::new()
         .name("ringcast-redis".into())
-        .spawn(move || link::run(fred_config, config, mesh, node, rx))
+        .spawn(move || link::run(fred_config, config, mesh, node, queues))
         .context("starting the Redis thread")?;
-    Ok(RedisHandle { tx })
+    Ok(RedisHandle {
+        publications,
+        control,
+    })
 }
