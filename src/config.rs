@@ -136,7 +136,8 @@ pub struct Config {
     pub redis: Option<String>,
 
     /// Use a Redis Cluster as the backplane: comma-separated seed nodes
-    /// (`host:port,host:port`). Not supported yet: start-up refuses it.
+    /// (`host:port,host:port`; the rest of the cluster is discovered).
+    /// Needs Redis 7 (sharded pub/sub).
     #[arg(long, env = "RINGCAST_REDIS_CLUSTER", value_delimiter = ',')]
     pub redis_cluster: Vec<String>,
 
@@ -259,12 +260,12 @@ impl Config {
                 .map_err(|e| format!("invalid configuration: --redis {url}: {e}"))?;
         }
         if !self.redis_cluster.is_empty() {
-            // Sharded pub/sub subscriptions (SSUBSCRIBE per slot) are not
-            // built yet; refusing beats starting a node that never delivers.
-            return fail(
-                "--redis-cluster is not supported yet; use --redis with one Redis or Sentinel"
-                    .into(),
-            );
+            crate::backplane::redis::client_config(self).map_err(|e| {
+                format!(
+                    "invalid configuration: --redis-cluster {}: {e}",
+                    self.redis_cluster.join(",")
+                )
+            })?;
         }
         if self
             .redis_prefix
@@ -377,8 +378,15 @@ mod tests {
             e.starts_with("invalid configuration: --redis not a url:"),
             "{e}"
         );
-        let e = parse(&["--redis-cluster", "127.0.0.1:7000"]).unwrap_err();
-        assert!(e.contains("--redis-cluster is not supported yet"), "{e}");
+        let c = parse(&["--redis-cluster", "127.0.0.1:7000,[::1]:7001"]).unwrap();
+        assert!(c.uses_redis());
+        let e = parse(&["--redis-cluster", "127.0.0.1"]).unwrap_err();
+        assert!(
+            e.starts_with("invalid configuration: --redis-cluster 127.0.0.1:"),
+            "{e}"
+        );
+        let e = parse(&["--redis-cluster", "127.0.0.1:x"]).unwrap_err();
+        assert!(e.contains("no valid port"), "{e}");
         let e = parse(&["--redis-probe-interval", "0"]).unwrap_err();
         assert!(e.contains("--redis-probe-interval"), "{e}");
         let e = parse(&["--redis-prefix", "a b"]).unwrap_err();

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::redis::{free_port, RedisServer};
+use common::redis::{free_port, RedisCluster, RedisServer};
 use common::{http_publish, Client, Fmt, Relay};
 use serde_json::{json, Value};
 
@@ -19,6 +19,35 @@ async fn node(redis: &RedisServer, extra: &[&str]) -> Relay {
     let relay = Relay::start(&args);
     relay.wait_readyz(200).await;
     relay
+}
+
+/// A relay on a Redis Cluster with two workers, waited until ready.
+async fn cluster_node(cluster: &RedisCluster, extra: &[&str]) -> Relay {
+    let seeds = cluster.seeds();
+    let mut args = vec!["--redis-cluster", seeds.as_str(), "--workers", "2"];
+    args.extend_from_slice(extra);
+    let relay = Relay::start(&args);
+    relay.wait_readyz(200).await;
+    relay
+}
+
+/// `per_master` channel names for each master of `cluster`, in master order.
+fn channels_on_every_master(cluster: &RedisCluster, per_master: usize) -> Vec<(String, usize)> {
+    let mut picked: Vec<(String, usize)> = Vec::new();
+    let mut count = vec![0; cluster.nodes.len()];
+    for i in 0.. {
+        let name = format!("shard{i}");
+        let owner = cluster.owner_of(&format!("ringcast:{name}"));
+        if count[owner] < per_master {
+            count[owner] += 1;
+            picked.push((name, owner));
+        }
+        if count.iter().all(|&c| c == per_master) {
+            break;
+        }
+    }
+    picked.sort_by_key(|(_, owner)| *owner);
+    picked
 }
 
 /// Collects `n` messages of `channel` (ignoring other events).
@@ -529,4 +558,168 @@ async fn a_flushed_script_cache_is_reloaded_without_failing_a_publish() {
     assert_eq!(status, 202, "{body}");
     assert_eq!(seqs(&messages(&mut c, 2).await), vec![1, 2]);
     assert!(a.metric("ringcast_redis_script_reloads_total", &[]).await >= 1.0);
+}
+
+#[tokio::test]
+async fn on_a_cluster_channels_of_every_shard_keep_one_gap_free_seq_across_nodes() {
+    let cluster = RedisCluster::start(3);
+    let nodes = [
+        cluster_node(&cluster, &["--max-publish-rate", "0"]).await,
+        cluster_node(&cluster, &["--max-publish-rate", "0"]).await,
+        cluster_node(&cluster, &["--max-publish-rate", "0"]).await,
+    ];
+    let channels = channels_on_every_master(&cluster, 2);
+    let mut subscribers = Vec::new();
+    for n in &nodes {
+        let mut c = Client::connect(n, Fmt::Json).await;
+        for (channel, _) in &channels {
+            assert_eq!(c.subscribe(channel).await["seq"], 0);
+        }
+        subscribers.push(c);
+    }
+    // Sequenced traffic rides sharded pub/sub: each node holds one shard
+    // subscription per channel, on the master that owns the channel's slot.
+    for (channel, owner) in &channels {
+        let reply =
+            cluster.nodes[*owner].cli(&["PUBSUB", "SHARDNUMSUB", &format!("ringcast:{channel}")]);
+        assert_eq!(reply.lines().last(), Some("3"), "{channel}: {reply}");
+    }
+
+    const PER_NODE: usize = 40;
+    let mut publishers = Vec::new();
+    for (p, n) in nodes.iter().enumerate() {
+        let mut c = Client::connect(n, Fmt::Json).await;
+        let channels = channels.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut id = 0;
+            let mut sent = BTreeMap::new();
+            for i in 0..PER_NODE {
+                let batch: Vec<Value> = channels
+                    .iter()
+                    .map(|(channel, _)| {
+                        id += 1;
+                        sent.insert(id, (channel.clone(), json!([p, i])));
+                        json!({"action": "publish", "channel": channel, "data": [p, i], "id": id})
+                    })
+                    .collect();
+                c.send(Value::Array(batch)).await;
+            }
+            let mut acked = BTreeMap::new();
+            while acked.len() < sent.len() {
+                let ev = c.next().await;
+                assert_eq!(ev["type"], "published", "{ev}");
+                let (channel, data) = sent[&ev["id"].as_u64().unwrap()].clone();
+                acked.insert((channel, ev["seq"].as_u64().unwrap()), data);
+            }
+            acked
+        }));
+    }
+    let mut data = BTreeMap::new();
+    for task in publishers {
+        for (key, value) in task.await.unwrap() {
+            assert!(data.insert(key, value).is_none(), "a seq given twice");
+        }
+    }
+    let total = 3 * PER_NODE as u64;
+    for (channel, _) in &channels {
+        let seqs: Vec<u64> = data
+            .keys()
+            .filter(|(c, _)| c == channel)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(seqs, (1..=total).collect::<Vec<_>>(), "{channel}: acks");
+    }
+    for mut s in subscribers {
+        let mut by_channel: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for m in messages(&mut s, channels.len() * total as usize).await {
+            let channel = m["channel"].as_str().unwrap().to_string();
+            let seq = m["seq"].as_u64().unwrap();
+            assert_eq!(m["data"], data[&(channel.clone(), seq)]);
+            by_channel.entry(channel).or_default().push(seq);
+        }
+        for (channel, _) in &channels {
+            assert_eq!(
+                by_channel[channel],
+                (1..=total).collect::<Vec<_>>(),
+                "{channel}"
+            );
+        }
+    }
+
+    // Backends may PUBLISH on any master, or SPUBLISH on the owner.
+    let (channel, owner) = &channels[0];
+    let name = format!("ringcast:{channel}");
+    let other = (owner + 1) % cluster.nodes.len();
+    let mut on_a = Client::connect(&nodes[0], Fmt::MsgPack).await;
+    on_a.subscribe(channel).await;
+    cluster.nodes[other].cli(&["PUBLISH", &name, r#"{"raw":2}"#]);
+    cluster.nodes[*owner].cli(&["SPUBLISH", &name, "more text"]);
+    let mut got: Vec<Value> = messages(&mut on_a, 2)
+        .await
+        .into_iter()
+        .map(|m| m["data"].clone())
+        .collect();
+    got.sort_by_key(|v| v.to_string());
+    assert_eq!(got, vec![json!("more text"), json!({"raw": 2})]);
+}
+
+#[tokio::test]
+async fn on_a_cluster_since_recovers_from_history_on_another_node() {
+    let cluster = RedisCluster::start(3);
+    let a = cluster_node(&cluster, &["--history-size", "20"]).await;
+    let b = cluster_node(&cluster, &["--history-size", "20"]).await;
+    let channels = channels_on_every_master(&cluster, 1);
+    for (channel, _) in &channels {
+        for i in 1..=8 {
+            let (status, body) = http_publish(a.addr, channel, &i.to_string(), "").await;
+            assert_eq!(status, 202, "{body}");
+        }
+    }
+    // B never had these channels: the replay comes from Redis history.
+    let mut back = Client::connect(&b, Fmt::Json).await;
+    for (id, (channel, _)) in channels.iter().enumerate() {
+        back.send(json!({"action": "subscribe", "channel": channel, "since": 3, "id": id}))
+            .await;
+        let replay = messages(&mut back, 5).await;
+        assert_eq!(seqs(&replay), (4..=8).collect::<Vec<_>>(), "{channel}");
+        assert_eq!(replay[0]["data"], 4);
+        let ack = back.expect_type("subscribed").await;
+        assert_eq!(
+            (ack["seq"].as_u64(), ack["recovered"].as_bool()),
+            (Some(8), Some(true))
+        );
+        http_publish(a.addr, channel, "9", "").await;
+        assert_eq!(seqs(&messages(&mut back, 1).await), vec![9], "then live");
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_killed_pubsub_connections_resubscribe_and_catch_up() {
+    let cluster = RedisCluster::start(3);
+    let a = cluster_node(&cluster, &[]).await;
+    let b = cluster_node(&cluster, &[]).await;
+    let (channel, _) = channels_on_every_master(&cluster, 1).remove(1);
+    let mut on_b = Client::connect(&b, Fmt::Json).await;
+    on_b.subscribe(&channel).await;
+    let (kill_tx, mut kill_rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = a.addr;
+    let publisher = tokio::spawn(publish_all(addr, channel, 300, move |i| {
+        if i == 100 {
+            let _ = kill_tx.send(());
+        }
+    }));
+    kill_rx.recv().await.unwrap();
+    let mut killed = 0;
+    for node in &cluster.nodes {
+        killed += node
+            .cli(&["CLIENT", "KILL", "TYPE", "pubsub"])
+            .parse::<u32>()
+            .unwrap();
+    }
+    assert!(killed >= 2, "pub/sub links were cut ({killed})");
+    let acked = publisher.await.unwrap();
+    let last = *acked.keys().last().unwrap();
+    assert_eq!(last, 300, "only pub/sub links were cut");
+    expect_exactly_once(&mut on_b, last, &acked).await;
+    assert!(b.metric("ringcast_redis_reconnects_total", &[]).await >= 2.0);
 }

@@ -139,6 +139,83 @@ impl RedisServer {
     }
 }
 
+/// A Redis Cluster of `n` masters (no replicas) on free loopback ports,
+/// built with `redis-cli --cluster create`; killed when dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+/// A free port whose cluster bus port (port + 10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    pub fn start(n: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| {
+                RedisServer::start_with(
+                    free_cluster_port(),
+                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new(binary("redis-cli"))
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("running redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + PATIENCE;
+        while !cluster
+            .nodes
+            .iter()
+            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// The `--redis-cluster` argument: every node as a seed.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node that owns `key`'s slot (the others answer MOVED).
+    pub fn owner_of(&self, key: &str) -> usize {
+        let owners: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| {
+                !self.nodes[i]
+                    .command(&["EXISTS", key])
+                    .starts_with("-MOVED")
+            })
+            .collect();
+        assert_eq!(owners.len(), 1, "{key} is served by {owners:?}");
+        owners[0]
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();

@@ -75,14 +75,38 @@ pub fn run(
     });
 }
 
-/// A SUBSCRIBE batch whose effect is not yet proven: it ends with a fresh
-/// fence channel, and the fence message coming back proves Redis processed
-/// the whole command (fred resolves `subscribe` on write, not on reply).
-struct Fence {
-    generation: u64,
+/// A batch of subscriptions whose effect is not yet proven. Its classic
+/// SUBSCRIBE ends with a fresh fence channel, and the fence message coming
+/// back proves Redis processed the whole command (fred resolves `subscribe`
+/// on write, not on reply). On a cluster each channel also needs its
+/// SSUBSCRIBE, whose reply fred does await: one command per channel, because
+/// a multi-channel SSUBSCRIBE gets one reply per channel and fred would pair
+/// the extra replies with later commands.
+struct Batch {
     channels: Vec<(Arc<str>, u64)>,
     /// Part of the resubscription after a (re)connect.
     resync: bool,
+    fence: String,
+    fence_pending: bool,
+    shard_pending: usize,
+}
+
+/// What spawned fred calls report back to the loop.
+enum Internal {
+    ShardSubscribed {
+        batch: u64,
+        channel: String,
+        ok: bool,
+    },
+}
+
+/// A channel the node publishes to itself to prove a pub/sub connection
+/// still delivers: one classic, and on a cluster one sharded per primary.
+struct Probe {
+    channel: String,
+    sharded: bool,
+    pending: bool,
+    back: Option<Instant>,
 }
 
 struct Link {
@@ -93,19 +117,30 @@ struct Link {
     pubsub: Client,
     publish_sha: Arc<str>,
     fetch_sha: Arc<str>,
+    /// On a Redis Cluster: sequenced messages travel on sharded pub/sub
+    /// (SPUBLISH/SSUBSCRIBE), raw backend PUBLISHes on classic pub/sub.
+    clustered: bool,
     /// Channels the node wants, with the owner's join id of each.
     desired: HashMap<Arc<str>, u64>,
     keys: HashMap<Arc<str>, Arc<ChannelKeys>>,
-    /// Bumped on every pub/sub (re)connection; fences of older ones are void.
-    generation: u64,
-    fences: HashMap<String, Fence>,
-    fence_counter: u64,
-    resync_fences_left: usize,
+    /// Unproven subscription batches by id; cleared on every resync, so
+    /// answers about older batches find nothing.
+    batches: HashMap<u64, Batch>,
+    batch_counter: u64,
+    /// SSUBSCRIBEs that failed, reissued on the next tick.
+    shard_retry: Vec<(u64, String)>,
+    internal: tokio::sync::mpsc::UnboundedSender<Internal>,
+    internal_rx: Option<tokio::sync::mpsc::UnboundedReceiver<Internal>>,
+    resync_batches_left: usize,
+    /// A pub/sub connection came up or the cluster changed: resubscribe
+    /// everything on the next tick (coalesces a cluster's many events).
+    resync_due: bool,
     synced: bool,
     node_tag: String,
-    probe_channel: String,
-    probe_sent: Option<Instant>,
-    last_probe_back: Option<Instant>,
+    /// Fence names are this plus the batch id.
+    fence_prefix: String,
+    probes: Vec<Probe>,
+    probe_round: Option<Instant>,
     synced_at: Instant,
     last_forced_reconnect: Option<Instant>,
     epoch_counter: u64,
@@ -135,8 +170,16 @@ impl Link {
         let commands = builder.build()?;
         let pubsub = builder.build()?;
         let node_tag = format!("{:08x}{:08x}", node.epoch_nonce, fastrand::u32(..));
-        let probe_channel = format!("{}$probe:{node_tag}", config.redis_prefix);
+        let (internal, internal_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Link {
+            clustered: !config.redis_cluster.is_empty(),
+            fence_prefix: format!("{}$fence:{node_tag}:", config.redis_prefix),
+            probes: vec![Probe {
+                channel: format!("{}$probe:{node_tag}", config.redis_prefix),
+                sharded: false,
+                pending: false,
+                back: None,
+            }],
             publish_sha: fred::util::sha1_hash(scripts::PUBLISH).into(),
             fetch_sha: fred::util::sha1_hash(scripts::FETCH).into(),
             config,
@@ -146,15 +189,16 @@ impl Link {
             pubsub,
             desired: HashMap::new(),
             keys: HashMap::new(),
-            generation: 0,
-            fences: HashMap::new(),
-            fence_counter: 0,
-            resync_fences_left: 0,
+            batches: HashMap::new(),
+            batch_counter: 0,
+            shard_retry: Vec::new(),
+            internal,
+            internal_rx: Some(internal_rx),
+            resync_batches_left: 0,
+            resync_due: false,
             synced: false,
             node_tag,
-            probe_channel,
-            probe_sent: None,
-            last_probe_back: None,
+            probe_round: None,
             synced_at: Instant::now(),
             last_forced_reconnect: None,
             epoch_counter: 0,
@@ -167,6 +211,10 @@ impl Link {
         let mut pubsub_connects = self.pubsub.reconnect_rx();
         let mut command_connects = self.commands.reconnect_rx();
         let mut errors = self.pubsub.error_rx();
+        let mut cluster_changes = self.pubsub.cluster_change_rx();
+        let Some(mut internal) = self.internal_rx.take() else {
+            return;
+        };
         self.commands.connect();
         self.pubsub.connect();
         let mut tick = tokio::time::interval(TICK);
@@ -194,8 +242,18 @@ impl Link {
                     if let Ok(server) = server {
                         tracing::info!(%server, "Redis pub/sub connected; resubscribing");
                     }
-                    self.on_pubsub_connected();
+                    metrics::counter!("ringcast_redis_reconnects_total").increment(1);
+                    self.set_synced(false);
+                    self.resync_due = true;
                 }
+                changes = cluster_changes.recv() => {
+                    if let Ok(changes) = changes {
+                        tracing::info!(?changes, "Redis Cluster topology changed; resubscribing");
+                    }
+                    self.set_synced(false);
+                    self.resync_due = true;
+                }
+                Some(event) = internal.recv() => self.on_internal(event),
                 server = command_connects.recv() => {
                     if let Ok(server) = server {
                         tracing::info!(%server, "Redis command connection up; loading scripts");
@@ -296,6 +354,18 @@ impl Link {
                 .iter()
                 .map(|c| format!("{}{c}", self.config.redis_prefix))
                 .collect();
+            if self.clustered {
+                // One per channel: SUNSUBSCRIBE refuses channels of several slots.
+                for name in &names {
+                    let client = self.pubsub.clone();
+                    let name = name.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = client.sunsubscribe(name).await {
+                            tracing::debug!(error = %e, "SUNSUBSCRIBE not sent; the next resync drops it");
+                        }
+                    });
+                }
+            }
             for chunk in names.chunks(MAX_CHANNELS_PER_COMMAND) {
                 let client = self.pubsub.clone();
                 let chunk = chunk.to_vec();
@@ -311,20 +381,38 @@ impl Link {
 
     /// Issues the publish script for the queued publications: one call for
     /// as many as fit, each answered to its publisher's shard.
+    ///
+    /// On a cluster all keys of a call must share a hash slot, so calls are
+    /// cut per slot; each goes to the primary that owns it, and a channel's
+    /// calls keep their order because they always take that one connection.
     fn publish(&mut self, publishes: Vec<(Arc<str>, Vec<PendingPublish>)>) {
-        let ready = self.node.backplane_ready();
-        let mut call = CallBuilder::default();
-        for (channel, items) in publishes {
-            if !ready {
+        if !self.node.backplane_ready() {
+            for (_, items) in publishes {
                 for (_, from, token) in items {
                     self.mesh.send(from, ShardMsg::PublishFailed { token });
                 }
-                continue;
             }
-            let keys = self.keys(&channel);
+            return;
+        }
+        let mut publishes: Vec<(Arc<ChannelKeys>, Vec<PendingPublish>)> = publishes
+            .into_iter()
+            .map(|(channel, items)| (self.keys(&channel), items))
+            .collect();
+        if self.clustered {
+            publishes.sort_by_key(|(keys, _)| keys.slot);
+        }
+        let mut call = CallBuilder::default();
+        for (keys, items) in publishes {
             let bytes: usize = items.iter().map(|(item, _, _)| item.len()).sum();
-            if call.items + items.len() > MAX_ITEMS_PER_CALL
-                || call.bytes + bytes > MAX_BYTES_PER_CALL
+            let other_slot = self.clustered
+                && call
+                    .channels
+                    .first()
+                    .is_some_and(|(first, _)| first.slot != keys.slot);
+            if call.items > 0
+                && (other_slot
+                    || call.items + items.len() > MAX_ITEMS_PER_CALL
+                    || call.bytes + bytes > MAX_BYTES_PER_CALL)
             {
                 self.issue_publish(std::mem::take(&mut call));
             }
@@ -347,10 +435,10 @@ impl Link {
             &self.node_tag[..8],
             self.epoch_counter
         )));
-        args.push(Value::from(if self.config.redis_cluster.is_empty() {
-            "PUBLISH"
-        } else {
+        args.push(Value::from(if self.clustered {
             "SPUBLISH"
+        } else {
+            "PUBLISH"
         }));
         let mut keys: Vec<String> = Vec::with_capacity(3 * call.channels.len());
         let mut waiters = Vec::with_capacity(call.channels.len());
@@ -442,63 +530,182 @@ impl Link {
         });
     }
 
-    /// Subscribes to `channels` (plus a fence), in commands of bounded size.
+    /// Subscribes to `channels` in batches of bounded size, each proven by a
+    /// fence (and on a cluster by its SSUBSCRIBE replies) before the owners
+    /// hear of it.
     fn subscribe(&mut self, channels: Vec<(Arc<str>, u64)>, resync: bool) {
         let mut rest = channels;
         loop {
             let tail = rest.split_off(rest.len().min(MAX_CHANNELS_PER_COMMAND));
             let chunk = std::mem::replace(&mut rest, tail);
-            self.fence_counter += 1;
-            let fence = format!(
-                "{}$fence:{}:{}",
-                self.config.redis_prefix, self.node_tag, self.fence_counter
-            );
-            let mut names: Vec<String> = chunk
+            self.batch_counter += 1;
+            let id = self.batch_counter;
+            let fence = format!("{}{id}", self.fence_prefix);
+            let names: Vec<String> = chunk
                 .iter()
                 .map(|(c, _)| format!("{}{c}", self.config.redis_prefix))
                 .collect();
+            let mut classic = names.clone();
+            let mut sharded = if self.clustered { names } else { Vec::new() };
             if resync {
-                names.push(self.probe_channel.clone());
-                self.resync_fences_left += 1;
+                for probe in &self.probes {
+                    if probe.sharded {
+                        sharded.push(probe.channel.clone());
+                    } else {
+                        classic.push(probe.channel.clone());
+                    }
+                }
+                self.resync_batches_left += 1;
             }
-            names.push(fence.clone());
-            self.fences.insert(
-                fence.clone(),
-                Fence {
-                    generation: self.generation,
+            classic.push(fence.clone());
+            self.batches.insert(
+                id,
+                Batch {
                     channels: chunk,
                     resync,
+                    fence: fence.clone(),
+                    fence_pending: true,
+                    shard_pending: sharded.len(),
                 },
             );
             let pubsub = self.pubsub.clone();
             let commands = self.commands.clone();
             tokio::spawn(async move {
-                if pubsub.subscribe(names).await.is_ok() {
+                if pubsub.subscribe(classic).await.is_ok() {
                     let _: Result<i64, _> = commands.publish(fence, "").await;
                 }
             });
+            for channel in sharded {
+                self.shard_subscribe(id, channel);
+            }
             if rest.is_empty() {
                 break;
             }
         }
     }
 
-    fn on_pubsub_connected(&mut self) {
-        metrics::counter!("ringcast_redis_reconnects_total").increment(1);
-        self.generation += 1;
+    fn shard_subscribe(&self, batch: u64, channel: String) {
+        let pubsub = self.pubsub.clone();
+        let internal = self.internal.clone();
+        tokio::spawn(async move {
+            let options = Options {
+                timeout: Some(Duration::from_secs(5)),
+                ..Options::default()
+            };
+            let result = pubsub
+                .with_options(&options)
+                .ssubscribe(channel.clone())
+                .await;
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, %channel, "SSUBSCRIBE failed; retrying");
+            }
+            let ok = result.is_ok();
+            let _ = internal.send(Internal::ShardSubscribed { batch, channel, ok });
+        });
+    }
+
+    fn on_internal(&mut self, event: Internal) {
+        match event {
+            Internal::ShardSubscribed { batch, channel, ok } => {
+                let Some(b) = self.batches.get_mut(&batch) else {
+                    return;
+                };
+                if ok {
+                    b.shard_pending -= 1;
+                    self.complete_if_proven(batch);
+                } else {
+                    self.shard_retry.push((batch, channel));
+                }
+            }
+        }
+    }
+
+    /// Once a batch is live on every connection, its owners may fetch.
+    fn complete_if_proven(&mut self, id: u64) {
+        let proven = self
+            .batches
+            .get(&id)
+            .is_some_and(|b| !b.fence_pending && b.shard_pending == 0);
+        if !proven {
+            return;
+        }
+        let Some(batch) = self.batches.remove(&id) else {
+            return;
+        };
+        for (channel, join) in batch.channels {
+            if self.desired.get(&channel) == Some(&join) {
+                let owner = owner_of(&channel, self.mesh.shards());
+                self.mesh
+                    .send(owner, ShardMsg::RedisSubscribed { channel, join });
+            }
+        }
+        if batch.resync {
+            self.resync_batches_left -= 1;
+            if self.resync_batches_left == 0 {
+                self.set_synced(true);
+                self.send_probes();
+            }
+        }
+    }
+
+    /// Resubscribes everything the node wants after a (re)connection or a
+    /// cluster change; the node is ready again once all of it is proven.
+    fn resync(&mut self) {
+        self.resync_due = false;
         self.set_synced(false);
-        self.fences.clear();
-        self.resync_fences_left = 0;
+        self.batches.clear();
+        self.shard_retry.clear();
+        self.resync_batches_left = 0;
+        self.refresh_probes();
         let channels: Vec<(Arc<str>, u64)> =
             self.desired.iter().map(|(c, j)| (c.clone(), *j)).collect();
         self.subscribe(channels, true);
     }
 
+    /// On a cluster, one sharded probe per primary (a name whose slot it
+    /// owns), so a deaf connection to any of them is noticed.
+    fn refresh_probes(&mut self) {
+        if !self.clustered {
+            return;
+        }
+        let Some(state) = self.pubsub.cached_cluster_state() else {
+            return;
+        };
+        let mut probes: Vec<Probe> = self.probes.drain(..).filter(|p| !p.sharded).collect();
+        let mut primaries = std::collections::HashSet::new();
+        for slot in state.unique_hash_slots() {
+            let channel = format!(
+                "{}$probe:{}:{{{}}}",
+                self.config.redis_prefix,
+                self.node_tag,
+                scripts::slot_tags()[slot as usize]
+            );
+            // A prefix with its own hash tag puts every name in one slot.
+            let actual = fred::util::redis_keyslot(channel.as_bytes());
+            if let Some(primary) = state.get_server(actual) {
+                if primaries.insert(primary.clone()) {
+                    probes.push(Probe {
+                        channel,
+                        sharded: true,
+                        pending: false,
+                        back: None,
+                    });
+                }
+            }
+        }
+        self.probes = probes;
+    }
+
     fn load_scripts(&self) {
         let client = self.commands.clone();
+        let clustered = self.clustered;
         tokio::spawn(async move {
             for script in [scripts::PUBLISH, scripts::FETCH] {
-                let loaded: Result<String, _> = client.script_load(script).await;
+                let loaded: Result<(), Error> = if clustered {
+                    client.script_load_cluster::<(), _>(script).await
+                } else {
+                    client.script_load::<String, _>(script).await.map(|_| ())
+                };
                 if let Err(e) = loaded {
                     tracing::warn!(error = %e, "loading a script failed; calls fall back to EVAL");
                 }
@@ -516,7 +723,8 @@ impl Link {
             return;
         };
         if name.starts_with('$') {
-            return self.on_control(&msg.channel);
+            let channel = msg.channel.to_string();
+            return self.on_control(&channel);
         }
         let Some((channel, _)) = self.desired.get_key_value(name) else {
             return;
@@ -529,15 +737,21 @@ impl Link {
 
     /// A fence or probe came back.
     fn on_control(&mut self, name: &str) {
-        if name == self.probe_channel {
-            let now = Instant::now();
-            if let Some(sent) = self.probe_sent.take() {
-                metrics::histogram!("ringcast_redis_probe_rtt_seconds").record(now - sent);
+        let now = Instant::now();
+        if let Some(probe) = self.probes.iter_mut().find(|p| p.channel == name) {
+            if probe.pending {
+                probe.pending = false;
+                if let Some(sent) = self.probe_round {
+                    metrics::histogram!("ringcast_redis_probe_rtt_seconds").record(now - sent);
+                }
             }
-            self.last_probe_back = Some(now);
+            probe.back = Some(now);
             return self.update_readiness();
         }
-        let Some(fence) = self.fences.remove(name) else {
+        let Some(id) = name
+            .strip_prefix(self.fence_prefix.as_str())
+            .and_then(|id| id.parse::<u64>().ok())
+        else {
             return;
         };
         let pubsub = self.pubsub.clone();
@@ -545,22 +759,9 @@ impl Link {
         tokio::spawn(async move {
             let _ = pubsub.unsubscribe(done).await;
         });
-        if fence.generation != self.generation {
-            return;
-        }
-        for (channel, join) in fence.channels {
-            if self.desired.get(&channel) == Some(&join) {
-                let owner = owner_of(&channel, self.mesh.shards());
-                self.mesh
-                    .send(owner, ShardMsg::RedisSubscribed { channel, join });
-            }
-        }
-        if fence.resync {
-            self.resync_fences_left -= 1;
-            if self.resync_fences_left == 0 {
-                self.set_synced(true);
-                self.send_probe();
-            }
+        if let Some(batch) = self.batches.get_mut(&id) {
+            batch.fence_pending = false;
+            self.complete_if_proven(id);
         }
     }
 
@@ -590,13 +791,23 @@ impl Link {
         Duration::from_secs_f64(self.config.redis_probe_interval)
     }
 
+    /// When the quietest probe last came back (since the last resync).
+    fn quiet_since(&self) -> Instant {
+        self.probes
+            .iter()
+            .map(|p| p.back.unwrap_or(self.synced_at).max(self.synced_at))
+            .min()
+            .unwrap_or(self.synced_at)
+    }
+
     fn update_readiness(&self) {
         let deadline = 3 * self.probe_interval();
-        let probe_ok = self
-            .last_probe_back
-            .is_some_and(|t| t.elapsed() < deadline && t >= self.synced_at);
+        let probes_ok = self.probes.iter().all(|p| {
+            p.back
+                .is_some_and(|t| t.elapsed() < deadline && t >= self.synced_at)
+        });
         let ready =
-            self.synced && probe_ok && self.commands.is_connected() && self.pubsub.is_connected();
+            self.synced && probes_ok && self.commands.is_connected() && self.pubsub.is_connected();
         if self.node.set_backplane_ready(ready) {
             if ready {
                 tracing::info!("Redis backplane ready");
@@ -607,44 +818,56 @@ impl Link {
         metrics::gauge!("ringcast_redis_ready").set(if ready { 1.0 } else { 0.0 });
     }
 
-    fn send_probe(&mut self) {
-        self.probe_sent = Some(Instant::now());
-        let client = self.commands.clone();
-        let channel = self.probe_channel.clone();
-        tokio::spawn(async move {
-            let options = Options {
-                timeout: Some(Duration::from_secs(2)),
-                ..Options::default()
-            };
-            let _: Result<i64, _> = client.with_options(&options).publish(channel, "p").await;
-        });
+    fn send_probes(&mut self) {
+        self.probe_round = Some(Instant::now());
+        for probe in &mut self.probes {
+            probe.pending = true;
+            let client = self.commands.clone();
+            let channel = probe.channel.clone();
+            let sharded = probe.sharded;
+            tokio::spawn(async move {
+                let options = Options {
+                    timeout: Some(Duration::from_secs(2)),
+                    ..Options::default()
+                };
+                let with = client.with_options(&options);
+                let _: Result<i64, _> = if sharded {
+                    with.spublish(channel, "p").await
+                } else {
+                    with.publish(channel, "p").await
+                };
+            });
+        }
     }
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        if self.resync_due {
+            self.resync();
+        }
         // Republish the fences not seen yet (the first publish may have
         // overtaken its SUBSCRIBE, which travels on the other connection).
-        for name in self.fences.keys() {
+        for batch in self.batches.values().filter(|b| b.fence_pending) {
             let client = self.commands.clone();
-            let name = name.clone();
+            let name = batch.fence.clone();
             tokio::spawn(async move {
                 let _: Result<i64, _> = client.publish(name, "").await;
             });
         }
+        for (batch, channel) in std::mem::take(&mut self.shard_retry) {
+            if self.batches.contains_key(&batch) {
+                self.shard_subscribe(batch, channel);
+            }
+        }
         let interval = self.probe_interval();
         if self.synced {
-            let due = self.probe_sent.is_none_or(|s| now - s >= interval);
+            let due = self.probe_round.is_none_or(|s| now - s >= interval);
             if due {
-                if self.probe_sent.is_some() {
-                    metrics::counter!("ringcast_redis_probe_timeouts_total").increment(1);
-                }
-                self.send_probe();
+                let late = self.probes.iter().filter(|p| p.pending).count();
+                metrics::counter!("ringcast_redis_probe_timeouts_total").increment(late as u64);
+                self.send_probes();
             }
-            let silent_since = self
-                .last_probe_back
-                .unwrap_or(self.synced_at)
-                .max(self.synced_at);
-            let quiet_for = now - silent_since;
+            let quiet_for = now - self.quiet_since();
             let recently_forced = self
                 .last_forced_reconnect
                 .is_some_and(|t| now - t < 3 * interval);

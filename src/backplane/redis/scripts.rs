@@ -112,6 +112,8 @@ pub struct ChannelKeys {
     pub seq: String,
     pub epoch: String,
     pub hist: String,
+    /// The Redis Cluster hash slot of all of the above.
+    pub slot: u16,
 }
 
 impl ChannelKeys {
@@ -119,6 +121,7 @@ impl ChannelKeys {
         let pubsub = format!("{prefix}{channel}");
         let base = key_base(&pubsub);
         ChannelKeys {
+            slot: fred::util::redis_keyslot(pubsub.as_bytes()),
             seq: format!("{base}:seq"),
             epoch: format!("{base}:epoch"),
             hist: format!("{base}:hist"),
@@ -150,7 +153,7 @@ fn key_base(n: &str) -> String {
 }
 
 /// For each of the 16384 slots, a short string that hashes to it.
-fn slot_tags() -> &'static [String] {
+pub fn slot_tags() -> &'static [String] {
     static TAGS: OnceLock<Vec<String>> = OnceLock::new();
     TAGS.get_or_init(|| {
         let mut tags = vec![String::new(); 16384];
@@ -187,6 +190,7 @@ mod tests {
         ] {
             let k = ChannelKeys::new("ringcast:", channel);
             let slot = redis_keyslot(k.pubsub.as_bytes());
+            assert_eq!(k.slot, slot);
             for key in [&k.seq, &k.epoch, &k.hist] {
                 assert_eq!(redis_keyslot(key.as_bytes()), slot, "{channel}: {key}");
             }
