@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Redis backplane benchmarks: one node (embedded) against one node and two
-# nodes sharing a Redis, and ringcast's sequenced publish path against
+# nodes sharing a Redis or a 3-master Redis Cluster, and ringcast's sequenced publish path against
 # redis-benchmark running the same publish script on the same Redis.
 # Every loadgen JSON line goes to bench/results/redis-<date>-<host>.jsonl;
 # a median table is printed at the end.
@@ -37,6 +37,27 @@ start_redis() {
     echo "redis-server did not start" >&2; exit 1
 }
 
+CLUSTER_PORTS=(6391 6392 6393)
+start_cluster() { # three masters, no replicas, fresh state each time
+    local seeds=()
+    for port in "${CLUSTER_PORTS[@]}"; do
+        local dir=/tmp/redis-bench-cluster-$port
+        rm -rf "$dir"; mkdir -p "$dir"
+        taskset -c "$SERVER_CPU" redis-server --port "$port" --bind 127.0.0.1 --save "" \
+            --appendonly no --daemonize no --cluster-enabled yes --dir "$dir" > "$dir/out" 2>&1 &
+        PIDS+=($!)
+        for _ in $(seq 100); do redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break; sleep 0.05; done
+        seeds+=("127.0.0.1:$port")
+    done
+    redis-cli --cluster create "${seeds[@]}" --cluster-replicas 0 --cluster-yes > /dev/null
+    for port in "${CLUSTER_PORTS[@]}"; do
+        for _ in $(seq 200); do
+            redis-cli -p "$port" cluster info | grep -q cluster_state:ok && break; sleep 0.05
+        done
+    done
+    CLUSTER_SEEDS=$(IFS=,; echo "${seeds[*]}")
+}
+
 start_node() { # port extra-args...
     local port=$1; shift
     local out=/tmp/redis-bench-node-$port.out
@@ -58,7 +79,7 @@ load() { # label urls loadgen-args...
         --source-ips $IPS --label "$label" "$@" 2>/dev/null | tail -1 | tee -a "$OUT" | cut -c1-160
 }
 
-# setup: single | redis-1node | redis-2nodes
+# setup: single | redis-1node | redis-2nodes | cluster-2nodes (3 masters)
 run() { # setup workload loadgen-args...
     local setup=$1 workload=$2; shift 2
     [[ -z "${ONLY:-}" || "$setup/$workload" =~ $ONLY ]] || return 0
@@ -71,6 +92,11 @@ run() { # setup workload loadgen-args...
                 start_redis
                 start_node 8081 --redis "redis://127.0.0.1:$REDIS_PORT/0"
                 start_node 8080 --redis "redis://127.0.0.1:$REDIS_PORT/0"
+                urls=ws://127.0.0.1:8080/ws,ws://127.0.0.1:8081/ws ;;
+            cluster-2nodes)
+                start_cluster
+                start_node 8081 --redis-cluster "$CLUSTER_SEEDS"
+                start_node 8080 --redis-cluster "$CLUSTER_SEEDS"
                 urls=ws://127.0.0.1:8080/ws,ws://127.0.0.1:8081/ws ;;
         esac
         load "$setup/$workload" "$urls" "$@"
@@ -105,7 +131,7 @@ redis_benchmark() { # label "redis-benchmark options" script-args...
 }
 
 PAYLOAD=$(printf 'j"%098d"' 0)
-for setup in single redis-1node redis-2nodes; do
+for setup in single redis-1node redis-2nodes cluster-2nodes; do
     run $setup broadcast-saturation fanout --connections 10000 --duration 5 --payload 100
     run $setup broadcast-at-5pps fanout --connections 10000 --duration 5 --payload 100 --rate 5
     run $setup publish-throughput fanout --connections 100 --channels 100 --publishers 4 --window 256 \

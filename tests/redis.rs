@@ -723,3 +723,66 @@ async fn on_a_cluster_killed_pubsub_connections_resubscribe_and_catch_up() {
     expect_exactly_once(&mut on_b, last, &acked).await;
     assert!(b.metric("ringcast_redis_reconnects_total", &[]).await >= 2.0);
 }
+
+#[tokio::test]
+async fn on_a_cluster_a_subscribe_storm_is_one_shard_subscription_per_node() {
+    let cluster = RedisCluster::start(3);
+    let extra = [
+        "--max-subscriptions",
+        "10000",
+        "--max-batch-requests",
+        "1000",
+    ];
+    let a = cluster_node(&cluster, &extra).await;
+    let b = cluster_node(&cluster, &extra).await;
+    let mut clients = Vec::new();
+    for relay in [&a, &a, &b] {
+        let mut c = Client::connect(relay, Fmt::MsgPack).await;
+        for chunk in (0..10_000).collect::<Vec<_>>().chunks(1000) {
+            let batch: Vec<Value> = chunk
+                .iter()
+                .map(|i| json!({"action": "subscribe", "channel": format!("storm.{i}")}))
+                .collect();
+            c.send(Value::Array(batch)).await;
+        }
+        clients.push(c);
+    }
+    for c in clients.iter_mut() {
+        for _ in 0..10_000 {
+            c.expect_type("subscribed").await;
+        }
+    }
+    let mut shard_channels = 0;
+    for node in &cluster.nodes {
+        shard_channels += node
+            .cli(&["PUBSUB", "SHARDCHANNELS", "ringcast:storm.*"])
+            .lines()
+            .count();
+    }
+    assert_eq!(
+        shard_channels, 10_000,
+        "each channel once, on its own master"
+    );
+    let owner = cluster.owner_of("ringcast:storm.0");
+    let numsub = || cluster.nodes[owner].cli(&["PUBSUB", "SHARDNUMSUB", "ringcast:storm.0"]);
+    assert_eq!(numsub().lines().nth(1), Some("2"), "one per node");
+    http_publish(a.addr, "storm.4321", r#""hit""#, "").await;
+    for c in clients.iter_mut() {
+        let m = messages(c, 1).await;
+        assert_eq!(
+            (m[0]["channel"].as_str(), m[0]["seq"].as_u64()),
+            (Some("storm.4321"), Some(1))
+        );
+    }
+    // The last subscriber of a node leaving ends that node's subscription.
+    drop(clients.pop());
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while numsub().lines().nth(1) != Some("1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node B never unsubscribed: {}",
+            numsub()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
