@@ -440,11 +440,15 @@ async fn killed_pubsub_connections_resubscribe_and_catch_up_in_order() {
 #[tokio::test]
 async fn a_subscribe_storm_of_ten_thousand_channels_is_one_redis_subscription_each() {
     let redis = RedisServer::start();
+    // The clients send every subscribe before reading a reply: room for
+    // 10,000 acks, so the slow-consumer limit is not what this tests.
     let extra = [
         "--max-subscriptions",
         "10000",
         "--max-batch-requests",
         "1000",
+        "--max-pending-bytes",
+        "8388608",
     ];
     let a = node(&redis, &extra).await;
     let b = node(&redis, &extra).await;
@@ -727,11 +731,15 @@ async fn on_a_cluster_killed_pubsub_connections_resubscribe_and_catch_up() {
 #[tokio::test]
 async fn on_a_cluster_a_subscribe_storm_is_one_shard_subscription_per_node() {
     let cluster = RedisCluster::start(3);
+    // The clients send every subscribe before reading a reply: room for
+    // 10,000 acks, so the slow-consumer limit is not what this tests.
     let extra = [
         "--max-subscriptions",
         "10000",
         "--max-batch-requests",
         "1000",
+        "--max-pending-bytes",
+        "8388608",
     ];
     let a = cluster_node(&cluster, &extra).await;
     let b = cluster_node(&cluster, &extra).await;
