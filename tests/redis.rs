@@ -327,6 +327,11 @@ async fn redis_unreachable_at_start_means_not_ready_and_unavailable() {
     assert_eq!(kinds, vec!["message", "published"]);
 }
 
+/// Fault tests keep every message they publish in history: how many are
+/// published while a link is down depends on timing, and what is in
+/// history must come back whatever that was.
+const ROOM_FOR_EVERY_MESSAGE: [&str; 2] = ["--history-size", "1000"];
+
 /// Publishes `0..n` as data on `channel` through `relay`'s HTTP endpoint,
 /// one at a time, retrying while the backplane answers 503; returns the seq
 /// each was acknowledged with.
@@ -377,8 +382,8 @@ async fn redis_restart_mid_stream_loses_nothing_acknowledged() {
         free_port(),
         &["--appendonly", "yes", "--appendfsync", "always"],
     );
-    let a = node(&redis, &[]).await;
-    let b = node(&redis, &[]).await;
+    let a = node(&redis, &ROOM_FOR_EVERY_MESSAGE).await;
+    let b = node(&redis, &ROOM_FOR_EVERY_MESSAGE).await;
     let mut on_a = Client::connect(&a, Fmt::Json).await;
     let mut on_b = Client::connect(&b, Fmt::Json).await;
     on_a.subscribe("stream").await;
@@ -407,8 +412,8 @@ async fn redis_restart_mid_stream_loses_nothing_acknowledged() {
 #[tokio::test]
 async fn killed_pubsub_connections_resubscribe_and_catch_up_in_order() {
     let redis = RedisServer::start();
-    let a = node(&redis, &[]).await;
-    let b = node(&redis, &[]).await;
+    let a = node(&redis, &ROOM_FOR_EVERY_MESSAGE).await;
+    let b = node(&redis, &ROOM_FOR_EVERY_MESSAGE).await;
     let mut on_b = Client::connect(&b, Fmt::Json).await;
     on_b.subscribe("cut").await;
     let (kill_tx, mut kill_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -700,8 +705,8 @@ async fn on_a_cluster_since_recovers_from_history_on_another_node() {
 #[tokio::test]
 async fn on_a_cluster_killed_pubsub_connections_resubscribe_and_catch_up() {
     let cluster = RedisCluster::start(3);
-    let a = cluster_node(&cluster, &[]).await;
-    let b = cluster_node(&cluster, &[]).await;
+    let a = cluster_node(&cluster, &ROOM_FOR_EVERY_MESSAGE).await;
+    let b = cluster_node(&cluster, &ROOM_FOR_EVERY_MESSAGE).await;
     let (channel, _) = channels_on_every_master(&cluster, 1).remove(1);
     let mut on_b = Client::connect(&b, Fmt::Json).await;
     on_b.subscribe(&channel).await;
@@ -793,4 +798,29 @@ async fn on_a_cluster_a_subscribe_storm_is_one_shard_subscription_per_node() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_paused_master_is_noticed_and_healed() {
+    let cluster = RedisCluster::start(3);
+    let probe = ["--redis-probe-interval", "0.1", "--history-size", "1000"];
+    let a = cluster_node(&cluster, &probe).await;
+    let b = cluster_node(&cluster, &probe).await;
+    let (channel, owner) = channels_on_every_master(&cluster, 1).remove(2);
+    let mut on_b = Client::connect(&b, Fmt::Json).await;
+    on_b.subscribe(&channel).await;
+    let (pause_tx, mut pause_rx) = tokio::sync::mpsc::unbounded_channel();
+    let publisher = tokio::spawn(publish_all(a.addr, channel, 200, move |i| {
+        if i == 50 {
+            let _ = pause_tx.send(());
+        }
+    }));
+    pause_rx.recv().await.unwrap();
+    // Ten times the 0.3 s of silence that marks a link deaf.
+    cluster.nodes[owner].cli(&["CLIENT", "PAUSE", "3000", "ALL"]);
+    let acked = publisher.await.unwrap();
+    let last = *acked.keys().last().unwrap();
+    expect_exactly_once(&mut on_b, last, &acked).await;
+    assert!(b.metric("ringcast_redis_deaf_total", &[]).await >= 1.0);
+    b.wait_readyz(200).await;
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::prelude::*;
-use fred::types::Message;
+use fred::types::{ClusterStateChange, Message};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::scripts::{self, ChannelKeys};
@@ -109,8 +109,30 @@ struct Probe {
     back: Option<Instant>,
 }
 
+/// The pub/sub client's event streams, taken again when the client is
+/// replaced.
+struct PubsubEvents {
+    messages: tokio::sync::broadcast::Receiver<Message>,
+    connects: tokio::sync::broadcast::Receiver<Server>,
+    errors: tokio::sync::broadcast::Receiver<(Error, Option<Server>)>,
+    cluster_changes: tokio::sync::broadcast::Receiver<Vec<ClusterStateChange>>,
+}
+
+impl PubsubEvents {
+    fn of(client: &Client) -> PubsubEvents {
+        PubsubEvents {
+            messages: client.message_rx(),
+            connects: client.reconnect_rx(),
+            errors: client.error_rx(),
+            cluster_changes: client.cluster_change_rx(),
+        }
+    }
+}
+
 struct Link {
     config: Arc<RelayConfig>,
+    /// Builds the clients; kept to replace a deaf pub/sub client.
+    builder: Builder,
     mesh: Mesh,
     node: Arc<NodeState>,
     commands: Client,
@@ -172,6 +194,7 @@ impl Link {
         let node_tag = format!("{:08x}{:08x}", node.epoch_nonce, fastrand::u32(..));
         let (internal, internal_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Link {
+            builder,
             clustered: !config.redis_cluster.is_empty(),
             fence_prefix: format!("{}$fence:{node_tag}:", config.redis_prefix),
             probes: vec![Probe {
@@ -207,11 +230,8 @@ impl Link {
     }
 
     async fn run(mut self, queues: Queues) {
-        let mut messages = self.pubsub.message_rx();
-        let mut pubsub_connects = self.pubsub.reconnect_rx();
+        let mut events = PubsubEvents::of(&self.pubsub);
         let mut command_connects = self.commands.reconnect_rx();
-        let mut errors = self.pubsub.error_rx();
-        let mut cluster_changes = self.pubsub.cluster_change_rx();
         let Some(mut internal) = self.internal_rx.take() else {
             return;
         };
@@ -229,7 +249,7 @@ impl Link {
                     Ok(cmd) => self.take_commands(cmd, &queues),
                     Err(_) => return,
                 },
-                msg = messages.recv() => match msg {
+                msg = events.messages.recv() => match msg {
                     Ok(msg) => self.on_message(msg),
                     Err(RecvError::Lagged(n)) => {
                         tracing::warn!(lost = n, "Redis pub/sub reader lagged; resyncing every channel");
@@ -238,7 +258,7 @@ impl Link {
                     }
                     Err(RecvError::Closed) => return,
                 },
-                server = pubsub_connects.recv() => {
+                server = events.connects.recv() => {
                     if let Ok(server) = server {
                         tracing::info!(%server, "Redis pub/sub connected; resubscribing");
                     }
@@ -246,7 +266,7 @@ impl Link {
                     self.set_synced(false);
                     self.resync_due = true;
                 }
-                changes = cluster_changes.recv() => {
+                changes = events.cluster_changes.recv() => {
                     if let Ok(changes) = changes {
                         tracing::info!(?changes, "Redis Cluster topology changed; resubscribing");
                     }
@@ -260,13 +280,18 @@ impl Link {
                     }
                     self.load_scripts();
                 }
-                error = errors.recv() => {
+                error = events.errors.recv() => {
                     if let Ok((error, server)) = error {
                         tracing::warn!(%error, ?server, "Redis pub/sub connection error");
                     }
                     self.set_synced(false);
                 }
-                _ = tick.tick() => self.on_tick(),
+                _ = tick.tick() => {
+                    if self.on_tick() {
+                        events = PubsubEvents::of(&self.pubsub);
+                        self.pubsub.connect();
+                    }
+                }
             }
         }
     }
@@ -696,6 +721,30 @@ impl Link {
         self.probes = probes;
     }
 
+    /// Swaps the pub/sub client for a fresh one. A forced reconnection is not
+    /// enough: on a cluster fred keeps every connection that reports no
+    /// error, and a deaf one reports none.
+    fn replace_pubsub(&mut self) -> bool {
+        let fresh = match self.builder.build() {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build a new pub/sub client; forcing a reconnection");
+                let pubsub = self.pubsub.clone();
+                tokio::spawn(async move {
+                    let _ = pubsub.force_reconnection().await;
+                });
+                return false;
+            }
+        };
+        let old = std::mem::replace(&mut self.pubsub, fresh);
+        tokio::spawn(async move {
+            // A deaf connection may never answer QUIT; fred's unresponsive
+            // check closes it then.
+            let _ = tokio::time::timeout(Duration::from_secs(5), old.quit()).await;
+        });
+        true
+    }
+
     fn load_scripts(&self) {
         let client = self.commands.clone();
         let clustered = self.clustered;
@@ -840,7 +889,10 @@ impl Link {
         }
     }
 
-    fn on_tick(&mut self) {
+    /// Health checks and retries; true when the pub/sub client was replaced
+    /// (the caller listens to the new one, then connects it).
+    fn on_tick(&mut self) -> bool {
+        let mut replaced = false;
         let now = Instant::now();
         if self.resync_due {
             self.resync();
@@ -879,10 +931,7 @@ impl Link {
                 metrics::counter!("ringcast_redis_deaf_total").increment(1);
                 self.last_forced_reconnect = Some(now);
                 self.set_synced(false);
-                let pubsub = self.pubsub.clone();
-                tokio::spawn(async move {
-                    let _ = pubsub.force_reconnection().await;
-                });
+                replaced = self.replace_pubsub();
             }
         }
         self.update_readiness();
@@ -897,6 +946,7 @@ impl Link {
         );
         metrics::gauge!("ringcast_redis_up", "role" => "pubsub")
             .set(if self.pubsub.is_connected() { 1.0 } else { 0.0 });
+        replaced
     }
 }
 
