@@ -1,0 +1,294 @@
+//! The servers compared: how each is installed, started and reached. The
+//! same load generator drives all of them; each speaks (or is given) the
+//! JSON request/event vocabulary it understands.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::procs::{self, Proc};
+use crate::workloads::Topology;
+
+/// Where things are and which core the servers get.
+pub struct Env {
+    pub root: PathBuf,
+    pub logs: PathBuf,
+    pub server_cpu: u32,
+    pub redis_port: u16,
+}
+
+impl Env {
+    fn bin(&self, name: &str) -> String {
+        self.root
+            .join("target/release")
+            .join(name)
+            .display()
+            .to_string()
+    }
+
+    fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.redis_port)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Ringcast,
+    Baseline,
+    NodeWs,
+}
+
+pub struct Contender {
+    pub name: &'static str,
+    pub what: &'static str,
+    kind: Kind,
+}
+
+pub const CONTENDERS: &[Contender] = &[
+    Contender {
+        name: "ringcast",
+        what: "this project, --workers 1; embedded backplane on one node, Redis between two",
+        kind: Kind::Ringcast,
+    },
+    Contender {
+        name: "node-ws",
+        what: "the Node.js tutorial relay: ws + ioredis, one Redis channel per channel, fan-out by iterating the subscriber set (bench/contenders/node-ws)",
+        kind: Kind::NodeWs,
+    },
+    Contender {
+        name: "baseline",
+        what: "tokio + tokio-tungstenite broadcast server written the usual way, one thread (bench/src/bin/baseline.rs); one node only",
+        kind: Kind::Baseline,
+    },
+];
+
+/// The servers of one run and how the load generator reaches them.
+pub struct Started {
+    /// Servers first, then Redis: the order they stop in.
+    procs: Vec<Proc>,
+    /// `--url` for the load generator (comma-separated nodes).
+    pub urls: String,
+    /// The process sampled for RSS and CPU (the first node).
+    pub pid: u32,
+}
+
+impl Started {
+    /// Stops every process of the run (servers before Redis).
+    pub fn stop(self) {
+        drop(self.procs);
+    }
+}
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+impl Contender {
+    pub fn supports(&self, topology: Topology) -> bool {
+        !(self.kind == Kind::Baseline && topology == Topology::TwoNodes)
+    }
+
+    fn needs_redis(&self, topology: Topology) -> bool {
+        match self.kind {
+            Kind::Ringcast => topology == Topology::TwoNodes,
+            Kind::Baseline => false,
+            Kind::NodeWs => true,
+        }
+    }
+
+    fn ports(&self) -> [u16; 2] {
+        match self.kind {
+            Kind::Ringcast => [8080, 8081],
+            _ => [8090, 8091],
+        }
+    }
+
+    /// Installs what the contender needs (binaries are built beforehand by
+    /// `bench/compare`); returns its version line for the results.
+    pub fn prepare(&self, env: &Env) -> Result<String> {
+        match self.kind {
+            Kind::Ringcast | Kind::Baseline => {
+                for bin in ["ringcast", "baseline", "loadgen"] {
+                    if !Path::new(&env.bin(bin)).exists() {
+                        bail!(
+                            "{} is missing: run bench/compare (it builds the workspace)",
+                            env.bin(bin)
+                        );
+                    }
+                }
+                let rev =
+                    output("git", &["rev-parse", "--short", "HEAD"], &env.root).unwrap_or_default();
+                Ok(format!("git {rev}"))
+            }
+            Kind::NodeWs => {
+                let dir = env.root.join("bench/contenders/node-ws");
+                if !dir.join("node_modules/ws").exists()
+                    || !dir.join("node_modules/ioredis").exists()
+                {
+                    run(
+                        "npm",
+                        &["ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                        &dir,
+                    )
+                    .context("installing the node-ws contender (npm ci)")?;
+                }
+                let node = output("node", &["--version"], &dir)?;
+                let ws = package_version(&dir, "ws")?;
+                let ioredis = package_version(&dir, "ioredis")?;
+                Ok(format!("node {node}, ws {ws}, ioredis {ioredis}"))
+            }
+        }
+    }
+
+    pub fn start(&self, topology: Topology, env: &Env) -> Result<Started> {
+        let mut procs = Vec::new();
+        if self.needs_redis(topology) {
+            let mut redis = Proc::spawn(
+                "redis-server",
+                env.server_cpu,
+                "redis-server",
+                &strings(&[
+                    "--port",
+                    &env.redis_port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ]),
+                &env.logs,
+                &[],
+                &env.logs.join("redis.log"),
+            )?;
+            procs::wait_listening(&mut redis, addr(env.redis_port), PATIENCE)?;
+            procs.push(redis);
+        }
+        let nodes = match topology {
+            Topology::Single => 1,
+            Topology::TwoNodes => 2,
+        };
+        let mut urls = Vec::new();
+        let mut first_pid = None;
+        // Servers start after Redis and must stop before it: insert at the
+        // front so they drop first.
+        for (i, port) in self.ports().into_iter().take(nodes).enumerate() {
+            let log = env.logs.join(format!("{}-{i}.log", self.name));
+            let mut proc = match self.kind {
+                Kind::Ringcast => {
+                    let mut args = strings(&[
+                        "--workers",
+                        "1",
+                        "--listen",
+                        &format!("127.0.0.1:{port}"),
+                        "--metrics-addr",
+                        "127.0.0.1:0",
+                        "--log",
+                        "warn",
+                        "--max-publish-rate",
+                        "0",
+                        "--max-subscriptions",
+                        "10000",
+                    ]);
+                    if topology == Topology::TwoNodes {
+                        args.extend(strings(&["--redis", &env.redis_url()]));
+                    }
+                    Proc::spawn(
+                        self.name,
+                        env.server_cpu,
+                        &env.bin("ringcast"),
+                        &args,
+                        &env.root,
+                        &[],
+                        &log,
+                    )?
+                }
+                Kind::Baseline => Proc::spawn(
+                    self.name,
+                    env.server_cpu,
+                    &env.bin("baseline"),
+                    &strings(&["--threads", "1", "--listen", &format!("127.0.0.1:{port}")]),
+                    &env.root,
+                    &[],
+                    &log,
+                )?,
+                Kind::NodeWs => Proc::spawn(
+                    self.name,
+                    env.server_cpu,
+                    "node",
+                    &strings(&["server.js"]),
+                    &env.root.join("bench/contenders/node-ws"),
+                    &[("PORT", port.to_string()), ("REDIS_URL", env.redis_url())],
+                    &log,
+                )?,
+            };
+            if self.kind == Kind::Ringcast {
+                procs::wait_http_ok(&mut proc, addr(port), "/readyz", PATIENCE)?;
+            } else {
+                procs::wait_listening(&mut proc, addr(port), PATIENCE)?;
+            }
+            first_pid.get_or_insert(proc.pid());
+            urls.push(format!("ws://127.0.0.1:{port}/ws"));
+            procs.insert(0, proc);
+        }
+        Ok(Started {
+            procs,
+            urls: urls.join(","),
+            pid: first_pid.expect("at least one node"),
+        })
+    }
+
+    /// Ports this contender needs free before it starts.
+    pub fn needed_ports(&self, topology: Topology, env: &Env) -> Vec<u16> {
+        let mut ports: Vec<u16> = match topology {
+            Topology::Single => self.ports()[..1].to_vec(),
+            Topology::TwoNodes => self.ports().to_vec(),
+        };
+        if self.needs_redis(topology) {
+            ports.push(env.redis_port);
+        }
+        ports
+    }
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn run(program: &str, args: &[&str], dir: &Path) -> Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn output(program: &str, args: &[&str], dir: &Path) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {} failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The installed version of an npm package, from its package.json.
+fn package_version(dir: &Path, package: &str) -> Result<String> {
+    let path = dir.join("node_modules").join(package).join("package.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)?;
+    Ok(json["version"].as_str().unwrap_or("?").to_string())
+}
