@@ -85,17 +85,48 @@ pub async fn connect_to(ctx: &Ctx, n: usize, target: &Target) -> Result<Ws> {
     // Latency is the figure under test; Nagle would add up to 40 ms to it.
     stream.set_nodelay(true)?;
     let mut request = target.url.as_str().into_client_request()?;
-    request.headers_mut().insert(
-        SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(ctx.format.subprotocol()),
-    );
+    if let Some(subprotocol) = ctx.format.subprotocol() {
+        request.headers_mut().insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(subprotocol),
+        );
+    }
     // 16 KiB instead of 128 KiB per read buffer keeps 19,000 client sockets
     // from costing the load generator gigabytes.
     let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
-    let (ws, _) = client_async_with_config(request, stream, Some(config))
+    let (mut ws, _) = client_async_with_config(request, stream, Some(config))
         .await
         .context("WebSocket handshake")?;
+    if ctx.format == Format::SocketIo {
+        socketio_connect(&mut ws).await?;
+    }
     Ok(ws)
+}
+
+/// Engine.IO open packet in, Socket.IO CONNECT to the main namespace out,
+/// its answer in.
+async fn socketio_connect(ws: &mut Ws) -> Result<()> {
+    let open = ws
+        .next()
+        .await
+        .context("closed before the Engine.IO open packet")??;
+    if !open.to_text().is_ok_and(|t| t.starts_with('0')) {
+        bail!("expected the Engine.IO open packet, got {open:?}");
+    }
+    ws.send(Message::text("40")).await?;
+    loop {
+        let msg = ws
+            .next()
+            .await
+            .context("closed before the Socket.IO connect")??;
+        let text = msg.to_text().unwrap_or("");
+        if text.starts_with("40") {
+            return Ok(());
+        }
+        if text.starts_with("44") {
+            bail!("Socket.IO connect refused: {text}");
+        }
+    }
 }
 
 /// Connects and subscribes to `channels`, returning once every `subscribed`

@@ -83,7 +83,7 @@ fn run(cli: Cli) -> Result<Report> {
         mode,
         label: common.label.clone(),
         url: common.url.clone(),
-        format: common.format.subprotocol().to_string(),
+        format: common.format.name().to_string(),
         threads: common.threads,
         ..Report::default()
     };

@@ -17,14 +17,27 @@ use tokio_tungstenite::tungstenite::Message;
 pub enum Format {
     Json,
     Msgpack,
+    /// Socket.IO 4 (Engine.IO 4 over a WebSocket), for the Socket.IO
+    /// contender: each request is an event with an ack, named by its action
+    /// and carrying the rest of the request; the server answers and emits
+    /// ringcast-style event objects inside the Socket.IO packets.
+    #[value(name = "socketio")]
+    SocketIo,
 }
 
 impl Format {
-    pub fn subprotocol(self) -> &'static str {
+    /// The WebSocket subprotocol to offer, if any.
+    pub fn subprotocol(self) -> Option<&'static str> {
         match self {
-            Format::Json => "ringcast.v1.json",
-            Format::Msgpack => "ringcast.v1.msgpack",
+            Format::Json => Some("ringcast.v1.json"),
+            Format::Msgpack => Some("ringcast.v1.msgpack"),
+            Format::SocketIo => None,
         }
+    }
+
+    /// For the report.
+    pub fn name(self) -> &'static str {
+        self.subprotocol().unwrap_or("socket.io/4")
     }
 
     pub fn encode<T: Serialize>(self, value: &T) -> Result<Message> {
@@ -33,8 +46,44 @@ impl Format {
             // Named fields: the protocol wants maps with string keys, not the
             // positional arrays rmp-serde writes by default.
             Format::Msgpack => Message::binary(rmp_serde::to_vec_named(value)?),
+            Format::SocketIo => Message::text(socketio_event(serde_json::to_value(value)?)?),
         })
     }
+}
+
+/// `{"action": A, "id": N, rest…}` as the Socket.IO packet `42N["A",{rest…}]`
+/// (an EVENT asking for an ack with id N).
+fn socketio_event(request: serde_json::Value) -> Result<String> {
+    let serde_json::Value::Object(mut fields) = request else {
+        anyhow::bail!("a Socket.IO request must be an object");
+    };
+    let action = fields
+        .remove("action")
+        .and_then(|a| a.as_str().map(str::to_string))
+        .ok_or_else(|| anyhow::anyhow!("a request without an action"))?;
+    let id = fields.remove("id").and_then(|i| i.as_u64());
+    let args = serde_json::to_string(&(action, fields))?;
+    Ok(match id {
+        Some(id) => format!("42{id}{args}"),
+        None => format!("42{args}"),
+    })
+}
+
+/// One Socket.IO packet in a text frame: an EVENT (`42["message",{…}]`)
+/// yields its event object, an ACK (`43N[{…}]`) its answer with id N;
+/// Engine.IO control packets (ping, noop) yield nothing.
+fn decode_socketio(text: &str, each: &mut impl FnMut(Event)) -> Result<()> {
+    if let Some(rest) = text.strip_prefix("42") {
+        let (_, event): (IgnoredAny, Event) = serde_json::from_str(rest)?;
+        each(event);
+    } else if let Some(rest) = text.strip_prefix("43") {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let id = rest[..digits].parse::<u64>().ok();
+        let (mut event,): (Event,) = serde_json::from_str(&rest[digits..])?;
+        event.id = Num(id);
+        each(event);
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -88,7 +137,7 @@ pub fn padding(format: Format, target: usize) -> String {
         p: "",
     };
     let overhead = match format {
-        Format::Json => serde_json::to_vec(&bare).map(|v| v.len()).unwrap_or(32),
+        Format::Json | Format::SocketIo => serde_json::to_vec(&bare).map(|v| v.len()).unwrap_or(32),
         Format::Msgpack => rmp_serde::to_vec_named(&bare)
             .map(|v| v.len())
             .unwrap_or(16),
@@ -127,6 +176,11 @@ pub struct Event {
 /// MessagePack, whatever was negotiated; control frames hold no events.
 pub fn decode(msg: &Message, mut each: impl FnMut(Event)) -> Result<()> {
     match msg {
+        // ringcast frames hold an object or an array; Socket.IO packets
+        // start with their type digit.
+        Message::Text(text) if text.as_bytes().first().is_some_and(u8::is_ascii_digit) => {
+            decode_socketio(text.as_str(), &mut each)?;
+        }
         Message::Text(text) => {
             let mut de = serde_json::Deserializer::from_slice(text.as_bytes());
             de.deserialize_any(FrameVisitor(&mut each))?;
@@ -362,6 +416,28 @@ mod tests {
         let mut out = Vec::new();
         decode(&msg, |e| out.push(e)).unwrap();
         out
+    }
+
+    #[test]
+    fn socketio_packets() {
+        let request = Subscribe::new("bench.3", 7);
+        let Message::Text(text) = Format::SocketIo.encode(&request).unwrap() else {
+            panic!("a text frame");
+        };
+        assert_eq!(text.as_str(), r#"427["subscribe",{"channel":"bench.3"}]"#);
+        let got = events(Message::text(r#"4312[{"type":"published","channel":"c"}]"#));
+        assert_eq!((got[0].kind, got[0].id), (Kind::Published, Num(Some(12))));
+        let got = events(Message::text(
+            r#"42["message",{"type":"message","channel":"c","data":{"t":99,"p":"x"}}]"#,
+        ));
+        assert_eq!(
+            (got[0].kind, got[0].stamp),
+            (Kind::Message, Stamp(Some(99)))
+        );
+        assert!(
+            events(Message::text("2")).is_empty(),
+            "a ping carries no event"
+        );
     }
 
     #[test]

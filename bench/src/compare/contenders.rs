@@ -39,6 +39,7 @@ enum Kind {
     Ringcast,
     Baseline,
     NodeWs,
+    SocketIo,
 }
 
 pub struct Contender {
@@ -57,6 +58,11 @@ pub const CONTENDERS: &[Contender] = &[
         name: "node-ws",
         what: "the Node.js tutorial relay: ws + ioredis, one Redis channel per channel, fan-out by iterating the subscriber set (bench/contenders/node-ws)",
         kind: Kind::NodeWs,
+    },
+    Contender {
+        name: "socketio",
+        what: "Socket.IO 4 with @socket.io/redis-adapter, rooms as channels, WebSocket transport only (bench/contenders/socketio)",
+        kind: Kind::SocketIo,
     },
     Contender {
         name: "baseline",
@@ -93,14 +99,43 @@ impl Contender {
         match self.kind {
             Kind::Ringcast => topology == Topology::TwoNodes,
             Kind::Baseline => false,
-            Kind::NodeWs => true,
+            Kind::NodeWs | Kind::SocketIo => true,
         }
     }
 
     fn ports(&self) -> [u16; 2] {
         match self.kind {
             Kind::Ringcast => [8080, 8081],
+            Kind::SocketIo => [8092, 8093],
             _ => [8090, 8091],
+        }
+    }
+
+    fn url(&self, port: u16) -> String {
+        match self.kind {
+            Kind::SocketIo => format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"),
+            _ => format!("ws://127.0.0.1:{port}/ws"),
+        }
+    }
+
+    /// Load generator options this contender needs (its wire format).
+    pub fn loadgen_args(&self) -> &'static [&'static str] {
+        match self.kind {
+            Kind::SocketIo => &["--format", "socketio"],
+            _ => &[],
+        }
+    }
+
+    /// The npm project of a Node.js contender and the packages whose
+    /// versions the results record.
+    fn npm_project(&self) -> Option<(&'static str, &'static [&'static str])> {
+        match self.kind {
+            Kind::NodeWs => Some(("bench/contenders/node-ws", &["ws", "ioredis"])),
+            Kind::SocketIo => Some((
+                "bench/contenders/socketio",
+                &["socket.io", "@socket.io/redis-adapter", "ioredis"],
+            )),
+            _ => None,
         }
     }
 
@@ -121,22 +156,25 @@ impl Contender {
                     output("git", &["rev-parse", "--short", "HEAD"], &env.root).unwrap_or_default();
                 Ok(format!("git {rev}"))
             }
-            Kind::NodeWs => {
-                let dir = env.root.join("bench/contenders/node-ws");
-                if !dir.join("node_modules/ws").exists()
-                    || !dir.join("node_modules/ioredis").exists()
+            Kind::NodeWs | Kind::SocketIo => {
+                let (project, packages) = self.npm_project().expect("a Node.js contender");
+                let dir = env.root.join(project);
+                if !packages
+                    .iter()
+                    .all(|p| dir.join("node_modules").join(p).exists())
                 {
                     run(
                         "npm",
                         &["ci", "--no-audit", "--no-fund", "--loglevel=error"],
                         &dir,
                     )
-                    .context("installing the node-ws contender (npm ci)")?;
+                    .with_context(|| format!("installing the {} contender (npm ci)", self.name))?;
                 }
-                let node = output("node", &["--version"], &dir)?;
-                let ws = package_version(&dir, "ws")?;
-                let ioredis = package_version(&dir, "ioredis")?;
-                Ok(format!("node {node}, ws {ws}, ioredis {ioredis}"))
+                let mut version = format!("node {}", output("node", &["--version"], &dir)?);
+                for package in packages {
+                    version.push_str(&format!(", {package} {}", package_version(&dir, package)?));
+                }
+                Ok(version)
             }
         }
     }
@@ -213,12 +251,13 @@ impl Contender {
                     &[],
                     &log,
                 )?,
-                Kind::NodeWs => Proc::spawn(
+                Kind::NodeWs | Kind::SocketIo => Proc::spawn(
                     self.name,
                     env.server_cpu,
                     "node",
                     &strings(&["server.js"]),
-                    &env.root.join("bench/contenders/node-ws"),
+                    &env.root
+                        .join(self.npm_project().expect("a Node.js contender").0),
                     &[("PORT", port.to_string()), ("REDIS_URL", env.redis_url())],
                     &log,
                 )?,
@@ -229,7 +268,7 @@ impl Contender {
                 procs::wait_listening(&mut proc, addr(port), PATIENCE)?;
             }
             first_pid.get_or_insert(proc.pid());
-            urls.push(format!("ws://127.0.0.1:{port}/ws"));
+            urls.push(self.url(port));
             procs.insert(0, proc);
         }
         Ok(Started {

@@ -243,6 +243,7 @@ fn run_one(env: &Env, cli: &Cli, contender: &Contender, workload: &Workload) -> 
         "--label".into(),
         format!("{}/{}", contender.name, workload.name),
     ];
+    args.extend(contender.loadgen_args().iter().map(|s| s.to_string()));
     args.extend(workload.args.iter().map(|s| s.to_string()));
     let log = env.logs.join("loadgen.log");
     let out = procs::run_to_end(
