@@ -507,11 +507,13 @@ mod tests {
             m.to_text().unwrap(),
             r#"{"action":"publish","channel":"bench.0","data":{"t":1,"p":"xx"},"id":3}"#
         );
-        for format in [Format::Json, Format::Msgpack] {
+        for format in [Format::Json, Format::Msgpack, Format::SocketIo] {
             let pad = padding(format, 100);
             let t = 1_700_000_000_000_000_000;
             let len = match format {
-                Format::Json => serde_json::to_vec(&Payload { t, p: &pad }).unwrap().len(),
+                Format::Json | Format::SocketIo => {
+                    serde_json::to_vec(&Payload { t, p: &pad }).unwrap().len()
+                }
                 Format::Msgpack => rmp_serde::to_vec_named(&Payload { t, p: &pad })
                     .unwrap()
                     .len(),
