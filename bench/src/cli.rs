@@ -51,6 +51,10 @@ pub struct Common {
     /// Free text copied into the JSON output.
     #[arg(long, global = true, default_value = "")]
     pub label: String,
+    /// The Pusher app (`ID:KEY:SECRET`) whose HTTP API publishers sign their
+    /// requests for, with `--format pusher`.
+    #[arg(long, global = true, value_name = "ID:KEY:SECRET")]
+    pub pusher_app: Option<crate::pusher::App>,
     /// Tokio worker threads (1 lets `taskset -c N` pin the load to one core).
     #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,

@@ -45,6 +45,8 @@ pub struct Ctx {
     /// `bench.0` .. `bench.{C-1}`, built once.
     pub names: Vec<String>,
     pub live: Live,
+    /// With `--format pusher`: the app publishers sign for.
+    pub pusher_app: Option<crate::pusher::App>,
 }
 
 impl Ctx {
@@ -97,8 +99,10 @@ pub async fn connect_to(ctx: &Ctx, n: usize, target: &Target) -> Result<Ws> {
     let (mut ws, _) = client_async_with_config(request, stream, Some(config))
         .await
         .context("WebSocket handshake")?;
-    if ctx.format == Format::SocketIo {
-        socketio_connect(&mut ws).await?;
+    match ctx.format {
+        Format::SocketIo => socketio_connect(&mut ws).await?,
+        Format::Pusher => crate::pusher::wait_established(&mut ws).await?,
+        Format::Json | Format::Msgpack => {}
     }
     Ok(ws)
 }
@@ -146,11 +150,12 @@ async fn open_and_subscribe(ctx: &Ctx, n: usize, channels: &[usize]) -> Result<W
         }
         let mut refused = None;
         decode(&msg, |ev| match ev.kind {
+            // Pusher confirmations carry no id.
             Kind::Subscribed
                 if ev
                     .id
                     .0
-                    .is_some_and(|id| id >= 1 && id <= channels.len() as u64) =>
+                    .is_none_or(|id| id >= 1 && id <= channels.len() as u64) =>
             {
                 pending = pending.saturating_sub(1);
             }

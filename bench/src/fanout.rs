@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::cli::FanoutArgs;
 use crate::client::{bar_style, connect_to, open_all, Ctx, Ws, CLOSE_TIMEOUT};
 use crate::procfs::ServerSampler;
-use crate::proto::{decode, padding, Kind, Publish};
+use crate::proto::{decode, padding, Format, Kind, Publish};
 use crate::stats::{merged_latencies, now_ns, round, Report};
 
 /// Longest the run waits after publishing for messages still on their way.
@@ -81,7 +81,13 @@ pub async fn run(
     }
 
     let mut publishers = Vec::new();
+    // Pusher clients cannot publish on public channels: its publishers use
+    // the HTTP API and need no WebSocket.
+    let http_publishers = ctx.format == Format::Pusher;
     for p in 0..args.publishers as usize {
+        if http_publishers {
+            break;
+        }
         match connect_to(&ctx, conns as usize + p, &ctx.targets[0]).await {
             Ok(ws) => publishers.push(ws),
             Err(e) => {
@@ -104,11 +110,17 @@ pub async fn run(
         pad: padding(ctx.format, args.payload),
         subscribers,
     });
-    let handles: Vec<_> = publishers
-        .into_iter()
-        .enumerate()
-        .map(|(p, ws)| tokio::spawn(publisher(ctx.clone(), shared.clone(), ws, p)))
-        .collect();
+    let handles: Vec<_> = if http_publishers {
+        (0..args.publishers as usize)
+            .map(|p| tokio::spawn(http_publisher(ctx.clone(), shared.clone(), p)))
+            .collect()
+    } else {
+        publishers
+            .into_iter()
+            .enumerate()
+            .map(|(p, ws)| tokio::spawn(publisher(ctx.clone(), shared.clone(), ws, p)))
+            .collect()
+    };
 
     let bar = ProgressBar::new(args.duration).with_style(bar_style(
         "fanout  [{elapsed_precise}] {bar:40} {pos}/{len}s {msg}",
@@ -347,5 +359,86 @@ async fn publisher(ctx: Arc<Ctx>, plan: Arc<PubPlan>, mut ws: Ws, p: usize) -> P
         }
     }
     let _ = timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+    stats
+}
+
+/// A publisher through the Pusher HTTP API: the same schedule as
+/// [`publisher`], each publication one signed request on its own connection
+/// (at most `window` in flight), from the source addresses in turn so that
+/// thousands of short connections do not run out of ports.
+async fn http_publisher(ctx: Arc<Ctx>, plan: Arc<PubPlan>, p: usize) -> PubStats {
+    let mut stats = PubStats::default();
+    let Some(app) = ctx.pusher_app.clone() else {
+        stats.error("no --pusher-app".into());
+        return stats;
+    };
+    let target = &ctx.targets[0];
+    let host = target.addr.to_string();
+    let channels = ctx.names.len();
+    let mut next = p % channels;
+    let mut in_flight = tokio::task::JoinSet::new();
+    let settle = |stats: &mut PubStats, done: Result<Result<()>, tokio::task::JoinError>| match done
+    {
+        Ok(Ok(())) => stats.acked += 1,
+        Ok(Err(e)) => {
+            stats.failed += 1;
+            stats.error(format!("{e:#}"));
+        }
+        Err(e) => {
+            stats.failed += 1;
+            stats.error(format!("publish task: {e}"));
+        }
+    };
+    loop {
+        while let Some(done) = in_flight.try_join_next() {
+            settle(&mut stats, done);
+        }
+        let now = Instant::now();
+        if now >= plan.end {
+            break;
+        }
+        let due = if plan.rate > 0.0 {
+            ((now - plan.start).as_secs_f64() * plan.rate) as u64 + 1
+        } else {
+            u64::MAX
+        };
+        let unix_secs = now_ns() / 1_000_000_000;
+        while stats.sent < due && stats.in_flight() < plan.window {
+            let channel = next;
+            next = (next + 1) % channels;
+            let request = match app.publish_request(
+                &host,
+                &ctx.names[channel],
+                now_ns(),
+                &plan.pad,
+                unix_secs,
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    stats.error(format!("encode: {e:#}"));
+                    return stats;
+                }
+            };
+            let source = (!ctx.source_ips.is_empty())
+                .then(|| ctx.source_ips[(stats.sent as usize + p) % ctx.source_ips.len()]);
+            in_flight.spawn(crate::pusher::post(target.addr, source, request));
+            stats.sent += 1;
+            stats.expected += plan.subscribers[channel];
+            stats.last_send = Some(Instant::now());
+        }
+        let wake = if plan.rate > 0.0 && stats.in_flight() < plan.window {
+            (plan.start + Duration::from_secs_f64(stats.sent as f64 / plan.rate)).min(plan.end)
+        } else {
+            plan.end
+        };
+        tokio::select! {
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => settle(&mut stats, done),
+            _ = sleep_until(wake) => {}
+        }
+    }
+    let deadline = Instant::now() + ACK_WAIT;
+    while let Ok(Some(done)) = timeout_at(deadline, in_flight.join_next()).await {
+        settle(&mut stats, done);
+    }
     stats
 }

@@ -8,6 +8,7 @@ mod fanout;
 mod idle;
 mod procfs;
 mod proto;
+mod pusher;
 mod stats;
 
 use std::process::ExitCode;
@@ -72,7 +73,12 @@ fn run(cli: Cli) -> Result<Report> {
             conn.connections
         );
     }
+    ensure!(
+        common.format != proto::Format::Pusher || common.pusher_app.is_some(),
+        "--format pusher needs --pusher-app ID:KEY:SECRET (publishes go through the signed HTTP API)"
+    );
     let ctx = Arc::new(Ctx {
+        pusher_app: common.pusher_app.clone(),
         targets,
         format: common.format,
         source_ips,

@@ -23,6 +23,10 @@ pub enum Format {
     /// ringcast-style event objects inside the Socket.IO packets.
     #[value(name = "socketio")]
     SocketIo,
+    /// The Pusher protocol (version 7), for sockudo: subscribe with
+    /// `pusher:subscribe`, publish through the signed HTTP API
+    /// (`--pusher-app`), deliveries as events whose `data` is a string.
+    Pusher,
 }
 
 impl Format {
@@ -31,13 +35,17 @@ impl Format {
         match self {
             Format::Json => Some("ringcast.v1.json"),
             Format::Msgpack => Some("ringcast.v1.msgpack"),
-            Format::SocketIo => None,
+            Format::SocketIo | Format::Pusher => None,
         }
     }
 
     /// For the report.
     pub fn name(self) -> &'static str {
-        self.subprotocol().unwrap_or("socket.io/4")
+        match self {
+            Format::SocketIo => "socket.io/4",
+            Format::Pusher => "pusher/7",
+            _ => self.subprotocol().unwrap_or("?"),
+        }
     }
 
     pub fn encode<T: Serialize>(self, value: &T) -> Result<Message> {
@@ -47,7 +55,21 @@ impl Format {
             // positional arrays rmp-serde writes by default.
             Format::Msgpack => Message::binary(rmp_serde::to_vec_named(value)?),
             Format::SocketIo => Message::text(socketio_event(serde_json::to_value(value)?)?),
+            Format::Pusher => Message::text(pusher_request(serde_json::to_value(value)?)?),
         })
+    }
+}
+
+/// A subscribe request as `pusher:subscribe`; Pusher clients cannot publish
+/// on public channels, so publishes go through the HTTP API instead.
+fn pusher_request(request: serde_json::Value) -> Result<String> {
+    match (request["action"].as_str(), request["channel"].as_str()) {
+        (Some("subscribe"), Some(channel)) => Ok(serde_json::json!({
+            "event": "pusher:subscribe",
+            "data": {"channel": channel},
+        })
+        .to_string()),
+        _ => anyhow::bail!("only subscribe goes over a Pusher WebSocket"),
     }
 }
 
@@ -137,7 +159,9 @@ pub fn padding(format: Format, target: usize) -> String {
         p: "",
     };
     let overhead = match format {
-        Format::Json | Format::SocketIo => serde_json::to_vec(&bare).map(|v| v.len()).unwrap_or(32),
+        Format::Json | Format::SocketIo | Format::Pusher => {
+            serde_json::to_vec(&bare).map(|v| v.len()).unwrap_or(32)
+        }
         Format::Msgpack => rmp_serde::to_vec_named(&bare)
             .map(|v| v.len())
             .unwrap_or(16),
@@ -169,6 +193,9 @@ pub struct Event {
     pub code: Option<String>,
     #[serde(default)]
     pub message: Option<String>,
+    /// A Pusher event's name (`event`), read as a kind when `type` is absent.
+    #[serde(rename = "event", default)]
+    pub pusher: Kind,
 }
 
 /// Calls `each` for every event in a frame, whether the frame holds one event
@@ -205,9 +232,11 @@ impl<'de, F: FnMut(Event)> Visitor<'de> for FrameVisitor<'_, F> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        (self.0)(Event::deserialize(de::value::MapAccessDeserializer::new(
-            map,
-        ))?);
+        let mut event = Event::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        if event.kind == Kind::Other {
+            event.kind = event.pusher;
+        }
+        (self.0)(event);
         Ok(())
     }
 
@@ -314,10 +343,18 @@ impl<'de> Visitor<'de> for StampVisitor {
         visit_u64: u64,
         visit_i64: i64,
         visit_f64: f64,
-        visit_str: &str,
         visit_bytes: &[u8],
     );
     skip_compound!();
+
+    /// Pusher carries `data` as a string holding JSON.
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Stamp, E> {
+        if !v.starts_with('{') {
+            return Ok(Stamp(None));
+        }
+        let mut inner = serde_json::Deserializer::from_str(v);
+        Ok(inner.deserialize_any(StampVisitor).unwrap_or(Stamp(None)))
+    }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Stamp, A::Error> {
         let mut t = None;
@@ -386,8 +423,8 @@ impl<'de> Visitor<'de> for KindVisitor {
         Ok(match v {
             "message" => Kind::Message,
             "published" => Kind::Published,
-            "subscribed" => Kind::Subscribed,
-            "error" => Kind::Error,
+            "subscribed" | "pusher_internal:subscription_succeeded" => Kind::Subscribed,
+            "error" | "pusher:error" => Kind::Error,
             _ => Kind::Other,
         })
     }
@@ -416,6 +453,35 @@ mod tests {
         let mut out = Vec::new();
         decode(&msg, |e| out.push(e)).unwrap();
         out
+    }
+
+    #[test]
+    fn pusher_events() {
+        let Message::Text(text) = Format::Pusher
+            .encode(&Subscribe::new("bench.1", 3))
+            .unwrap()
+        else {
+            panic!("a text frame");
+        };
+        let sent: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(
+            sent,
+            serde_json::json!({"event": "pusher:subscribe", "data": {"channel": "bench.1"}})
+        );
+        assert!(Format::Pusher
+            .encode(&Publish::new("bench.1", 1, "x", 1))
+            .is_err());
+        let got = events(Message::text(
+            r#"{"event":"pusher_internal:subscription_succeeded","channel":"bench.1","data":"{}"}"#,
+        ));
+        assert_eq!(got[0].kind, Kind::Subscribed);
+        let got = events(Message::text(
+            r#"{"event":"message","channel":"bench.1","data":"{\"t\":77,\"p\":\"xx\"}"}"#,
+        ));
+        assert_eq!(
+            (got[0].kind, got[0].stamp),
+            (Kind::Message, Stamp(Some(77)))
+        );
     }
 
     #[test]
@@ -507,11 +573,16 @@ mod tests {
             m.to_text().unwrap(),
             r#"{"action":"publish","channel":"bench.0","data":{"t":1,"p":"xx"},"id":3}"#
         );
-        for format in [Format::Json, Format::Msgpack, Format::SocketIo] {
+        for format in [
+            Format::Json,
+            Format::Msgpack,
+            Format::SocketIo,
+            Format::Pusher,
+        ] {
             let pad = padding(format, 100);
             let t = 1_700_000_000_000_000_000;
             let len = match format {
-                Format::Json | Format::SocketIo => {
+                Format::Json | Format::SocketIo | Format::Pusher => {
                     serde_json::to_vec(&Payload { t, p: &pad }).unwrap().len()
                 }
                 Format::Msgpack => rmp_serde::to_vec_named(&Payload { t, p: &pad })

@@ -40,7 +40,14 @@ enum Kind {
     Baseline,
     NodeWs,
     SocketIo,
+    Sockudo,
 }
+
+/// sockudo's pinned release, built by `cargo install` into `target/`.
+const SOCKUDO_VERSION: &str = "5.2.0";
+/// The one app the sockudo contender serves (also given to the load
+/// generator, which signs its HTTP publishes with it).
+const SOCKUDO_APP: (&str, &str, &str) = ("bench", "benchkey", "benchsecret");
 
 pub struct Contender {
     pub name: &'static str,
@@ -63,6 +70,11 @@ pub const CONTENDERS: &[Contender] = &[
         name: "socketio",
         what: "Socket.IO 4 with @socket.io/redis-adapter, rooms as channels, WebSocket transport only (bench/contenders/socketio)",
         kind: Kind::SocketIo,
+    },
+    Contender {
+        name: "sockudo",
+        what: "sockudo, the Rust (tokio) Pusher-protocol server: cargo install --locked, pinned; subscribe over the Pusher protocol, publish through its signed HTTP API; local adapter on one node, Redis adapter between two",
+        kind: Kind::Sockudo,
     },
     Contender {
         name: "baseline",
@@ -100,6 +112,7 @@ impl Contender {
             Kind::Ringcast => topology == Topology::TwoNodes,
             Kind::Baseline => false,
             Kind::NodeWs | Kind::SocketIo => true,
+            Kind::Sockudo => topology == Topology::TwoNodes,
         }
     }
 
@@ -107,6 +120,7 @@ impl Contender {
         match self.kind {
             Kind::Ringcast => [8080, 8081],
             Kind::SocketIo => [8092, 8093],
+            Kind::Sockudo => [6001, 6002],
             _ => [8090, 8091],
         }
     }
@@ -114,16 +128,30 @@ impl Contender {
     fn url(&self, port: u16) -> String {
         match self.kind {
             Kind::SocketIo => format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"),
+            Kind::Sockudo => format!(
+                "ws://127.0.0.1:{port}/app/{}?protocol=7&client=ringcast-loadgen&version=1.0",
+                SOCKUDO_APP.1
+            ),
             _ => format!("ws://127.0.0.1:{port}/ws"),
         }
     }
 
     /// Load generator options this contender needs (its wire format).
-    pub fn loadgen_args(&self) -> &'static [&'static str] {
+    pub fn loadgen_args(&self) -> Vec<String> {
         match self.kind {
-            Kind::SocketIo => &["--format", "socketio"],
-            _ => &[],
+            Kind::SocketIo => strings(&["--format", "socketio"]),
+            Kind::Sockudo => strings(&[
+                "--format",
+                "pusher",
+                "--pusher-app",
+                &format!("{}:{}:{}", SOCKUDO_APP.0, SOCKUDO_APP.1, SOCKUDO_APP.2),
+            ]),
+            _ => Vec::new(),
         }
+    }
+
+    fn sockudo_bin(env: &Env) -> PathBuf {
+        env.root.join("target/contenders/sockudo/bin/sockudo")
     }
 
     /// The npm project of a Node.js contender and the packages whose
@@ -155,6 +183,24 @@ impl Contender {
                 let rev =
                     output("git", &["rev-parse", "--short", "HEAD"], &env.root).unwrap_or_default();
                 Ok(format!("git {rev}"))
+            }
+            Kind::Sockudo => {
+                let bin = Self::sockudo_bin(env);
+                let installed = output(&bin.display().to_string(), &["--version"], &env.root)
+                    .unwrap_or_default();
+                if !installed.contains(SOCKUDO_VERSION) {
+                    eprintln!("   cargo install sockudo {SOCKUDO_VERSION} (a long build, once)");
+                    run(
+                        "cargo",
+                        &[
+                            "install", "--locked", "--root", "target/contenders/sockudo", "sockudo",
+                            "--version", SOCKUDO_VERSION, "--no-default-features", "--features", "local,redis",
+                        ],
+                        &env.root,
+                    )
+                    .context("installing sockudo (needs protobuf-compiler, cmake, clang: apt-get install protobuf-compiler cmake clang libclang-dev)")?;
+                }
+                Ok(format!("sockudo {SOCKUDO_VERSION} (features local, redis)"))
             }
             Kind::NodeWs | Kind::SocketIo => {
                 let (project, packages) = self.npm_project().expect("a Node.js contender");
@@ -251,6 +297,48 @@ impl Contender {
                     &[],
                     &log,
                 )?,
+                Kind::Sockudo => {
+                    let (id, key, secret) = SOCKUDO_APP;
+                    let adapter = if topology == Topology::TwoNodes {
+                        "redis"
+                    } else {
+                        "local"
+                    };
+                    // Run from the log directory: sockudo reads
+                    // config/config.toml from its working directory when
+                    // present, and there is none there.
+                    let mut vars = vec![
+                        ("HOST", "127.0.0.1".into()),
+                        ("PORT", port.to_string()),
+                        ("SOCKUDO_DEFAULT_APP_ID", id.into()),
+                        ("SOCKUDO_DEFAULT_APP_KEY", key.into()),
+                        ("SOCKUDO_DEFAULT_APP_SECRET", secret.into()),
+                        // Its defaults (100 connections, rate limits)
+                        // are for production, not for a benchmark.
+                        ("SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS", "0".into()),
+                        ("SOCKUDO_MAX_CONNECTIONS", "0".into()),
+                        ("RATE_LIMITER_ENABLED", "false".into()),
+                        ("METRICS_ENABLED", "false".into()),
+                        ("ADAPTER_DRIVER", adapter.into()),
+                        ("ADAPTER_FALLBACK_TO_LOCAL", "false".into()),
+                        ("REDIS_URL", env.redis_url()),
+                        ("RUST_LOG", "warn".into()),
+                    ];
+                    if topology == Topology::TwoNodes {
+                        // Required by sockudo for more than one node (its
+                        // idempotency cache must be shared).
+                        vars.push(("CACHE_DRIVER", "redis".into()));
+                    }
+                    Proc::spawn(
+                        self.name,
+                        env.server_cpu,
+                        &Self::sockudo_bin(env).display().to_string(),
+                        &[],
+                        &env.logs,
+                        &vars,
+                        &log,
+                    )?
+                }
                 Kind::NodeWs | Kind::SocketIo => Proc::spawn(
                     self.name,
                     env.server_cpu,

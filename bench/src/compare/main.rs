@@ -142,13 +142,6 @@ fn run(cli: Cli) -> Result<()> {
     let host = contenders::output("hostname", &[], &root).unwrap_or_else(|_| "host".into());
     let date = contenders::output("date", &["+%Y%m%d"], &root)?;
     let results_path = root.join(format!("bench/results/compare-{date}-{host}.json"));
-    let mut results = json!({
-        "meta": meta(&cli, &root)?,
-        "contenders": versions,
-        "workloads": workloads.iter().map(|w| (w.name.to_string(), json!(w.what))).collect::<serde_json::Map<_, _>>(),
-        "runs": [],
-    });
-
     let plan: Vec<(&Workload, &Contender)> = workloads
         .iter()
         .flat_map(|w| {
@@ -158,6 +151,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map(move |c| (*w, *c))
         })
         .collect();
+    let mut results = start_results(&results_path, &plan, meta(&cli, &root)?, versions)?;
     let total = plan.len() as u64 * u64::from(cli.runs);
     let bar = ProgressBar::new(total).with_style(
         ProgressStyle::with_template(
@@ -184,7 +178,7 @@ fn run(cli: Cli) -> Result<()> {
                             headline(&result)
                         ),
                     );
-                    json!({"contender": contender.name, "workload": workload.name, "run": run, "result": result})
+                    json!({"contender": contender.name, "workload": workload.name, "run": run, "at": now(&root), "result": result})
                 }
                 Err(e) => {
                     say(
@@ -194,7 +188,7 @@ fn run(cli: Cli) -> Result<()> {
                             contender.name, workload.name
                         ),
                     );
-                    json!({"contender": contender.name, "workload": workload.name, "run": run, "error": format!("{e:#}")})
+                    json!({"contender": contender.name, "workload": workload.name, "run": run, "at": now(&root), "error": format!("{e:#}")})
                 }
             };
             results["runs"]
@@ -211,7 +205,14 @@ fn run(cli: Cli) -> Result<()> {
     if !cli.no_report {
         report::write(&root, &results_path)?;
     }
-    let _ = std::fs::remove_dir_all(&logs);
+    let failed = results["runs"]
+        .as_array()
+        .is_some_and(|runs| runs.iter().any(|r| r.get("error").is_some()));
+    if failed {
+        eprintln!("some runs failed; server and loadgen logs kept in {}", logs.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&logs);
+    }
     Ok(())
 }
 
@@ -243,7 +244,7 @@ fn run_one(env: &Env, cli: &Cli, contender: &Contender, workload: &Workload) -> 
         "--label".into(),
         format!("{}/{}", contender.name, workload.name),
     ];
-    args.extend(contender.loadgen_args().iter().map(|s| s.to_string()));
+    args.extend(contender.loadgen_args());
     args.extend(workload.args.iter().map(|s| s.to_string()));
     let log = env.logs.join("loadgen.log");
     let out = procs::run_to_end(
@@ -278,6 +279,41 @@ fn headline(r: &Value) -> String {
             r["expected"]
         )
     }
+}
+
+/// The results of today's file on this host, without the cells about to be
+/// measured again (so a run of some contenders or workloads updates those
+/// cells and keeps the others), or a fresh document.
+fn start_results(
+    path: &std::path::Path,
+    plan: &[(&Workload, &Contender)],
+    meta: Value,
+    versions: serde_json::Map<String, Value>,
+) -> Result<Value> {
+    let mut results = match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str::<Value>(&text)
+            .with_context(|| format!("{} is not a results file; move it away", path.display()))?,
+        Err(_) => json!({"contenders": {}, "workloads": {}, "runs": []}),
+    };
+    let rerun = |run: &Value| {
+        plan.iter()
+            .any(|(w, c)| run["workload"] == w.name && run["contender"] == c.name)
+    };
+    if let Some(runs) = results["runs"].as_array_mut() {
+        runs.retain(|run| !rerun(run));
+    }
+    results["meta"] = meta;
+    for (name, version) in versions {
+        results["contenders"][name] = version;
+    }
+    for (w, _) in plan {
+        results["workloads"][w.name] = json!(w.what);
+    }
+    Ok(results)
+}
+
+fn now(root: &std::path::Path) -> String {
+    contenders::output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"], root).unwrap_or_default()
 }
 
 /// The machine and conditions, recorded with the results.

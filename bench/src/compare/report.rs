@@ -142,6 +142,17 @@ fn render(results: &Value, source: &str) -> String {
         meta["load_cpu"],
         meta["runs"],
     );
+    let mut days: Vec<&str> = results["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["at"].as_str().map(|a| a.get(..10).unwrap_or(a)))
+        .collect();
+    days.sort_unstable();
+    days.dedup();
+    if !days.is_empty() {
+        let _ = writeln!(s, "Runs made on: {}.\n", days.join(", "));
+    }
     let _ = writeln!(s, "| contender | version | what |\n|---|---|---|");
     let contenders: Vec<String> = results["contenders"]
         .as_object()
