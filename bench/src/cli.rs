@@ -108,6 +108,10 @@ pub struct FanoutArgs {
     /// Approximate size in bytes of each published `data` value.
     #[arg(long, default_value_t = 100)]
     pub payload: usize,
+    /// Percent of subscriber connections that subscribe and then never read
+    /// (slow consumers); they are left out of `expected` and of latency.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=50))]
+    pub slow_percent: u32,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -47,6 +47,34 @@ pub struct Ctx {
     pub live: Live,
     /// With `--format pusher`: the app publishers sign for.
     pub pusher_app: Option<crate::pusher::App>,
+    /// Percent of subscriber connections that never read after subscribing.
+    pub slow_percent: u32,
+}
+
+impl Ctx {
+    /// Whether subscriber `index` is one of the slow consumers: spread
+    /// evenly, `slow_percent` of every hundred.
+    pub fn is_slow(&self, index: usize) -> bool {
+        slow(index, self.slow_percent)
+    }
+}
+
+fn slow(index: usize, percent: u32) -> bool {
+    let p = percent as usize;
+    (index + 1) * p / 100 > index * p / 100
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slow_consumers_are_the_asked_share_spread_evenly() {
+        for percent in [0, 1, 3, 50] {
+            let slow: Vec<usize> = (0..1000).filter(|&i| super::slow(i, percent)).collect();
+            assert_eq!(slow.len(), 10 * percent as usize, "{percent}%");
+        }
+        let one: Vec<usize> = (0..300).filter(|&i| super::slow(i, 1)).collect();
+        assert_eq!(one, vec![99, 199, 299]);
+    }
 }
 
 impl Ctx {
@@ -260,6 +288,11 @@ async fn subscriber(
         }
     };
     drop(ready);
+    if ctx.is_slow(index) {
+        // A consumer that stopped reading: the server's problem now.
+        let _ = stop.wait_for(|stop| *stop).await;
+        return stats;
+    }
     let mut stamps = Vec::new();
     loop {
         tokio::select! {

@@ -74,7 +74,10 @@ pub async fn run(
         );
     }
     let mut subscribers = vec![0u64; channels];
-    for &i in &opened.connected {
+    let slow = opened.connected.iter().filter(|&&i| ctx.is_slow(i)).count();
+    report.slow_consumers = Some(slow as u64);
+    // Slow consumers never read: what they are sent is not expected.
+    for &i in opened.connected.iter().filter(|&&i| !ctx.is_slow(i)) {
         for j in 0..per_conn {
             subscribers[(i * per_conn + j) % channels] += 1;
         }

@@ -79,6 +79,10 @@ fn run(cli: Cli) -> Result<Report> {
     );
     let ctx = Arc::new(Ctx {
         pusher_app: common.pusher_app.clone(),
+        slow_percent: match &cli.mode {
+            Mode::Fanout(a) => a.slow_percent,
+            _ => 0,
+        },
         targets,
         format: common.format,
         source_ips,

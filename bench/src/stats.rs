@@ -111,6 +111,8 @@ pub struct Report {
     pub connected: u64,
     pub channels: u32,
     pub subs_per_conn: u32,
+    /// Subscriber connections that never read (fanout --slow-percent).
+    pub slow_consumers: Option<u64>,
     pub publishers: Option<u32>,
     pub payload: Option<usize>,
     pub rate: Option<u64>,

@@ -209,7 +209,10 @@ fn run(cli: Cli) -> Result<()> {
         .as_array()
         .is_some_and(|runs| runs.iter().any(|r| r.get("error").is_some()));
     if failed {
-        eprintln!("some runs failed; server and loadgen logs kept in {}", logs.display());
+        eprintln!(
+            "some runs failed; server and loadgen logs kept in {}",
+            logs.display()
+        );
     } else {
         let _ = std::fs::remove_dir_all(&logs);
     }

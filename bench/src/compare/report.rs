@@ -184,7 +184,7 @@ fn render(results: &Value, source: &str) -> String {
         if idle {
             let _ = writeln!(s, "| contender | server RSS per connection | kernel slab per connection (both ends) | ringcast uses | runs |\n|---|---|---|---|---|");
         } else {
-            let _ = writeln!(s, "| contender | delivered msg/s | ringcast ÷ it | p50 ms | p99 ms | p99.9 ms | delivered / expected | server CPU % | runs |\n|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(s, "| contender | delivered msg/s | ringcast ÷ it | p50 ms | p99 ms | p99.9 ms | delivered / expected | server CPU % | server RSS peak | runs |\n|---|---|---|---|---|---|---|---|---|---|");
         }
         for contender in &order {
             let Some(cell) = cells.get(&(workload.clone(), contender.clone())) else {
@@ -220,12 +220,14 @@ fn render(results: &Value, source: &str) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "| {contender} | {} | {ratio} | {} | {} | {} | {share} | {} | {runs} |",
+                    "| {contender} | {} | {ratio} | {} | {} | {} | {share} | {} | {} | {runs} |",
                     f("delivered_per_sec").map_or("–".into(), num),
                     ms(f("p50_us")),
                     ms(f("p99_us")),
                     ms(f("p999_us")),
                     f("server_cpu_pct").map_or("–".into(), |c| format!("{c:.0}")),
+                    f("server_rss_peak")
+                        .map_or("–".into(), |b| format!("{:.0} MiB", b / 1048576.0)),
                 );
             }
         }

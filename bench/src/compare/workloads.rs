@@ -71,6 +71,15 @@ pub const WORKLOADS: &[Workload] = &[
         args: &["idle", "--connections", "15000", "--channels", "100", "--hold", "5"],
     },
     Workload {
+        name: "slow-consumers",
+        what: "1 channel, 1,000 subscribers of which 1% never read, 20 publications/s of 4 KiB for 10 s: the others' latency and the server's memory",
+        topology: Topology::Single,
+        args: &[
+            "fanout", "--connections", "1000", "--duration", "10", "--payload", "4096", "--rate", "20",
+            "--slow-percent", "1",
+        ],
+    },
+    Workload {
         name: "cross-node-10k",
         what: "2 server processes + 1 Redis, 10,000 subscribers split over both, publisher on the first, saturation",
         topology: Topology::TwoNodes,
