@@ -127,6 +127,11 @@ pub struct IdleArgs {
 pub struct ConnectArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
+    /// Reconnect storm: once every connection is set up, all of them vanish
+    /// at once and all reconnect and resubscribe at once (no limit on
+    /// setups in flight); the figures are those of the reconnection.
+    #[arg(long)]
+    pub storm: bool,
 }
 
 /// Where the sockets go: the URL as given (for the handshake's request line

@@ -347,6 +347,15 @@ impl Opened {
         }
     }
 
+    /// Every connection vanishes at once, without a close handshake (the
+    /// tasks are dropped with their sockets), as when clients lose their
+    /// network path.
+    pub fn vanish(self) {
+        for handle in self.handles {
+            handle.abort();
+        }
+    }
+
     /// Tells every subscriber to close and adds up what they saw.
     pub async fn close(self, stop: &watch::Sender<bool>) -> SubStats {
         let _ = stop.send(true);

@@ -35,7 +35,71 @@ pub async fn run_connect(
     server_pid: Option<u32>,
     report: &mut Report,
 ) -> Result<()> {
+    if args.storm {
+        return run_storm(ctx, &args.conn, server_pid, report).await;
+    }
     run(ctx, &args.conn, None, server_pid, report).await
+}
+
+/// Sets every connection up (paced by --concurrency), drops them all at
+/// once, then has them all reconnect and resubscribe at once: what a relay
+/// sees when a load balancer or a network path fails over.
+async fn run_storm(
+    ctx: Arc<Ctx>,
+    args: &ConnArgs,
+    server_pid: Option<u32>,
+    report: &mut Report,
+) -> Result<()> {
+    report.connections = args.connections;
+    report.channels = args.channels;
+    report.subs_per_conn = 1;
+    let mut sampler = server_pid.map(ServerSampler::start).transpose()?;
+    let channels = args.channels as usize;
+    let (_first_stop_tx, first_stop_rx) = watch::channel(false);
+    let first = open_all(
+        &ctx,
+        args.connections,
+        args.concurrency,
+        |i| vec![i % channels],
+        &first_stop_rx,
+        &mut sampler,
+    )
+    .await;
+    if first.connected.is_empty() {
+        bail!(
+            "no connection could be set up: {}",
+            first.first_error.unwrap_or_default()
+        );
+    }
+    report.initial_connect_per_sec = Some(round(first.per_sec(), 1));
+    first.vanish();
+    if let Some(s) = sampler.as_mut() {
+        s.restart_cpu();
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let storm = open_all(
+        &ctx,
+        args.connections,
+        args.connections,
+        |i| vec![i % channels],
+        &stop_rx,
+        &mut sampler,
+    )
+    .await;
+    report.connected = storm.connected.len() as u64;
+    report.connect_secs = round(storm.secs, 3);
+    report.connect_per_sec = round(storm.per_sec(), 1);
+    report.set_latency("setup", &storm.setup);
+    if let Some(s) = sampler.as_mut() {
+        report.server_rss_end = s.sample();
+        report.server_rss_start = s.rss_start;
+        report.server_rss_peak = s.rss_peak;
+        report.server_cpu_pct = s.cpu_pct().map(|c| round(c, 1));
+    }
+    let seen = storm.close(&stop_tx).await;
+    report.errors = seen.errors;
+    report.first_error = seen.first_error;
+    Ok(())
 }
 
 /// Connection i subscribes to channel i % C. With `hold`, the connections

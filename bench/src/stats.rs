@@ -121,6 +121,9 @@ pub struct Report {
     pub hold: Option<u64>,
     pub connect_secs: f64,
     pub connect_per_sec: f64,
+    /// With `connect --storm`: the first, paced connection wave's rate (the
+    /// connect figures above are the storm's).
+    pub initial_connect_per_sec: Option<f64>,
     pub measure_secs: Option<f64>,
     pub published: Option<u64>,
     pub published_acked: Option<u64>,

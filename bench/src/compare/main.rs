@@ -273,6 +273,14 @@ fn headline(r: &Value) -> String {
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     if r["mode"] == "idle" {
         format!("{:.0} B RSS per connection", f("rss_per_conn"))
+    } else if r["mode"] == "connect" {
+        format!(
+            "{:.0} setups/s, all {} in {:.2} s, setup p99 {:.1} ms",
+            f("connect_per_sec"),
+            r["connected"],
+            f("connect_secs"),
+            f("p99_us") / 1000.0
+        )
     } else {
         format!(
             "{:.0} msg/s delivered, p99 {:.1} ms, {} of {} delivered",

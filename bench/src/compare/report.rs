@@ -66,6 +66,9 @@ const FIELDS: &[&str] = &[
     "delivered",
     "expected",
     "connect_per_sec",
+    "connect_secs",
+    "connected",
+    "connections",
 ];
 
 fn cells(results: &Value) -> BTreeMap<(String, String), Cell> {
@@ -181,7 +184,10 @@ fn render(results: &Value, source: &str) -> String {
         let _ = writeln!(s, "\n### {workload}\n\n{}\n", what.as_str().unwrap_or(""));
         let ringcast = cells.get(&(workload.clone(), "ringcast".into()));
         let idle = workload.starts_with("idle");
-        if idle {
+        let setups = workload.starts_with("connect") || workload.starts_with("reconnect");
+        if setups {
+            let _ = writeln!(s, "| contender | setups/s | ringcast ÷ it | all set up in | setup p50 ms | setup p99 ms | connected / asked | server CPU % | runs |\n|---|---|---|---|---|---|---|---|---|");
+        } else if idle {
             let _ = writeln!(s, "| contender | server RSS per connection | kernel slab per connection (both ends) | ringcast uses | runs |\n|---|---|---|---|---|");
         } else {
             let _ = writeln!(s, "| contender | delivered msg/s | ringcast ÷ it | p50 ms | p99 ms | p99.9 ms | delivered / expected | server CPU % | server RSS peak | runs |\n|---|---|---|---|---|---|---|---|---|---|");
@@ -196,7 +202,26 @@ fn render(results: &Value, source: &str) -> String {
             } else {
                 cell.runs.to_string()
             };
-            if idle {
+            if setups {
+                let mine = ringcast.and_then(|r| r.fields.get("connect_per_sec").copied());
+                let ratio = match (mine, f("connect_per_sec")) {
+                    (Some(m), Some(t)) if t > 0.0 => format!("{:.2}×", m / t),
+                    _ => "–".into(),
+                };
+                let share = match (f("connected"), f("connections")) {
+                    (Some(c), Some(a)) if a > 0.0 => format!("{}/{}", num(c), num(a)),
+                    _ => "–".into(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {contender} | {} | {ratio} | {} | {} | {} | {share} | {} | {runs} |",
+                    f("connect_per_sec").map_or("–".into(), num),
+                    f("connect_secs").map_or("–".into(), |t| format!("{t:.2} s")),
+                    ms(f("p50_us")),
+                    ms(f("p99_us")),
+                    f("server_cpu_pct").map_or("–".into(), |c| format!("{c:.0}")),
+                );
+            } else if idle {
                 let mine = ringcast.and_then(|r| r.fields.get("rss_per_conn").copied());
                 let share = match (mine, f("rss_per_conn")) {
                     (Some(m), Some(t)) if t > 0.0 => format!("{:.2}×", m / t),

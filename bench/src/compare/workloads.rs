@@ -71,6 +71,18 @@ pub const WORKLOADS: &[Workload] = &[
         args: &["idle", "--connections", "15000", "--channels", "100", "--hold", "5"],
     },
     Workload {
+        name: "connect-10k",
+        what: "10,000 connections set up (TCP, WebSocket handshake, one subscribe) with 200 in flight: setups per second",
+        topology: Topology::Single,
+        args: &["connect", "--connections", "10000", "--channels", "100", "--concurrency", "200"],
+    },
+    Workload {
+        name: "reconnect-storm-10k",
+        what: "10,000 subscribed connections vanish at once and all reconnect and resubscribe at once: how long until all are back",
+        topology: Topology::Single,
+        args: &["connect", "--connections", "10000", "--channels", "100", "--storm"],
+    },
+    Workload {
         name: "slow-consumers",
         what: "1 channel, 1,000 subscribers of which 1% never read, 20 publications/s of 4 KiB for 10 s: the others' latency and the server's memory",
         topology: Topology::Single,
