@@ -3,6 +3,7 @@
 //! servers for every run), keeps the raw results and regenerates the
 //! comparison in `docs/benchmarks.md`. `bench/compare` builds and runs it.
 
+mod charts;
 mod contenders;
 mod procs;
 mod report;

@@ -1,7 +1,7 @@
 //! Turns a results file into the comparison section of
 //! `docs/benchmarks.md` (between two marker comments, so the rest of the
 //! document stays hand-written): medians per contender and workload, and
-//! ringcast's ratio against each.
+//! ringcast's ratio against each, and the charts of them.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,6 +9,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
+
+use crate::charts::{self, Chart, Group};
 
 const BEGIN: &str = "<!-- compare:begin -->";
 const END: &str = "<!-- compare:end -->";
@@ -18,7 +20,23 @@ pub fn write(root: &Path, results_path: &Path) -> Result<()> {
         .with_context(|| format!("reading {}", results_path.display()))?;
     let results: Value = serde_json::from_str(&text).context("the results file is not JSON")?;
     let relative = results_path.strip_prefix(root).unwrap_or(results_path);
-    let section = render(&results, &relative.display().to_string());
+    let chart_dir = root.join("docs/charts");
+    std::fs::create_dir_all(&chart_dir).context("creating docs/charts")?;
+    let cells = cells(&results);
+    let order = contender_order(&results);
+    let mut drawn = Vec::new();
+    for chart in chart_plan(&results, &cells, &order) {
+        if charts::draw(&chart_dir, &chart)? {
+            drawn.push((chart.file.to_string(), chart.title.to_string()));
+        }
+    }
+    let section = render(
+        &results,
+        &cells,
+        &order,
+        &drawn,
+        &relative.display().to_string(),
+    );
     let doc_path = root.join("docs/benchmarks.md");
     let doc = std::fs::read_to_string(&doc_path).context("reading docs/benchmarks.md")?;
     let updated = match (doc.find(BEGIN), doc.find(END)) {
@@ -125,9 +143,111 @@ fn ms(us: Option<f64>) -> String {
     us.map_or("–".into(), |u| format!("{:.1}", u / 1000.0))
 }
 
-fn render(results: &Value, source: &str) -> String {
+/// Contenders as the report lists them: ringcast first, then by name.
+fn contender_order(results: &Value) -> Vec<String> {
+    let mut order: Vec<String> = results["contenders"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    order.sort_by_key(|c| (c != "ringcast", c.clone()));
+    order
+}
+
+/// Workloads in the order they ran (the results file's map is sorted).
+fn workload_order(results: &Value) -> Vec<String> {
+    let mut workloads: Vec<String> = Vec::new();
+    for run in results["runs"].as_array().into_iter().flatten() {
+        let w = run["workload"].as_str().unwrap_or("").to_string();
+        if !workloads.contains(&w) {
+            workloads.push(w);
+        }
+    }
+    workloads
+}
+
+/// The charts of the report: saturation throughput, latency at the common
+/// rate, idle memory and setup rate.
+fn chart_plan<'a>(
+    results: &Value,
+    cells: &BTreeMap<(String, String), Cell>,
+    order: &'a [String],
+) -> Vec<Chart<'a>> {
+    let value = |workload: &str, contender: &str, field: &str| {
+        cells
+            .get(&(workload.to_string(), contender.to_string()))
+            .and_then(|c| c.fields.get(field).copied())
+    };
+    let group = |label: &str, workload: &str, field: &str, scale: f64| Group {
+        label: label.to_string(),
+        values: order
+            .iter()
+            .map(|c| value(workload, c, field).map(|v| v * scale))
+            .collect(),
+    };
+    let workloads = workload_order(results);
+    let saturation: Vec<Group> = workloads
+        .iter()
+        .filter(|w| {
+            ["broadcast", "many-channels", "cross-node"]
+                .iter()
+                .any(|p| w.starts_with(p))
+        })
+        .map(|w| group(w, w, "delivered_per_sec", 1.0))
+        .collect();
+    let latency = "latency-10k-5pps";
+    let setups: Vec<Group> = workloads
+        .iter()
+        .filter(|w| w.starts_with("connect") || w.starts_with("reconnect"))
+        .map(|w| group(w, w, "connect_per_sec", 1.0))
+        .collect();
+    vec![
+        Chart {
+            file: "throughput.svg",
+            title: "Delivered messages/s at saturation (medians, log scale)",
+            y_label: "messages/s",
+            log: true,
+            contenders: order,
+            groups: saturation,
+        },
+        Chart {
+            file: "latency.svg",
+            title: "Latency at 5 publications/s to 10,000 subscribers (ms, log scale)",
+            y_label: "ms",
+            log: true,
+            contenders: order,
+            groups: vec![
+                group("p50", latency, "p50_us", 1e-3),
+                group("p99", latency, "p99_us", 1e-3),
+                group("p99.9", latency, "p999_us", 1e-3),
+            ],
+        },
+        Chart {
+            file: "idle-memory.svg",
+            title: "Server RSS per idle connection, 15,000 connections (bytes, log scale)",
+            y_label: "bytes",
+            log: true,
+            contenders: order,
+            groups: vec![group("idle-15k", "idle-15k", "rss_per_conn", 1.0)],
+        },
+        Chart {
+            file: "setups.svg",
+            title: "Connection setups/s (handshake and one subscribe)",
+            y_label: "setups/s",
+            log: false,
+            contenders: order,
+            groups: setups,
+        },
+    ]
+}
+
+fn render(
+    results: &Value,
+    cells: &BTreeMap<(String, String), Cell>,
+    order: &[String],
+    charts: &[(String, String)],
+    source: &str,
+) -> String {
     let meta = &results["meta"];
-    let cells = cells(results);
     let mut s = String::new();
     let _ = writeln!(s, "{BEGIN}");
     let _ = writeln!(s, "## Comparison with other relays\n");
@@ -157,10 +277,6 @@ fn render(results: &Value, source: &str) -> String {
         let _ = writeln!(s, "Runs made on: {}.\n", days.join(", "));
     }
     let _ = writeln!(s, "| contender | version | what |\n|---|---|---|");
-    let contenders: Vec<String> = results["contenders"]
-        .as_object()
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default();
     for (name, c) in results["contenders"].as_object().into_iter().flatten() {
         let _ = writeln!(
             s,
@@ -169,16 +285,10 @@ fn render(results: &Value, source: &str) -> String {
             c["what"].as_str().unwrap_or("")
         );
     }
-    let mut order: Vec<String> = contenders.clone();
-    order.sort_by_key(|c| (c != "ringcast", c.clone()));
-    // Workloads in the order they ran (the results file's map is sorted).
-    let mut workloads: Vec<String> = Vec::new();
-    for run in results["runs"].as_array().into_iter().flatten() {
-        let w = run["workload"].as_str().unwrap_or("").to_string();
-        if !workloads.contains(&w) {
-            workloads.push(w);
-        }
+    for (file, title) in charts {
+        let _ = writeln!(s, "\n![{title}](charts/{file})");
     }
+    let workloads = workload_order(results);
     for workload in &workloads {
         let what = &results["workloads"][workload.as_str()];
         let _ = writeln!(s, "\n### {workload}\n\n{}\n", what.as_str().unwrap_or(""));
@@ -192,7 +302,7 @@ fn render(results: &Value, source: &str) -> String {
         } else {
             let _ = writeln!(s, "| contender | delivered msg/s | ringcast ÷ it | p50 ms | p99 ms | p99.9 ms | delivered / expected | server CPU % | server RSS peak | runs |\n|---|---|---|---|---|---|---|---|---|---|");
         }
-        for contender in &order {
+        for contender in order {
             let Some(cell) = cells.get(&(workload.clone(), contender.clone())) else {
                 continue;
             };
