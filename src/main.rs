@@ -4,6 +4,13 @@ use std::process::ExitCode;
 
 use ringcast::config::{Config, ConfigError};
 
+/// jemalloc rather than glibc's allocator: with 15,000 idle connections
+/// glibc left 1.6 to 2.2 KB of resident memory per connection (half of it
+/// free space fragmented between live objects), jemalloc 1.0 KB; see
+/// docs/benchmarks.md, idle memory.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let config = match Config::load() {
         Ok(c) => c,

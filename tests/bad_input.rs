@@ -345,3 +345,51 @@ async fn http_keep_alive_and_expect_continue() {
     assert_eq!(text.matches("HTTP/1.1 202 Accepted").count(), 2, "{text}");
     assert!(text.contains(r#"{"channel":"k","seq":1}"#), "{text}");
 }
+
+/// Input that arrives in pieces — a handshake in two writes, then a
+/// subscribe sent as a fragmented message (its first fragment empty), one
+/// byte per write — is reassembled across reads and answered like input
+/// that arrived whole. Whether the pieces land in separate reads is up to
+/// the kernel; the answer must be the same either way.
+#[tokio::test]
+async fn input_trickled_in_pieces_is_understood() {
+    use tokio::io::AsyncReadExt;
+    let relay = Relay::start(&["--workers", "1"]);
+    let mut s = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let request = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let (first, rest) = request.split_at(30);
+    s.write_all(first).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    s.write_all(rest).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+
+    let body = br#"{"action":"subscribe","channel":"trickle","id":9}"#;
+    let mut bytes = frame(false, 0x1, b"", MASK);
+    bytes.extend(frame(false, 0x0, &body[..10], MASK));
+    bytes.extend(frame(true, 0x0, &body[10..], MASK));
+    for b in bytes {
+        s.write_all(&[b]).await.unwrap();
+        s.flush().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let opcode = s.read_u8().await.unwrap();
+    assert_eq!(opcode, 0x81, "one unfragmented text frame");
+    let len = s.read_u8().await.unwrap() as usize;
+    assert!(len < 126, "a short reply");
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(reply["channel"], "trickle");
+    assert_eq!(reply["id"], 9);
+}

@@ -446,7 +446,13 @@ impl Shard {
             cancelled: false,
         });
         st.local[chan].pending += 1;
-        st.conns[key].subs.push((chan, SubState::Pending(token)));
+        let subs = &mut st.conns[key].subs;
+        // Most clients hold one subscription: room for exactly one, not the
+        // four a first push would reserve.
+        if subs.capacity() == 0 {
+            subs.reserve_exact(1);
+        }
+        subs.push((chan, SubState::Pending(token)));
         Ok((st.local[chan].name.clone(), token))
     }
 
@@ -982,6 +988,9 @@ impl Shard {
             for (_, entry) in &st.conns {
                 let conn = &entry.conn;
                 conn.publishes_this_tick.set(0);
+                if let Ok(mut out) = conn.out.try_borrow_mut() {
+                    out.release_if_empty();
+                }
                 if conn.close.get().is_some() && conn.closing_since.get().is_none() {
                     conn.closing_since.set(Some(now));
                 }

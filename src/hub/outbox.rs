@@ -201,6 +201,15 @@ impl Conn {
 }
 
 impl Outbox {
+    /// Frees the queue's storage when nothing is queued. Called once a
+    /// second by the heartbeat, so a connection that went quiet holds no
+    /// queue while a busy one keeps its storage between writes.
+    pub fn release_if_empty(&mut self) {
+        if self.items.is_empty() && self.items.capacity() > 0 {
+            self.items = VecDeque::new();
+        }
+    }
+
     pub fn set_waker(&mut self, waker: &Waker) {
         match &self.waker {
             Some(w) if w.will_wake(waker) => {}
@@ -244,5 +253,22 @@ impl Outbox {
             }
         }
         dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_emptied_queue_gives_its_storage_back_and_a_busy_one_keeps_it() {
+        let mut out = Outbox::default();
+        out.items.push_back(Out::Reply(b"{}".to_vec().into()));
+        out.release_if_empty();
+        assert!(out.items.capacity() > 0, "a queue with items keeps them");
+        assert_eq!(out.items.len(), 1);
+        out.items.clear();
+        out.release_if_empty();
+        assert_eq!(out.items.capacity(), 0);
     }
 }

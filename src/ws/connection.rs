@@ -7,7 +7,6 @@
 //! buffer. Writes are vectored: the frame header, the batch brackets and the
 //! shared, pre-encoded publications go to the kernel without being copied.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -24,10 +23,8 @@ use super::handshake;
 use crate::http::{send, Head, Response};
 use crate::hub::{CloseRequest, Conn, Out, Shard};
 use crate::protocol::{decode_requests, Format};
-use crate::runtime::io::write_all;
+use crate::runtime::io::{with_read_buf, write_all};
 
-/// Size of the per-worker read buffer shared by all its connections.
-const READ_CHUNK: usize = 64 * 1024;
 /// Reads per poll before the task yields, so a flooding client cannot starve
 /// the others on its core.
 const READ_BUDGET: usize = 4;
@@ -36,17 +33,14 @@ const MAX_BATCH_ITEMS: usize = 256;
 /// Slices handed to one `writev`.
 const MAX_IOV: usize = 128;
 
-thread_local! {
-    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_CHUNK].into_boxed_slice());
-}
-
-/// Completes the handshake and runs the connection until it ends.
+/// Completes the handshake; the connection, to be run until it ends, or
+/// `None` when the upgrade was refused (the refusal is already sent).
 pub async fn upgrade(
     shard: Rc<Shard>,
     mut stream: TcpStreamPoll,
     head: Head,
     mut leftover: Vec<u8>,
-) {
+) -> Option<ConnTask> {
     let up = match handshake::check(&head) {
         Ok(up) => up,
         Err(refusal) => {
@@ -56,7 +50,7 @@ pub async fn upgrade(
                 r.extra = "Sec-WebSocket-Version: 13\r\n";
             }
             let _ = send(&mut stream, &r, false).await;
-            return;
+            return None;
         }
     };
     // Nothing of the request is needed past this point; an idle connection
@@ -78,14 +72,14 @@ pub async fn upgrade(
             ..Response::text(503, why)
         };
         let _ = send(&mut stream, &r, false).await;
-        return;
+        return None;
     }
     let format = up.format;
     let response = handshake::response(&up);
     drop(up);
     if write_all(&mut stream, response.as_bytes()).await.is_err() {
         node.connections.fetch_sub(1, Ordering::Relaxed);
-        return;
+        return None;
     }
     drop(response);
     shard.metrics.handshakes_ok.increment(1);
@@ -95,7 +89,7 @@ pub async fn upgrade(
         key,
         conn,
         stream,
-        reader: WsReader::default(),
+        reader: None,
         frame: None,
         peer_closed: false,
         close_queued: false,
@@ -105,9 +99,7 @@ pub async fn upgrade(
     if !leftover.is_empty() {
         task.on_bytes(&mut leftover);
     }
-    // The connection lives on in a task of its own whose future is just
-    // `ConnTask` (a few hundred bytes), not this handshake's larger state.
-    monoio::spawn(task);
+    Some(task)
 }
 
 /// A data frame being written: the first `items` queued outputs, framed.
@@ -119,12 +111,15 @@ struct FrameInFlight {
     sent: usize,
 }
 
-struct ConnTask {
+/// A running WebSocket connection: a future that ends with it.
+pub struct ConnTask {
     shard: Rc<Shard>,
     key: usize,
     conn: Rc<Conn>,
     stream: TcpStreamPoll,
-    reader: WsReader,
+    /// The frame reader's state, boxed and only while it holds a partial
+    /// frame or message: most connections, most of the time, hold none.
+    reader: Option<Box<WsReader>>,
     frame: Option<FrameInFlight>,
     /// The client's close frame arrived.
     peer_closed: bool,
@@ -183,8 +178,7 @@ impl ConnTask {
 
     fn poll_reads(&mut self, cx: &mut Context<'_>) -> ReadState {
         for _ in 0..READ_BUDGET {
-            let got = READ_BUF.with(|b| {
-                let mut b = b.borrow_mut();
+            let got = with_read_buf(|b| {
                 let mut rb = ReadBuf::new(&mut b[..]);
                 match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
                     Poll::Pending => None,
@@ -216,11 +210,11 @@ impl ConnTask {
         if self.discarding {
             return;
         }
+        let mut reader = self.reader.take().map_or_else(WsReader::default, |r| *r);
         let Self {
             shard,
             key,
             conn,
-            reader,
             peer_closed,
             ..
         } = self;
@@ -262,6 +256,9 @@ impl ConnTask {
                 }
             }
         });
+        if !reader.is_idle() {
+            self.reader = Some(Box::new(reader));
+        }
         if let Err(violation) = result {
             self.shard.metrics.ws_violations.increment(1);
             self.conn.request_close(CloseRequest {
@@ -272,7 +269,7 @@ impl ConnTask {
         }
         if self.conn.close.get().is_some() {
             self.discarding = true;
-            self.reader = WsReader::default();
+            self.reader = None;
         }
     }
 

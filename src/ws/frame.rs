@@ -185,9 +185,10 @@ fn parse_close(payload: &[u8]) -> Result<Option<u16>, Violation> {
 }
 
 impl WsReader {
-    /// True when no partial frame or message is held (nothing allocated).
+    /// True when no partial frame or message is held (nothing allocated,
+    /// no message begun): the reader can be dropped and started afresh.
     pub fn is_idle(&self) -> bool {
-        self.partial.capacity() == 0 && self.fragments.capacity() == 0
+        self.partial.capacity() == 0 && self.fragments.capacity() == 0 && self.fragmented.is_none()
     }
 
     /// Feeds freshly read bytes. `on` is called for each complete event and
@@ -481,6 +482,11 @@ mod tests {
         let mut f = client_frame(true, OP_TEXT, b"{}");
         r.feed(&mut f, 1024, &mut |_| true).unwrap();
         assert!(r.is_idle());
+        // A message begun with an empty first fragment holds no bytes but
+        // must not be forgotten.
+        let mut first = client_frame(false, OP_TEXT, b"");
+        r.feed(&mut first, 1024, &mut |_| true).unwrap();
+        assert!(!r.is_idle());
     }
 
     proptest! {

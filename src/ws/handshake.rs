@@ -114,7 +114,7 @@ mod tests {
         let text = format!(
             "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         );
-        Head::parse(text.as_bytes(), 64).unwrap().unwrap().0
+        Head::parse(text.as_bytes()).unwrap().unwrap().0
     }
 
     #[test]
