@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use sha2::Digest;
 
 use crate::procs::{self, Proc};
 use crate::workloads::Topology;
@@ -18,6 +19,9 @@ pub struct Env {
     pub logs: PathBuf,
     pub server_cpu: u32,
     pub redis_port: u16,
+    /// A uWebSockets server the user built (`--uws`); never downloaded or
+    /// built by the harness.
+    pub uws: Option<PathBuf>,
 }
 
 impl Env {
@@ -41,6 +45,7 @@ enum Kind {
     NodeWs,
     SocketIo,
     Sockudo,
+    Uws,
 }
 
 /// sockudo's pinned release, built by `cargo install` into `target/`.
@@ -77,6 +82,11 @@ pub const CONTENDERS: &[Contender] = &[
         kind: Kind::Sockudo,
     },
     Contender {
+        name: "uws",
+        what: "uWebSockets: a server you built yourself on its pub/sub (--uws PATH), speaking the JSON subset of bench/contenders/README.md; one node",
+        kind: Kind::Uws,
+    },
+    Contender {
         name: "baseline",
         what: "tokio + tokio-tungstenite broadcast server written the usual way, one thread (bench/src/bin/baseline.rs); one node only",
         kind: Kind::Baseline,
@@ -104,13 +114,30 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 impl Contender {
     pub fn supports(&self, topology: Topology) -> bool {
-        !(self.kind == Kind::Baseline && topology == Topology::TwoNodes)
+        !(matches!(self.kind, Kind::Baseline | Kind::Uws) && topology == Topology::TwoNodes)
+    }
+
+    /// A contender the user supplies (its path is an option); it takes part
+    /// only when given.
+    pub fn user_supplied(&self) -> Option<&'static str> {
+        match self.kind {
+            Kind::Uws => Some("--uws"),
+            _ => None,
+        }
+    }
+
+    /// Whether a user-supplied contender's path was given.
+    pub fn available(&self, env: &Env) -> bool {
+        match self.kind {
+            Kind::Uws => env.uws.is_some(),
+            _ => true,
+        }
     }
 
     fn needs_redis(&self, topology: Topology) -> bool {
         match self.kind {
             Kind::Ringcast => topology == Topology::TwoNodes,
-            Kind::Baseline => false,
+            Kind::Baseline | Kind::Uws => false,
             Kind::NodeWs | Kind::SocketIo => true,
             Kind::Sockudo => topology == Topology::TwoNodes,
         }
@@ -121,6 +148,7 @@ impl Contender {
             Kind::Ringcast => [8080, 8081],
             Kind::SocketIo => [8092, 8093],
             Kind::Sockudo => [6001, 6002],
+            Kind::Uws => [8094, 8095],
             _ => [8090, 8091],
         }
     }
@@ -201,6 +229,22 @@ impl Contender {
                     .context("installing sockudo (needs protobuf-compiler, cmake, clang: apt-get install protobuf-compiler cmake clang libclang-dev)")?;
                 }
                 Ok(format!("sockudo {SOCKUDO_VERSION} (features local, redis)"))
+            }
+            Kind::Uws => {
+                let path = env.uws.as_ref().context("uws needs --uws PATH")?;
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("reading the uws server {}", path.display()))?;
+                if !is_executable(path) {
+                    bail!("{} is not executable", path.display());
+                }
+                // What the user built is identified by its content, as
+                // there is no version to ask it for.
+                let digest = hex::encode(sha2::Sha256::digest(&bytes));
+                Ok(format!(
+                    "user-built {} (sha256 {})",
+                    path.display(),
+                    &digest[..16]
+                ))
             }
             Kind::NodeWs | Kind::SocketIo => {
                 let (project, packages) = self.npm_project().expect("a Node.js contender");
@@ -339,6 +383,19 @@ impl Contender {
                         &log,
                     )?
                 }
+                Kind::Uws => Proc::spawn(
+                    self.name,
+                    env.server_cpu,
+                    &env.uws
+                        .as_ref()
+                        .context("uws needs --uws PATH")?
+                        .display()
+                        .to_string(),
+                    &[],
+                    &env.logs,
+                    &[("PORT", port.to_string())],
+                    &log,
+                )?,
                 Kind::NodeWs | Kind::SocketIo => Proc::spawn(
                     self.name,
                     env.server_cpu,
@@ -377,6 +434,11 @@ impl Contender {
         }
         ports
     }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 fn addr(port: u16) -> SocketAddr {

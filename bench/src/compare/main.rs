@@ -56,6 +56,10 @@ struct Cli {
     /// for every run).
     #[arg(long, default_value_t = 6390)]
     redis_port: u16,
+    /// A uWebSockets server you built (see bench/contenders/README.md):
+    /// adds the `uws` contender. The harness never downloads or builds it.
+    #[arg(long, value_name = "PATH")]
+    uws: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -114,7 +118,29 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(results) = &cli.report {
         return report::write(&root, results);
     }
-    let contenders = pick(CONTENDERS, &cli.contenders, |c| c.name, "contender")?;
+    let env = Env {
+        root: root.clone(),
+        logs: std::env::temp_dir().join(format!("ringcast-compare-{}", std::process::id())),
+        server_cpu: cli.server_cpu,
+        redis_port: cli.redis_port,
+        uws: cli
+            .uws
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+    };
+    let mut contenders = pick(CONTENDERS, &cli.contenders, |c| c.name, "contender")?;
+    if cli.contenders.is_empty() {
+        // By default, user-supplied contenders run only when given.
+        contenders.retain(|c| c.available(&env));
+    }
+    for c in &contenders {
+        if let (Some(option), false) = (c.user_supplied(), c.available(&env)) {
+            bail!(
+                "the {} contender is one you build yourself: pass {option} PATH (see bench/contenders/README.md)",
+                c.name
+            );
+        }
+    }
     let workloads = pick(WORKLOADS, &cli.workloads, |w| w.name, "workload")?;
 
     ctrlc::set_handler(|| {
@@ -124,14 +150,8 @@ fn run(cli: Cli) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
-    let logs = std::env::temp_dir().join(format!("ringcast-compare-{}", std::process::id()));
+    let logs = env.logs.clone();
     std::fs::create_dir_all(&logs)?;
-    let env = Env {
-        root: root.clone(),
-        logs: logs.clone(),
-        server_cpu: cli.server_cpu,
-        redis_port: cli.redis_port,
-    };
     let mut versions = serde_json::Map::new();
     for c in &contenders {
         eprintln!("== preparing {}", c.name);
