@@ -55,6 +55,10 @@ pub struct Common {
     /// requests for, with `--format pusher`.
     #[arg(long, global = true, value_name = "ID:KEY:SECRET")]
     pub pusher_app: Option<crate::pusher::App>,
+    /// The server API key Centrifugo publishers send, with `--format
+    /// centrifugo`.
+    #[arg(long, global = true, value_name = "KEY")]
+    pub centrifugo_api_key: Option<String>,
     /// Tokio worker threads (1 lets `taskset -c N` pin the load to one core).
     #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,

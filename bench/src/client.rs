@@ -47,6 +47,8 @@ pub struct Ctx {
     pub live: Live,
     /// With `--format pusher`: the app publishers sign for.
     pub pusher_app: Option<crate::pusher::App>,
+    /// With `--format centrifugo`: the server API key publishers use.
+    pub centrifugo_api_key: Option<String>,
     /// Percent of subscriber connections that never read after subscribing.
     pub slow_percent: u32,
 }
@@ -130,6 +132,7 @@ pub async fn connect_to(ctx: &Ctx, n: usize, target: &Target) -> Result<Ws> {
     match ctx.format {
         Format::SocketIo => socketio_connect(&mut ws).await?,
         Format::Pusher => crate::pusher::wait_established(&mut ws).await?,
+        Format::Centrifugo => crate::centrifugo::connect(&mut ws).await?,
         Format::Json | Format::Msgpack => {}
     }
     Ok(ws)
@@ -309,7 +312,16 @@ async fn subscriber(
                     }
                     break;
                 }
-                Some(Ok(msg)) => stats.on_frame(&ctx.live, index, &msg, &mut stamps),
+                Some(Ok(msg)) => {
+                    stats.on_frame(&ctx.live, index, &msg, &mut stamps);
+                    if ctx.format == Format::Centrifugo {
+                        for _ in 0..crate::centrifugo::pings(&msg) {
+                            if let Err(e) = ws.send(Message::text("{}")).await {
+                                stats.error(format!("answering a ping: {e}"));
+                            }
+                        }
+                    }
+                }
                 Some(Err(e)) => {
                     stats.error(format!("connection failed: {e}"));
                     break;

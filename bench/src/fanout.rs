@@ -84,9 +84,10 @@ pub async fn run(
     }
 
     let mut publishers = Vec::new();
-    // Pusher clients cannot publish on public channels: its publishers use
-    // the HTTP API and need no WebSocket.
-    let http_publishers = ctx.format == Format::Pusher;
+    // Pusher clients cannot publish on public channels, and Centrifugo's
+    // publish from clients is off by default: their publishers use the
+    // HTTP API and need no WebSocket.
+    let http_publishers = matches!(ctx.format, Format::Pusher | Format::Centrifugo);
     for p in 0..args.publishers as usize {
         if http_publishers {
             break;
@@ -365,15 +366,25 @@ async fn publisher(ctx: Arc<Ctx>, plan: Arc<PubPlan>, mut ws: Ws, p: usize) -> P
     stats
 }
 
-/// A publisher through the Pusher HTTP API: the same schedule as
+/// Whose HTTP API publishers call, and with what credentials.
+enum HttpApi {
+    Pusher(crate::pusher::App),
+    Centrifugo(String),
+}
+
+/// A publisher through the Pusher or Centrifugo HTTP API: the same schedule as
 /// [`publisher`], each publication one signed request on its own connection
 /// (at most `window` in flight), from the source addresses in turn so that
 /// thousands of short connections do not run out of ports.
 async fn http_publisher(ctx: Arc<Ctx>, plan: Arc<PubPlan>, p: usize) -> PubStats {
     let mut stats = PubStats::default();
-    let Some(app) = ctx.pusher_app.clone() else {
-        stats.error("no --pusher-app".into());
-        return stats;
+    let api = match (ctx.format, &ctx.pusher_app, &ctx.centrifugo_api_key) {
+        (Format::Pusher, Some(app), _) => HttpApi::Pusher(app.clone()),
+        (Format::Centrifugo, _, Some(key)) => HttpApi::Centrifugo(key.clone()),
+        _ => {
+            stats.error("no --pusher-app or --centrifugo-api-key for this format".into());
+            return stats;
+        }
     };
     let target = &ctx.targets[0];
     let host = target.addr.to_string();
@@ -409,13 +420,19 @@ async fn http_publisher(ctx: Arc<Ctx>, plan: Arc<PubPlan>, p: usize) -> PubStats
         while stats.sent < due && stats.in_flight() < plan.window {
             let channel = next;
             next = (next + 1) % channels;
-            let request = match app.publish_request(
-                &host,
-                &ctx.names[channel],
-                now_ns(),
-                &plan.pad,
-                unix_secs,
-            ) {
+            let request = match &api {
+                HttpApi::Pusher(app) => {
+                    app.publish_request(&host, &ctx.names[channel], now_ns(), &plan.pad, unix_secs)
+                }
+                HttpApi::Centrifugo(key) => crate::centrifugo::publish_request(
+                    &host,
+                    key,
+                    &ctx.names[channel],
+                    now_ns(),
+                    &plan.pad,
+                ),
+            };
+            let request = match request {
                 Ok(r) => r,
                 Err(e) => {
                     stats.error(format!("encode: {e:#}"));
@@ -424,7 +441,12 @@ async fn http_publisher(ctx: Arc<Ctx>, plan: Arc<PubPlan>, p: usize) -> PubStats
             };
             let source = (!ctx.source_ips.is_empty())
                 .then(|| ctx.source_ips[(stats.sent as usize + p) % ctx.source_ips.len()]);
-            in_flight.spawn(crate::pusher::post(target.addr, source, request));
+            in_flight.spawn(crate::pusher::post(
+                target.addr,
+                source,
+                request,
+                matches!(api, HttpApi::Centrifugo(_)),
+            ));
             stats.sent += 1;
             stats.expected += plan.subscribers[channel];
             stats.last_send = Some(Instant::now());

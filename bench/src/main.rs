@@ -2,6 +2,7 @@
 //! the entry point: argument checks, the runtime, the mode dispatch and the
 //! output (a human summary on stderr, one JSON line on stdout).
 
+mod centrifugo;
 mod cli;
 mod client;
 mod fanout;
@@ -77,8 +78,13 @@ fn run(cli: Cli) -> Result<Report> {
         common.format != proto::Format::Pusher || common.pusher_app.is_some(),
         "--format pusher needs --pusher-app ID:KEY:SECRET (publishes go through the signed HTTP API)"
     );
+    ensure!(
+        common.format != proto::Format::Centrifugo || common.centrifugo_api_key.is_some(),
+        "--format centrifugo needs --centrifugo-api-key KEY (publishes go through the server API)"
+    );
     let ctx = Arc::new(Ctx {
         pusher_app: common.pusher_app.clone(),
+        centrifugo_api_key: common.centrifugo_api_key.clone(),
         slow_percent: match &cli.mode {
             Mode::Fanout(a) => a.slow_percent,
             _ => 0,

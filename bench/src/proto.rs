@@ -27,6 +27,10 @@ pub enum Format {
     /// `pusher:subscribe`, publish through the signed HTTP API
     /// (`--pusher-app`), deliveries as events whose `data` is a string.
     Pusher,
+    /// Centrifugo's JSON protocol: a `connect` command, then `subscribe`
+    /// commands; publications arrive as `push` messages, one JSON message
+    /// per line; publishers use the server API (`--centrifugo-api-key`).
+    Centrifugo,
 }
 
 impl Format {
@@ -35,7 +39,7 @@ impl Format {
         match self {
             Format::Json => Some("ringcast.v1.json"),
             Format::Msgpack => Some("ringcast.v1.msgpack"),
-            Format::SocketIo | Format::Pusher => None,
+            Format::SocketIo | Format::Pusher | Format::Centrifugo => None,
         }
     }
 
@@ -44,6 +48,7 @@ impl Format {
         match self {
             Format::SocketIo => "socket.io/4",
             Format::Pusher => "pusher/7",
+            Format::Centrifugo => "centrifugo/json",
             _ => self.subprotocol().unwrap_or("?"),
         }
     }
@@ -56,6 +61,9 @@ impl Format {
             Format::Msgpack => Message::binary(rmp_serde::to_vec_named(value)?),
             Format::SocketIo => Message::text(socketio_event(serde_json::to_value(value)?)?),
             Format::Pusher => Message::text(pusher_request(serde_json::to_value(value)?)?),
+            Format::Centrifugo => {
+                Message::text(crate::centrifugo::command(serde_json::to_value(value)?)?)
+            }
         })
     }
 }
@@ -159,7 +167,7 @@ pub fn padding(format: Format, target: usize) -> String {
         p: "",
     };
     let overhead = match format {
-        Format::Json | Format::SocketIo | Format::Pusher => {
+        Format::Json | Format::SocketIo | Format::Pusher | Format::Centrifugo => {
             serde_json::to_vec(&bare).map(|v| v.len()).unwrap_or(32)
         }
         Format::Msgpack => rmp_serde::to_vec_named(&bare)
@@ -196,6 +204,59 @@ pub struct Event {
     /// A Pusher event's name (`event`), read as a kind when `type` is absent.
     #[serde(rename = "event", default)]
     pub pusher: Kind,
+    /// A Centrifugo publication: `{"push":{"channel":..,"pub":{"data":..}}}`.
+    #[serde(default)]
+    push: Option<CentrifugoPush>,
+    /// A Centrifugo subscribe reply: `{"id":N,"subscribe":{..}}`.
+    #[serde(default)]
+    subscribe: Option<IgnoredAny>,
+    /// A Centrifugo error reply: `{"id":N,"error":{"code":..,"message":..}}`.
+    #[serde(default)]
+    error: Option<CentrifugoError>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CentrifugoPush {
+    #[serde(rename = "pub", default)]
+    publication: Option<CentrifugoPublication>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CentrifugoPublication {
+    #[serde(default)]
+    data: Stamp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CentrifugoError {
+    #[serde(default)]
+    code: Num,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+impl Event {
+    /// Reads the other protocols' shapes into `kind` (and the stamp, code
+    /// and message) when the ringcast `type` is absent.
+    fn normalise(mut self) -> Event {
+        if self.kind != Kind::Other {
+            return self;
+        }
+        self.kind = self.pusher;
+        if let Some(push) = self.push.take() {
+            if let Some(publication) = push.publication {
+                self.kind = Kind::Message;
+                self.stamp = publication.data;
+            }
+        } else if self.subscribe.is_some() {
+            self.kind = Kind::Subscribed;
+        } else if let Some(error) = self.error.take() {
+            self.kind = Kind::Error;
+            self.code = error.code.0.map(|c| c.to_string());
+            self.message = error.message;
+        }
+        self
+    }
 }
 
 /// Calls `each` for every event in a frame, whether the frame holds one event
@@ -208,10 +269,16 @@ pub fn decode(msg: &Message, mut each: impl FnMut(Event)) -> Result<()> {
         Message::Text(text) if text.as_bytes().first().is_some_and(u8::is_ascii_digit) => {
             decode_socketio(text.as_str(), &mut each)?;
         }
+        // One value (ringcast: an object or an array), or several separated
+        // by newlines (Centrifugo).
         Message::Text(text) => {
             let mut de = serde_json::Deserializer::from_slice(text.as_bytes());
-            de.deserialize_any(FrameVisitor(&mut each))?;
-            de.end()?;
+            loop {
+                de.deserialize_any(FrameVisitor(&mut each))?;
+                if de.end().is_ok() {
+                    break;
+                }
+            }
         }
         Message::Binary(bytes) => {
             let mut de = rmp_serde::Deserializer::from_read_ref(&bytes[..]);
@@ -232,17 +299,14 @@ impl<'de, F: FnMut(Event)> Visitor<'de> for FrameVisitor<'_, F> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        let mut event = Event::deserialize(de::value::MapAccessDeserializer::new(map))?;
-        if event.kind == Kind::Other {
-            event.kind = event.pusher;
-        }
-        (self.0)(event);
+        let event = Event::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        (self.0)(event.normalise());
         Ok(())
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(event) = seq.next_element::<Event>()? {
-            (self.0)(event);
+            (self.0)(event.normalise());
         }
         Ok(())
     }
@@ -485,6 +549,42 @@ mod tests {
     }
 
     #[test]
+    fn centrifugo_messages_one_per_line() {
+        let Message::Text(text) = Format::Centrifugo
+            .encode(&Subscribe::new("bench.1", 3))
+            .unwrap()
+        else {
+            panic!("a text frame");
+        };
+        let sent: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(
+            sent,
+            serde_json::json!({"id": 3, "subscribe": {"channel": "bench.1"}})
+        );
+        let got = events(Message::text(
+            "{\"id\":3,\"subscribe\":{}}\n\
+             {\"push\":{\"channel\":\"bench.1\",\"pub\":{\"data\":{\"t\":77,\"p\":\"xx\"},\"offset\":4}}}\n\
+             {}\n\
+             {\"id\":4,\"error\":{\"code\":103,\"message\":\"permission denied\"}}",
+        ));
+        assert_eq!(got.len(), 4, "every line is a message");
+        assert_eq!((got[0].kind, got[0].id), (Kind::Subscribed, Num(Some(3))));
+        assert_eq!(
+            (got[1].kind, got[1].stamp),
+            (Kind::Message, Stamp(Some(77)))
+        );
+        assert_eq!(got[2].kind, Kind::Other, "a ping counts as nothing");
+        assert_eq!(got[3].kind, Kind::Error);
+        assert_eq!(got[3].code.as_deref(), Some("103"));
+        assert_eq!(got[3].message.as_deref(), Some("permission denied"));
+        // ringcast's own events are read as before.
+        let got = events(Message::text(
+            r#"{"type":"subscribed","channel":"c","id":1}"#,
+        ));
+        assert_eq!(got[0].kind, Kind::Subscribed);
+    }
+
+    #[test]
     fn socketio_packets() {
         let request = Subscribe::new("bench.3", 7);
         let Message::Text(text) = Format::SocketIo.encode(&request).unwrap() else {
@@ -578,11 +678,12 @@ mod tests {
             Format::Msgpack,
             Format::SocketIo,
             Format::Pusher,
+            Format::Centrifugo,
         ] {
             let pad = padding(format, 100);
             let t = 1_700_000_000_000_000_000;
             let len = match format {
-                Format::Json | Format::SocketIo | Format::Pusher => {
+                Format::Json | Format::SocketIo | Format::Pusher | Format::Centrifugo => {
                     serde_json::to_vec(&Payload { t, p: &pad }).unwrap().len()
                 }
                 Format::Msgpack => rmp_serde::to_vec_named(&Payload { t, p: &pad })

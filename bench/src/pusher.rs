@@ -1,5 +1,6 @@
 //! The Pusher HTTP API as the load generator's publishers use it against
-//! sockudo: one signed `POST /apps/{id}/events` per publication (the API
+//! sockudo (its one-request-per-connection `post` also serves the
+//! Centrifugo publishers): one signed `POST /apps/{id}/events` per publication (the API
 //! answers `Connection: close`, so one TCP connection each), and the wait
 //! for `pusher:connection_established` after a WebSocket handshake.
 
@@ -83,8 +84,14 @@ impl App {
 }
 
 /// Sends one request on a fresh connection (from `source`, when given) and
-/// checks the answer is a 2xx.
-pub async fn post(addr: SocketAddr, source: Option<IpAddr>, request: Vec<u8>) -> Result<()> {
+/// checks the answer is a 2xx; with `read_body`, also that the body holds
+/// no Centrifugo `error` (which it answers with status 200).
+pub async fn post(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    request: Vec<u8>,
+    read_body: bool,
+) -> Result<()> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -113,6 +120,15 @@ pub async fn post(addr: SocketAddr, source: Option<IpAddr>, request: Vec<u8>) ->
             "HTTP API answered {status}: {}",
             body.lines().last().unwrap_or("")
         );
+    }
+    if read_body {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await?;
+        let text = String::from_utf8_lossy(&rest);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        if let Some(error) = crate::centrifugo::api_error(body) {
+            bail!("the server API refused the publication: {error}");
+        }
     }
     Ok(())
 }

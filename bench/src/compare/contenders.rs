@@ -22,6 +22,8 @@ pub struct Env {
     /// A uWebSockets server the user built (`--uws`); never downloaded or
     /// built by the harness.
     pub uws: Option<PathBuf>,
+    /// A Centrifugo binary the user provides (`--centrifugo`).
+    pub centrifugo: Option<PathBuf>,
 }
 
 impl Env {
@@ -46,10 +48,15 @@ enum Kind {
     SocketIo,
     Sockudo,
     Uws,
+    Centrifugo,
 }
 
 /// sockudo's pinned release, built by `cargo install` into `target/`.
 const SOCKUDO_VERSION: &str = "5.2.0";
+/// The server API key the Centrifugo contender is given (and its
+/// publishers send).
+const CENTRIFUGO_API_KEY: &str = "benchkey";
+
 /// The one app the sockudo contender serves (also given to the load
 /// generator, which signs its HTTP publishes with it).
 const SOCKUDO_APP: (&str, &str, &str) = ("bench", "benchkey", "benchsecret");
@@ -87,6 +94,11 @@ pub const CONTENDERS: &[Contender] = &[
         kind: Kind::Uws,
     },
     Contender {
+        name: "centrifugo",
+        what: "Centrifugo, the Go real-time server, a binary you provide (--centrifugo PATH, v5 or v6): its JSON client protocol, publishes through its server API; memory engine on one node, Redis engine between two",
+        kind: Kind::Centrifugo,
+    },
+    Contender {
         name: "baseline",
         what: "tokio + tokio-tungstenite broadcast server written the usual way, one thread (bench/src/bin/baseline.rs); one node only",
         kind: Kind::Baseline,
@@ -122,6 +134,7 @@ impl Contender {
     pub fn user_supplied(&self) -> Option<&'static str> {
         match self.kind {
             Kind::Uws => Some("--uws"),
+            Kind::Centrifugo => Some("--centrifugo"),
             _ => None,
         }
     }
@@ -130,6 +143,7 @@ impl Contender {
     pub fn available(&self, env: &Env) -> bool {
         match self.kind {
             Kind::Uws => env.uws.is_some(),
+            Kind::Centrifugo => env.centrifugo.is_some(),
             _ => true,
         }
     }
@@ -139,7 +153,7 @@ impl Contender {
             Kind::Ringcast => topology == Topology::TwoNodes,
             Kind::Baseline | Kind::Uws => false,
             Kind::NodeWs | Kind::SocketIo => true,
-            Kind::Sockudo => topology == Topology::TwoNodes,
+            Kind::Sockudo | Kind::Centrifugo => topology == Topology::TwoNodes,
         }
     }
 
@@ -149,6 +163,7 @@ impl Contender {
             Kind::SocketIo => [8092, 8093],
             Kind::Sockudo => [6001, 6002],
             Kind::Uws => [8094, 8095],
+            Kind::Centrifugo => [8096, 8097],
             _ => [8090, 8091],
         }
     }
@@ -160,6 +175,7 @@ impl Contender {
                 "ws://127.0.0.1:{port}/app/{}?protocol=7&client=ringcast-loadgen&version=1.0",
                 SOCKUDO_APP.1
             ),
+            Kind::Centrifugo => format!("ws://127.0.0.1:{port}/connection/websocket"),
             _ => format!("ws://127.0.0.1:{port}/ws"),
         }
     }
@@ -173,6 +189,12 @@ impl Contender {
                 "pusher",
                 "--pusher-app",
                 &format!("{}:{}:{}", SOCKUDO_APP.0, SOCKUDO_APP.1, SOCKUDO_APP.2),
+            ]),
+            Kind::Centrifugo => strings(&[
+                "--format",
+                "centrifugo",
+                "--centrifugo-api-key",
+                CENTRIFUGO_API_KEY,
             ]),
             _ => Vec::new(),
         }
@@ -245,6 +267,17 @@ impl Contender {
                     path.display(),
                     &digest[..16]
                 ))
+            }
+            Kind::Centrifugo => {
+                let path = env
+                    .centrifugo
+                    .as_ref()
+                    .context("centrifugo needs --centrifugo PATH")?;
+                if !is_executable(path) {
+                    bail!("{} is not an executable file", path.display());
+                }
+                let version = centrifugo_version(path, &env.root)?;
+                Ok(version.0)
             }
             Kind::NodeWs | Kind::SocketIo => {
                 let (project, packages) = self.npm_project().expect("a Node.js contender");
@@ -396,6 +429,29 @@ impl Contender {
                     &[("PORT", port.to_string())],
                     &log,
                 )?,
+                Kind::Centrifugo => {
+                    let path = env
+                        .centrifugo
+                        .as_ref()
+                        .context("centrifugo needs --centrifugo PATH")?;
+                    let (_, major) = centrifugo_version(path, &env.root)?;
+                    let redis = (topology == Topology::TwoNodes).then(|| env.redis_url());
+                    let config = env.logs.join(format!("centrifugo-{i}.json"));
+                    std::fs::write(
+                        &config,
+                        centrifugo_config(major, port, redis.as_deref()).to_string(),
+                    )
+                    .with_context(|| format!("writing {}", config.display()))?;
+                    Proc::spawn(
+                        self.name,
+                        env.server_cpu,
+                        &path.display().to_string(),
+                        &strings(&["--config", &config.display().to_string()]),
+                        &env.logs,
+                        &[],
+                        &log,
+                    )?
+                }
                 Kind::NodeWs | Kind::SocketIo => Proc::spawn(
                     self.name,
                     env.server_cpu,
@@ -433,6 +489,63 @@ impl Contender {
             ports.push(env.redis_port);
         }
         ports
+    }
+}
+
+/// `centrifugo version` (e.g. "Centrifugo v6.1.0 (Go version: ...)") and
+/// its major version, which decides the configuration's shape.
+fn centrifugo_version(path: &Path, dir: &Path) -> Result<(String, u32)> {
+    let line = output(&path.display().to_string(), &["version"], dir)
+        .with_context(|| format!("asking {} for its version", path.display()))?;
+    let major = centrifugo_major(&line)?;
+    Ok((line, major))
+}
+
+fn centrifugo_major(line: &str) -> Result<u32> {
+    let major = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('v')?.split('.').next()?.parse::<u32>().ok())
+        .with_context(|| format!("no version in {line:?}"))?;
+    if !(5..=6).contains(&major) {
+        bail!("Centrifugo v{major} is not supported by this harness (v5 and v6 are): {line}");
+    }
+    Ok(major)
+}
+
+/// The configuration the Centrifugo contender runs with: anonymous clients
+/// may connect and subscribe to any channel without a namespace, the server
+/// API takes `CENTRIFUGO_API_KEY`, and with `redis` the Redis engine joins
+/// the nodes. v6 nests the keys that v5 keeps flat.
+fn centrifugo_config(major: u32, port: u16, redis: Option<&str>) -> serde_json::Value {
+    use serde_json::json;
+    if major >= 6 {
+        let mut config = json!({
+            "http_server": {"address": "127.0.0.1", "port": port},
+            "http_api": {"key": CENTRIFUGO_API_KEY},
+            "client": {"allow_anonymous_connect_without_token": true},
+            "channel": {"without_namespace": {
+                "allow_subscribe_for_client": true,
+                "allow_subscribe_for_anonymous": true,
+            }},
+        });
+        if let Some(url) = redis {
+            config["engine"] = json!({"type": "redis", "redis": {"address": url}});
+        }
+        config
+    } else {
+        let mut config = json!({
+            "address": "127.0.0.1",
+            "port": port.to_string(),
+            "api_key": CENTRIFUGO_API_KEY,
+            "allow_anonymous_connect_without_token": true,
+            "allow_subscribe_for_client": true,
+            "allow_subscribe_for_anonymous": true,
+        });
+        if let Some(url) = redis {
+            config["engine"] = json!("redis");
+            config["redis_address"] = json!(url);
+        }
+        config
     }
 }
 
@@ -480,4 +593,41 @@ fn package_version(dir: &Path, package: &str) -> Result<String> {
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text)?;
     Ok(json["version"].as_str().unwrap_or("?").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn centrifugo_configs_follow_each_major_version() {
+        assert_eq!(
+            centrifugo_major("Centrifugo v6.1.0 (Go version: go1.24.1)").unwrap(),
+            6
+        );
+        assert_eq!(
+            centrifugo_major("Centrifugo v5.4.9 (Go version: go1.23)").unwrap(),
+            5
+        );
+        assert!(centrifugo_major("Centrifugo v4.1.5").is_err());
+        assert!(centrifugo_major("centrifugo").is_err());
+
+        let v6 = centrifugo_config(6, 8096, Some("redis://127.0.0.1:6390/0"));
+        assert_eq!(v6["http_server"]["port"], 8096);
+        assert_eq!(v6["http_api"]["key"], CENTRIFUGO_API_KEY);
+        assert_eq!(v6["client"]["allow_anonymous_connect_without_token"], true);
+        assert_eq!(
+            v6["channel"]["without_namespace"]["allow_subscribe_for_anonymous"],
+            true
+        );
+        assert_eq!(v6["engine"]["type"], "redis");
+        assert!(centrifugo_config(6, 8096, None).get("engine").is_none());
+
+        let v5 = centrifugo_config(5, 8097, Some("redis://127.0.0.1:6390/0"));
+        assert_eq!(v5["port"], "8097");
+        assert_eq!(v5["api_key"], CENTRIFUGO_API_KEY);
+        assert_eq!(v5["allow_subscribe_for_anonymous"], true);
+        assert_eq!(v5["engine"], "redis");
+        assert_eq!(v5["redis_address"], "redis://127.0.0.1:6390/0");
+    }
 }

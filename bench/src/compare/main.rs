@@ -60,6 +60,10 @@ struct Cli {
     /// adds the `uws` contender. The harness never downloads or builds it.
     #[arg(long, value_name = "PATH")]
     uws: Option<PathBuf>,
+    /// A Centrifugo binary (v5 or v6) you provide: adds the `centrifugo`
+    /// contender. The harness never downloads it.
+    #[arg(long, value_name = "PATH")]
+    centrifugo: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -71,6 +75,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A user-given path made absolute: servers start in the log directory.
+fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn root() -> PathBuf {
@@ -123,10 +132,8 @@ fn run(cli: Cli) -> Result<()> {
         logs: std::env::temp_dir().join(format!("ringcast-compare-{}", std::process::id())),
         server_cpu: cli.server_cpu,
         redis_port: cli.redis_port,
-        uws: cli
-            .uws
-            .as_ref()
-            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+        uws: cli.uws.as_deref().map(absolute),
+        centrifugo: cli.centrifugo.as_deref().map(absolute),
     };
     let mut contenders = pick(CONTENDERS, &cli.contenders, |c| c.name, "contender")?;
     if cli.contenders.is_empty() {
@@ -136,7 +143,7 @@ fn run(cli: Cli) -> Result<()> {
     for c in &contenders {
         if let (Some(option), false) = (c.user_supplied(), c.available(&env)) {
             bail!(
-                "the {} contender is one you build yourself: pass {option} PATH (see bench/contenders/README.md)",
+                "the {} contender is a server you provide: pass {option} PATH (see bench/contenders/README.md)",
                 c.name
             );
         }
