@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use ringcast::config::{Config, ConfigError};
 
 /// jemalloc rather than glibc's allocator: with 15,000 idle connections
-/// glibc left 1.6 to 2.2 KB of resident memory per connection (half of it
-/// free space fragmented between live objects), jemalloc 1.0 KB; see
+/// glibc left 1.9 KB of resident memory per connection (half of it free
+/// space fragmented between live objects), jemalloc 1.2 KB with the same
+/// code (1.0 KB with the later per-connection savings); see
 /// docs/benchmarks.md, idle memory.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -89,10 +89,14 @@ pub fn publish_request(host: &str, key: &str, channel: &str, t: u64, pad: &str) 
     .into_bytes())
 }
 
-/// Centrifugo answers API errors with status 200 and an `error` object.
+/// Centrifugo answers API errors with status 200 and an `error` object; an
+/// answer that is not JSON counts as a failure too.
 pub fn api_error(body: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
-    (!v["error"].is_null()).then(|| v["error"].to_string())
+    match serde_json::from_str::<serde_json::Value>(body.trim()) {
+        Ok(v) if v["error"].is_null() => None,
+        Ok(v) => Some(v["error"].to_string()),
+        Err(_) => Some(format!("unreadable answer {:.200}", body.trim())),
+    }
 }
 
 #[cfg(test)]
@@ -123,5 +127,6 @@ mod tests {
                 .unwrap()
                 .contains("unknown channel")
         );
+        assert!(api_error("").is_some(), "an empty answer is no success");
     }
 }

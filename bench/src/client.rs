@@ -359,9 +359,11 @@ impl Opened {
         }
     }
 
-    /// Every connection vanishes at once, without a close handshake (the
-    /// tasks are dropped with their sockets), as when clients lose their
-    /// network path.
+    /// Every connection is closed at once and abruptly: the tasks are
+    /// dropped with their sockets, so the server sees the TCP close without
+    /// a WebSocket close handshake. (A real loss of the network path, where
+    /// the server keeps dead connections until its heartbeat, is not what
+    /// this simulates.)
     pub fn vanish(self) {
         for handle in self.handles {
             handle.abort();

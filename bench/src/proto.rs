@@ -269,15 +269,21 @@ pub fn decode(msg: &Message, mut each: impl FnMut(Event)) -> Result<()> {
         Message::Text(text) if text.as_bytes().first().is_some_and(u8::is_ascii_digit) => {
             decode_socketio(text.as_str(), &mut each)?;
         }
-        // One value (ringcast: an object or an array), or several separated
-        // by newlines (Centrifugo).
+        // One JSON value (ringcast and the Node relays: an object or an
+        // array), or several objects one per line (Centrifugo, which puts
+        // `}\n{` between them). Each value is parsed strictly, so a relay's
+        // framing bug (`{..}{..}`) is still reported as undecodable.
         Message::Text(text) => {
-            let mut de = serde_json::Deserializer::from_slice(text.as_bytes());
-            loop {
+            let text = text.as_str();
+            let values: &mut dyn Iterator<Item = &str> = if text.contains("}\n{") {
+                &mut text.split('\n').filter(|l| !l.trim().is_empty())
+            } else {
+                &mut std::iter::once(text)
+            };
+            for value in values {
+                let mut de = serde_json::Deserializer::from_str(value);
                 de.deserialize_any(FrameVisitor(&mut each))?;
-                if de.end().is_ok() {
-                    break;
-                }
+                de.end()?;
             }
         }
         Message::Binary(bytes) => {
@@ -568,6 +574,14 @@ mod tests {
              {\"id\":4,\"error\":{\"code\":103,\"message\":\"permission denied\"}}",
         ));
         assert_eq!(got.len(), 4, "every line is a message");
+        assert!(
+            decode(
+                &Message::text(r#"{"type":"message"}{"type":"message"}"#),
+                |_| {}
+            )
+            .is_err(),
+            "values run together on one line are a framing error"
+        );
         assert_eq!((got[0].kind, got[0].id), (Kind::Subscribed, Num(Some(3))));
         assert_eq!(
             (got[1].kind, got[1].stamp),

@@ -123,7 +123,13 @@ pub async fn post(
     }
     if read_body {
         let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).await?;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_end(&mut rest),
+        )
+        .await
+        .context("the API answer did not end within 10 s")?
+        .context("reading the API answer")?;
         let text = String::from_utf8_lossy(&rest);
         let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
         if let Some(error) = crate::centrifugo::api_error(body) {

@@ -278,6 +278,9 @@ async fn read_head(
             }
         }
         match Head::parse(buf) {
+            Ok(Some((_, len))) if len > MAX_HEAD => {
+                return Err(Response::text(431, "request head too large"))
+            }
             Ok(Some(h)) => return Ok(Some(h)),
             Ok(None) if buf.len() >= MAX_HEAD => {
                 return Err(Response::text(431, "request head too large"))

@@ -254,19 +254,15 @@ impl Contender {
             }
             Kind::Uws => {
                 let path = env.uws.as_ref().context("uws needs --uws PATH")?;
+                if !is_executable(path) {
+                    bail!("{} is not an executable file", path.display());
+                }
                 let bytes = std::fs::read(path)
                     .with_context(|| format!("reading the uws server {}", path.display()))?;
-                if !is_executable(path) {
-                    bail!("{} is not executable", path.display());
-                }
                 // What the user built is identified by its content, as
                 // there is no version to ask it for.
                 let digest = hex::encode(sha2::Sha256::digest(&bytes));
-                Ok(format!(
-                    "user-built {} (sha256 {})",
-                    path.display(),
-                    &digest[..16]
-                ))
+                Ok(format!("user-built {} (sha256 {digest})", path.display()))
             }
             Kind::Centrifugo => {
                 let path = env
