@@ -27,6 +27,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // When stderr is gone (a log reader that died), a line that cannot
+        // be written is dropped: by default the subscriber reports the
+        // failure with eprintln!, which panics and would kill whichever
+        // thread logged (the signal thread, a worker).
+        .log_internal_errors(false)
         .init();
     match ringcast::runtime::run(config) {
         Ok(()) => ExitCode::SUCCESS,

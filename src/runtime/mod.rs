@@ -113,12 +113,15 @@ pub fn run(config: Config) -> Result<()> {
     };
 
     tracing::info!(%addr, %metrics_addr, workers, driver = driver.name(), backplane, "ringcast listening");
-    // One stable line on stdout for scripts and tests to find the addresses.
-    println!(
+    // One stable line on stdout for scripts and tests to find the addresses
+    // (not println!: a closed stdout must not stop the relay).
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(
+        stdout,
         "ringcast listening addr={addr} metrics={metrics_addr} workers={workers} driver={} backplane={backplane}",
         driver.name()
     );
-    let _ = std::io::stdout().flush();
+    let _ = stdout.flush();
 
     let mut threads = Vec::with_capacity(workers);
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
