@@ -4,6 +4,7 @@
 use std::cell::Cell;
 use std::net::TcpListener;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -166,8 +167,12 @@ async fn drain(shard: Rc<Shard>, stop: Rc<Stop>) {
     for conn in shard.connections() {
         conn.request_close(request);
     }
+    // Wait for the whole node, not just this shard: a shard that stopped
+    // early would close its listener while the kernel still queues new
+    // connections on it, and those would be reset instead of answered
+    // (503 while draining) by a shard that is still up.
     let deadline = Instant::now() + Duration::from_secs(shard.config.pong_timeout + 1);
-    while shard.connection_count() > 0 && Instant::now() < deadline {
+    while shard.node.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     shard.metrics.flush();
