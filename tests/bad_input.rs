@@ -393,3 +393,22 @@ async fn input_trickled_in_pieces_is_understood() {
     assert_eq!(reply["channel"], "trickle");
     assert_eq!(reply["id"], 9);
 }
+
+/// A request head over the 16 KiB limit is answered 431, whether it is
+/// complete or never ends, and the answer arrives intact (the relay reads
+/// the rest before closing, so the close does not reset it away); other
+/// clients are served meanwhile.
+#[tokio::test]
+async fn oversize_request_heads_get_431() {
+    let relay = Relay::start(&["--workers", "1"]);
+    let filler = format!("X-Filler: {}\r\n", "f".repeat(1000)).repeat(20);
+    let complete = format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{filler}\r\n");
+    let (status, _, body) = http_full(relay.addr, complete.as_bytes()).await;
+    assert_eq!(status, 431, "{body}");
+    assert!(body.contains("request head too large"), "{body}");
+    let endless = format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{filler}");
+    let (status, _, _) = http_full(relay.addr, endless.as_bytes()).await;
+    assert_eq!(status, 431);
+    let (status, _, _) = http_full(relay.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, 200, "the relay serves others as before");
+}

@@ -297,43 +297,13 @@ fn invalid_configuration_stops_start_up_with_one_clear_line() {
 /// handling the signal.
 #[test]
 fn sigterm_still_drains_when_stderr_is_a_closed_pipe() {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--log",
-            "info",
-            "--workers",
-            "1",
-            "--drain-seconds",
-            "1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting the ringcast binary");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    assert!(line.starts_with("ringcast listening"), "{line}");
-    // Every log line from now on meets EPIPE.
-    drop(child.stderr.take());
-    // SAFETY: kill(2) on the pid of a child this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + common::PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the relay ignored SIGTERM once its stderr was closed");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let mut relay = Relay::start_logging(
+        &["--workers", "1", "--drain-seconds", "1"],
+        "info",
+        std::process::Stdio::piped(),
+    );
+    relay.close_stderr();
+    relay.signal(libc::SIGTERM);
+    let status = relay.wait_exit();
     assert!(status.success(), "{status:?}");
 }

@@ -172,10 +172,7 @@ pub async fn run(
     };
     let measure_secs = (measure_end - start).as_secs_f64();
     if let Some(s) = sampler.as_mut() {
-        report.server_cpu_pct = s.cpu_pct().map(|c| round(c, 1));
-        report.server_rss_end = s.sample();
-        report.server_rss_start = s.rss_start;
-        report.server_rss_peak = s.rss_peak;
+        report.record_server(s);
     }
 
     let seen_by_subs = opened.close(&stop_tx).await;

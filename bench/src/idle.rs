@@ -91,10 +91,7 @@ async fn run_storm(
     report.connect_per_sec = round(storm.per_sec(), 1);
     report.set_latency("setup", &storm.setup);
     if let Some(s) = sampler.as_mut() {
-        report.server_rss_end = s.sample();
-        report.server_rss_start = s.rss_start;
-        report.server_rss_peak = s.rss_peak;
-        report.server_cpu_pct = s.cpu_pct().map(|c| round(c, 1));
+        report.record_server(s);
     }
     let seen = storm.close(&stop_tx).await;
     report.errors = seen.errors;
@@ -165,10 +162,7 @@ async fn run(
         report.slab_per_conn = slab.map(|b| round(b, 1));
     }
     if let Some(s) = sampler.as_mut() {
-        report.server_rss_end = s.sample();
-        report.server_rss_start = s.rss_start;
-        report.server_rss_peak = s.rss_peak;
-        report.server_cpu_pct = s.cpu_pct().map(|c| round(c, 1));
+        report.record_server(s);
         if hold.is_some() {
             report.rss_per_conn = report
                 .server_rss_end

@@ -525,17 +525,18 @@ mod tests {
         out
     }
 
-    #[test]
-    fn pusher_events() {
-        let Message::Text(text) = Format::Pusher
-            .encode(&Subscribe::new("bench.1", 3))
-            .unwrap()
-        else {
+    /// What `format` sends for a subscribe to `bench.1` with id 3, as JSON.
+    fn subscribe_as_sent(format: Format) -> serde_json::Value {
+        let Message::Text(text) = format.encode(&Subscribe::new("bench.1", 3)).unwrap() else {
             panic!("a text frame");
         };
-        let sent: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        serde_json::from_str(text.as_str()).unwrap()
+    }
+
+    #[test]
+    fn pusher_events() {
         assert_eq!(
-            sent,
+            subscribe_as_sent(Format::Pusher),
             serde_json::json!({"event": "pusher:subscribe", "data": {"channel": "bench.1"}})
         );
         assert!(Format::Pusher
@@ -556,15 +557,8 @@ mod tests {
 
     #[test]
     fn centrifugo_messages_one_per_line() {
-        let Message::Text(text) = Format::Centrifugo
-            .encode(&Subscribe::new("bench.1", 3))
-            .unwrap()
-        else {
-            panic!("a text frame");
-        };
-        let sent: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
         assert_eq!(
-            sent,
+            subscribe_as_sent(Format::Centrifugo),
             serde_json::json!({"id": 3, "subscribe": {"channel": "bench.1"}})
         );
         let got = events(Message::text(

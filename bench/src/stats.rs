@@ -153,6 +153,14 @@ pub struct Report {
 }
 
 impl Report {
+    /// The server's RSS (start, end, peak) and CPU share as sampled so far.
+    pub fn record_server(&mut self, s: &mut crate::procfs::ServerSampler) {
+        self.server_rss_end = s.sample();
+        self.server_rss_start = s.rss_start;
+        self.server_rss_peak = s.rss_peak;
+        self.server_cpu_pct = s.cpu_pct().map(|c| round(c, 1));
+    }
+
     /// Fills the percentile fields from a histogram of nanoseconds.
     pub fn set_latency(&mut self, kind: &'static str, h: &Histogram<u64>) {
         self.latency = kind;

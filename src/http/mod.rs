@@ -219,7 +219,7 @@ async fn serve_http(
             Ok(Ok(Some(h))) => h,
             Ok(Ok(None)) | Err(_) => return None,
             Ok(Err(response)) => {
-                let _ = send(&mut stream, &response, false).await;
+                refuse(&mut stream, &response).await;
                 return None;
             }
         };
@@ -234,13 +234,59 @@ async fn serve_http(
         let response = match route(&shard, &mut stream, &head, &mut buf, head_len).await {
             Ok(r) => r,
             Err(r) => {
-                let _ = send(&mut stream, &r, false).await;
+                refuse(&mut stream, &r).await;
                 return None;
             }
         };
         if send(&mut stream, &response, keep_alive).await.is_err() || !keep_alive {
             return None;
         }
+    }
+}
+
+/// How long, and how many bytes, a refused client's remaining input is
+/// read and dropped before the connection closes.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Sends an error answer that ends the connection, then stops sending and
+/// reads what the client still sends (bounded in time and bytes): closing
+/// a socket with unread input resets the connection, and a reset can
+/// discard the answer before the client reads it (a 431 for a head sent in
+/// one piece, say).
+async fn refuse(stream: &mut TcpStreamPoll, response: &Response) {
+    if send(stream, response, false).await.is_err() {
+        return;
+    }
+    let _ = std::future::poll_fn(|cx| {
+        use tokio::io::AsyncWrite;
+        std::pin::Pin::new(&mut *stream).poll_shutdown(cx)
+    })
+    .await;
+    let _ = monoio::time::timeout(LINGER_TIME, async {
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match read_shared(stream, |bytes| bytes.len()).await {
+                Some(n) => left = left.saturating_sub(n),
+                None => break,
+            }
+        }
+    })
+    .await;
+}
+
+/// What a parse of the `available` bytes received so far means: the head
+/// and its length, `Ok(None)` to read more, or the answer refusing it.
+fn judge_head(
+    parsed: Result<Option<(Head, usize)>, String>,
+    available: usize,
+) -> Result<Option<(Head, usize)>, Response> {
+    match parsed {
+        Ok(Some((_, len))) if len > MAX_HEAD => Err(Response::text(431, "request head too large")),
+        Ok(Some(h)) => Ok(Some(h)),
+        Ok(None) if available >= MAX_HEAD => Err(Response::text(431, "request head too large")),
+        Ok(None) => Ok(None),
+        Err(e) => Err(Response::text(400, &e)),
     }
 }
 
@@ -255,19 +301,12 @@ async fn read_head(
 ) -> Result<Option<(Head, usize)>, Response> {
     loop {
         if buf.is_empty() {
-            let read = read_shared(stream, |bytes| match Head::parse(bytes) {
-                Ok(Some((_, len))) if len > MAX_HEAD => {
-                    Err(Response::text(431, "request head too large"))
-                }
-                Ok(Some((head, len))) => {
-                    buf.extend_from_slice(&bytes[len..]);
-                    Ok(Some(head))
-                }
-                Ok(None) => {
-                    buf.extend_from_slice(bytes);
-                    Ok(None)
-                }
-                Err(e) => Err(Response::text(400, &e)),
+            let read = read_shared(stream, |bytes| {
+                let judged = judge_head(Head::parse(bytes), bytes.len())?;
+                // Kept: what follows a head, or a head still incomplete.
+                let used = judged.as_ref().map_or(0, |(_, len)| *len);
+                buf.extend_from_slice(&bytes[used..]);
+                Ok(judged.map(|(head, _)| head))
             })
             .await;
             match read {
@@ -277,16 +316,8 @@ async fn read_head(
                 None => return Ok(None),
             }
         }
-        match Head::parse(buf) {
-            Ok(Some((_, len))) if len > MAX_HEAD => {
-                return Err(Response::text(431, "request head too large"))
-            }
-            Ok(Some(h)) => return Ok(Some(h)),
-            Ok(None) if buf.len() >= MAX_HEAD => {
-                return Err(Response::text(431, "request head too large"))
-            }
-            Ok(None) => {}
-            Err(e) => return Err(Response::text(400, &e)),
+        if let Some(head) = judge_head(Head::parse(buf), buf.len())? {
+            return Ok(Some(head));
         }
         match read_some(stream, buf, 4096).await {
             Ok(0) | Err(_) => return Ok(None),

@@ -191,10 +191,6 @@ impl Shard {
         }
     }
 
-    pub fn connection_count(&self) -> usize {
-        self.state.borrow().conns.len()
-    }
-
     /// Adds a connection; returns its key.
     pub fn register(&self, format: Format) -> (usize, Rc<Conn>) {
         let conn = Rc::new(Conn::new(format, self.now.get()));

@@ -32,6 +32,11 @@ pub struct Relay {
 impl Relay {
     /// Starts the relay with `args` on free loopback ports.
     pub fn start(args: &[&str]) -> Relay {
+        Relay::start_logging(args, "warn", Stdio::inherit())
+    }
+
+    /// Starts the relay logging at `level` to `stderr`.
+    pub fn start_logging(args: &[&str], level: &str, stderr: Stdio) -> Relay {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
             .args([
                 "--listen",
@@ -39,11 +44,11 @@ impl Relay {
                 "--metrics-addr",
                 "127.0.0.1:0",
                 "--log",
-                "warn",
+                level,
             ])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("starting the ringcast binary");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -83,6 +88,12 @@ impl Relay {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Closes the reading end of a piped stderr: every later log line the
+    /// relay writes meets EPIPE.
+    pub fn close_stderr(&mut self) {
+        drop(self.child.stderr.take().expect("stderr was piped"));
     }
 
     pub fn pid(&self) -> u32 {

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
+use plotters::coord::ranged1d::ValueFormatter;
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -111,29 +112,32 @@ fn plot(root: &DrawingArea<SVGBackend, Shift>, chart: &Chart, values: &[f64]) ->
         let lo = 10f64.powf(min.log10().floor());
         let hi = 10f64.powf((max * 1.5).log10().ceil());
         let mut c = builder.build_cartesian_2d(x_range, (lo..hi).log_scale())?;
-        c.configure_mesh()
-            .disable_x_mesh()
-            .x_labels(groups)
-            .x_label_formatter(&|x| group_label(chart, *x))
-            .y_desc(chart.y_label)
-            .y_label_formatter(&|y| compact(*y))
-            .draw()?;
-        bars(&mut c, chart, lo)?;
-        legend(&mut c)?;
+        axes_bars_legend(&mut c, chart, lo)
     } else {
-        let hi = max * 1.15;
-        let mut c = builder.build_cartesian_2d(x_range, 0.0..hi)?;
-        c.configure_mesh()
-            .disable_x_mesh()
-            .x_labels(groups)
-            .x_label_formatter(&|x| group_label(chart, *x))
-            .y_desc(chart.y_label)
-            .y_label_formatter(&|y| compact(*y))
-            .draw()?;
-        bars(&mut c, chart, 0.0)?;
-        legend(&mut c)?;
+        let mut c = builder.build_cartesian_2d(x_range, 0.0..max * 1.15)?;
+        axes_bars_legend(&mut c, chart, 0.0)
     }
-    Ok(())
+}
+
+/// Axes, bars from `base` up, and the legend, on either kind of y axis.
+fn axes_bars_legend<'a, Y>(
+    c: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+    chart: &Chart,
+    base: f64,
+) -> DrawResult<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let groups = chart.groups.len();
+    c.configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups)
+        .x_label_formatter(&|x| group_label(chart, *x))
+        .y_desc(chart.y_label)
+        .y_label_formatter(&|y| compact(*y))
+        .draw()?;
+    bars(c, chart, base)?;
+    legend(c)
 }
 
 /// The x axis has a key point per group, at the group's index.
