@@ -697,7 +697,8 @@ async fn on_a_cluster_since_recovers_from_history_on_another_node() {
             (ack["seq"].as_u64(), ack["recovered"].as_bool()),
             (Some(8), Some(true))
         );
-        http_publish(a.addr, channel, "9", "").await;
+        let (status, body) = http_publish(a.addr, channel, "9", "").await;
+        assert_eq!(status, 202, "{body}");
         assert_eq!(seqs(&messages(&mut back, 1).await), vec![9], "then live");
     }
 }
