@@ -30,6 +30,11 @@ pub enum DriverChoice {
     Epoll,
 }
 
+/// Largest messages the default --max-pending-bytes holds.
+const DEFAULT_PENDING_MESSAGES: usize = 16;
+/// Largest messages any --max-pending-bytes must hold.
+const MIN_PENDING_MESSAGES: usize = 4;
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "ringcast",
@@ -70,8 +75,10 @@ pub struct Config {
     pub max_message_bytes: usize,
 
     /// Most requests one frame (a JSON or MessagePack array) may hold;
-    /// a bigger batch is refused with error `too_large`.
-    #[arg(long, env = "RINGCAST_MAX_BATCH_REQUESTS", default_value_t = 100)]
+    /// a bigger batch is refused with error `too_large`. The message size
+    /// limit already bounds the work of one frame: this only catches
+    /// absurd batches.
+    #[arg(long, env = "RINGCAST_MAX_BATCH_REQUESTS", default_value_t = 1000)]
     pub max_batch_requests: usize,
 
     /// Most channels one connection may be subscribed to at once;
@@ -79,8 +86,19 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
     pub max_subscriptions: usize,
 
-    /// Bound on one connection's queued output, in bytes.
-    #[arg(long, env = "RINGCAST_MAX_PENDING_BYTES", default_value_t = 256 * 1024)]
+    /// Bound on one connection's queued output, in bytes (replies and live
+    /// messages; a `since` replay is shared with history and not counted).
+    /// At least 4 x --max-message-bytes, so a burst of large messages that
+    /// a prompt reader takes in stride fits. Default: 16 x --max-message-bytes.
+    #[arg(
+        long = "max-pending-bytes",
+        env = "RINGCAST_MAX_PENDING_BYTES",
+        value_name = "MAX_PENDING_BYTES"
+    )]
+    max_pending_bytes_given: Option<usize>,
+
+    /// --max-pending-bytes as given, or its default (set by `load_from`).
+    #[arg(skip)]
     pub max_pending_bytes: usize,
 
     /// What happens past --max-pending-bytes: disconnect (close 4008) or drop-oldest.
@@ -221,6 +239,10 @@ impl Config {
                 })?
             }
         };
+        let mut config = config;
+        config.max_pending_bytes = config
+            .max_pending_bytes_given
+            .unwrap_or(DEFAULT_PENDING_MESSAGES * config.max_message_bytes);
         config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
     }
@@ -234,9 +256,11 @@ impl Config {
         if self.max_batch_requests == 0 {
             return fail("--max-batch-requests must be at least 1".into());
         }
-        if self.max_pending_bytes < self.max_message_bytes.min(64 * 1024) {
+        let least = MIN_PENDING_MESSAGES * self.max_message_bytes;
+        if self.max_pending_bytes < least {
             return fail(format!(
-                "--max-pending-bytes ({}) must be at least min(--max-message-bytes, 65536)",
+                "--max-pending-bytes ({}) must be at least {MIN_PENDING_MESSAGES} x --max-message-bytes ({least}), \
+                 so a burst of the largest messages does not disconnect a client that reads",
                 self.max_pending_bytes
             ));
         }
@@ -357,6 +381,30 @@ mod tests {
         assert_eq!(c.max_message_bytes, 65536);
         assert_eq!(c.history_size, 100);
         assert_eq!(c.slow_consumer, SlowConsumerPolicy::Disconnect);
+        assert_eq!(c.max_batch_requests, 1000);
+        assert_eq!(c.max_pending_bytes, 16 * 65536);
+    }
+
+    #[test]
+    fn the_pending_bound_follows_the_message_limit() {
+        let c = parse(&["--max-message-bytes", "1048576"]).unwrap();
+        assert_eq!(c.max_pending_bytes, 16 << 20);
+        let c = parse(&[
+            "--max-message-bytes",
+            "16384",
+            "--max-pending-bytes",
+            "65536",
+        ])
+        .unwrap();
+        assert_eq!(c.max_pending_bytes, 65536);
+        assert!(parse(&["--max-pending-bytes", "262144"]).is_ok());
+        let e = parse(&["--max-pending-bytes", "262143"]).unwrap_err();
+        assert!(
+            e.contains(
+                "--max-pending-bytes (262143) must be at least 4 x --max-message-bytes (262144)"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

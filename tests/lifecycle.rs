@@ -155,7 +155,7 @@ async fn flood_a_client_that_never_reads(policy: &str) -> (Relay, Client) {
         "--slow-consumer",
         policy,
         "--max-pending-bytes",
-        "65536",
+        "262144",
         "--max-publish-rate",
         "0",
     ]);
@@ -222,7 +222,14 @@ async fn drop_oldest_keeps_a_slow_client_with_a_detectable_seq_gap() {
 #[tokio::test]
 async fn requests_whose_replies_are_never_read_cannot_grow_memory() {
     use tokio::io::AsyncWriteExt;
-    let relay = Relay::start(&["--workers", "1", "--max-pending-bytes", "65536"]);
+    let relay = Relay::start(&[
+        "--workers",
+        "1",
+        "--max-pending-bytes",
+        "65536",
+        "--max-message-bytes",
+        "16384",
+    ]);
     let mut s = raw_ws(&relay).await;
     let batch: Vec<_> = (0..100)
         .map(|i| json!({"action": "unsubscribe", "channel": format!("c{i}"), "id": i}))

@@ -11,8 +11,6 @@
 //! starts with NUL, so a backend's plain `PUBLISH` of JSON or text is never
 //! taken for an envelope: anything without the magic prefix is *raw*.
 
-use serde_json::value::RawValue;
-
 use crate::protocol::Data;
 
 /// The reserved start of every envelope.
@@ -21,8 +19,8 @@ pub const MAGIC: &[u8] = b"\0rc1\n";
 /// Encodes one publication's data as a script argument.
 pub fn encode_item(data: &Data) -> Vec<u8> {
     match data {
-        Data::Json(raw) => {
-            let text = raw.get().as_bytes();
+        Data::Json { text, .. } => {
+            let text = text.get().as_bytes();
             let mut item = Vec::with_capacity(1 + text.len());
             item.push(b'j');
             item.extend_from_slice(text);
@@ -98,10 +96,8 @@ pub fn raw_data(payload: &[u8]) -> Data {
         return data;
     }
     let text = String::from_utf8_lossy(payload);
-    Data::Json(
-        RawValue::from_string(serde_json::to_string(&text).expect("a string always serializes"))
-            .expect("serde_json wrote valid JSON"),
-    )
+    let json = serde_json::to_vec(&text).expect("a string always serializes");
+    Data::from_json_slice(&json).expect("a JSON string is valid data in both formats")
 }
 
 fn take_line<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {

@@ -114,6 +114,8 @@ pub struct Response {
     pub content_type: &'static str,
     pub body: Vec<u8>,
     pub extra: &'static str,
+    /// The answer to `HEAD`: the headers of the full answer, no body.
+    pub head_only: bool,
 }
 
 impl Response {
@@ -123,6 +125,7 @@ impl Response {
             content_type: "text/plain; charset=utf-8",
             body: format!("{body}\n").into_bytes(),
             extra: "",
+            head_only: false,
         }
     }
 
@@ -136,6 +139,7 @@ impl Response {
             )
             .unwrap_or_default(),
             extra: "",
+            head_only: false,
         }
     }
 
@@ -154,7 +158,9 @@ impl Response {
             }
         )
         .into_bytes();
-        out.extend_from_slice(&self.body);
+        if !self.head_only {
+            out.extend_from_slice(&self.body);
+        }
         out
     }
 }
@@ -226,18 +232,23 @@ async fn serve_http(
         first = false;
         let (head, head_len) = head;
         shard.metrics.http_requests.increment(1);
+        if let Err(refusal) = check_framing(&head) {
+            refuse(&mut stream, &refusal).await;
+            return None;
+        }
         if head.route() == "/ws" && head.header("upgrade").is_some() {
             buf.drain(..head_len);
             return crate::ws::connection::upgrade(shard, stream, head, buf).await;
         }
         let keep_alive = head.keep_alive();
-        let response = match route(&shard, &mut stream, &head, &mut buf, head_len).await {
+        let mut response = match route(&shard, &mut stream, &head, &mut buf, head_len).await {
             Ok(r) => r,
             Err(r) => {
                 refuse(&mut stream, &r).await;
                 return None;
             }
         };
+        response.head_only = head.method == "HEAD";
         if send(&mut stream, &response, keep_alive).await.is_err() || !keep_alive {
             return None;
         }
@@ -343,11 +354,7 @@ async fn route(
         let body = read_body(shard, stream, head, buf, head_len).await?;
         return Ok(publish(shard, head, channel, &body).await);
     }
-    if head
-        .header("content-length")
-        .is_some_and(|l| l.trim() != "0")
-        || head.header("transfer-encoding").is_some()
-    {
+    if content_length(head)?.unwrap_or(0) != 0 || head.header("transfer-encoding").is_some() {
         return Err(Response::text(400, "this route takes no request body"));
     }
     buf.drain(..head_len);
@@ -367,6 +374,7 @@ async fn route(
             content_type: "text/html; charset=utf-8",
             body: demo::PAGE.as_bytes().to_vec(),
             extra: "",
+            head_only: false,
         },
         "/ws" => Response::text(
             426,
@@ -392,18 +400,11 @@ async fn read_body(
             "send the body with Content-Length",
         ));
     }
-    let Some(len) = head.header("content-length") else {
+    let Some(len) = content_length(head)? else {
         return Err(Response::error(
             411,
             "bad_request",
             "Content-Length is required",
-        ));
-    };
-    let Ok(len) = len.trim().parse::<usize>() else {
-        return Err(Response::error(
-            400,
-            "bad_request",
-            "invalid Content-Length",
         ));
     };
     if len > shard.config.max_message_bytes {
@@ -442,11 +443,8 @@ async fn read_body(
 
 async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8]) -> Response {
     if let Some(key) = &shard.config.publish_key {
-        let given = head
-            .header("authorization")
-            .and_then(|a| a.strip_prefix("Bearer "))
-            .map(str::trim);
-        if given != Some(key.as_str()) {
+        let given = head.header("authorization").and_then(bearer_token);
+        if !given.is_some_and(|given| same_secret(given, key)) {
             return Response {
                 extra: "WWW-Authenticate: Bearer\r\n",
                 ..Response::error(401, "forbidden", "missing or wrong API key")
@@ -473,11 +471,18 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
             Data::from_msgpack_slice(body)
         }
         _ => {
-            return Response::error(
-                415,
-                "bad_request",
-                "Content-Type must be application/json or application/msgpack",
-            )
+            let shown: String = mime.chars().take(64).collect();
+            return Response {
+                extra: "Accept-Post: application/json, application/msgpack\r\n",
+                ..Response::error(
+                    415,
+                    "bad_request",
+                    &format!(
+                        "Content-Type {shown} is not accepted: send application/json or \
+                         application/msgpack (with curl: -H 'Content-Type: application/json')"
+                    ),
+                )
+            };
         }
     };
     let data = match data {
@@ -496,5 +501,136 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
         body: serde_json::to_vec(&serde_json::json!({"channel": channel, "seq": seq}))
             .unwrap_or_default(),
         extra: "",
+        head_only: false,
+    }
+}
+
+/// The credentials of an `Authorization: Bearer ...` header (the scheme
+/// is case-insensitive, RFC 9110 section 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Compares a presented secret with the configured one in time that does
+/// not depend on where they differ (only on their lengths).
+fn same_secret(given: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    given.as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
+/// Refuses heads whose message framing is ambiguous (RFC 9112 sections 3.2
+/// and 6.3): an HTTP/1.1 request without exactly one `Host`, a malformed
+/// or conflicting `Content-Length`, or `Content-Length` beside
+/// `Transfer-Encoding`. Accepting them lets a front proxy and the relay
+/// disagree on where a request ends (request smuggling).
+fn check_framing(head: &Head) -> Result<(), Response> {
+    let hosts = head.headers_named("host").count();
+    if head.http11 && hosts != 1 {
+        return Err(Response::text(
+            400,
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    if content_length(head)?.is_some() && head.header("transfer-encoding").is_some() {
+        return Err(Response::text(
+            400,
+            "Content-Length and Transfer-Encoding must not both be sent",
+        ));
+    }
+    Ok(())
+}
+
+/// The request's `Content-Length`: digits only, and one value however many
+/// times it is repeated; anything else is refused.
+fn content_length(head: &Head) -> Result<Option<usize>, Response> {
+    let mut length = None;
+    for field in head.headers_named("content-length") {
+        for value in field.split(',').map(str::trim) {
+            let parsed = (!value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| value.parse::<usize>().ok())
+                .flatten();
+            let Some(parsed) = parsed else {
+                return Err(Response::error(
+                    400,
+                    "bad_request",
+                    "invalid Content-Length: it must be a decimal number of bytes",
+                ));
+            };
+            if length.is_some_and(|l| l != parsed) {
+                return Err(Response::error(
+                    400,
+                    "bad_request",
+                    "conflicting Content-Length headers",
+                ));
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(length)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Head {
+        Head::parse(text.as_bytes()).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn content_length_is_digits_and_one_value() {
+        let cl = |h: &str| content_length(&head(&format!("POST / HTTP/1.1\r\nHost: x\r\n{h}\r\n")));
+        assert_eq!(cl("").ok().flatten(), None);
+        assert_eq!(cl("Content-Length: 12\r\n").ok().flatten(), Some(12));
+        assert_eq!(
+            cl("Content-Length: 3\r\nContent-Length: 3\r\n")
+                .ok()
+                .flatten(),
+            Some(3)
+        );
+        assert_eq!(cl("Content-Length: 3, 3\r\n").ok().flatten(), Some(3));
+        for bad in [
+            "+2",
+            "-1",
+            "1 2",
+            "0x10",
+            "",
+            "3, 4",
+            "99999999999999999999999",
+        ] {
+            assert!(
+                cl(&format!("Content-Length: {bad}\r\n")).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(cl("Content-Length: 2\r\nContent-Length: 5\r\n").is_err());
+    }
+
+    #[test]
+    fn framing_needs_one_host_on_http11() {
+        assert!(check_framing(&head("GET / HTTP/1.1\r\n\r\n")).is_err());
+        assert!(check_framing(&head("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")).is_err());
+        assert!(check_framing(&head("GET / HTTP/1.0\r\n\r\n")).is_ok());
+        assert!(check_framing(&head(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ))
+        .is_err());
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_secrets_compare_whole() {
+        assert_eq!(bearer_token("Bearer k"), Some("k"));
+        assert_eq!(bearer_token("bearer  k "), Some("k"));
+        assert_eq!(bearer_token("BEARER k"), Some("k"));
+        assert_eq!(bearer_token("Basic k"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert!(same_secret("s3cret", "s3cret"));
+        assert!(!same_secret("s3cre", "s3cret"));
+        assert!(!same_secret("s3cret!", "s3cret"));
+        assert!(!same_secret("S3cret", "s3cret"));
     }
 }

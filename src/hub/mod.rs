@@ -30,7 +30,7 @@ use crate::protocol::{
     encode_event, Action, Data, ErrorCode, Event, Format, Id, Request, RequestError,
 };
 use history::OwnedChannel;
-pub use outbox::{CloseRequest, Conn, Out, Pushed, SharedPublication};
+pub use outbox::{CloseRequest, Conn, Out, Pushed, ReplySlot, SharedPublication};
 use remote::{Effect, RemoteChannel, Snapshot, Waiter};
 
 /// State shared by every shard of the node (atomics only).
@@ -97,9 +97,12 @@ struct LocalChannel {
 struct PendingSub {
     conn_key: usize,
     conn: Rc<Conn>,
+    /// The reply's place in the connection's queue.
+    slot: Rc<ReplySlot>,
     chan: usize,
     id: Option<Id>,
     since_given: bool,
+    /// Unsubscribed (or gone) before the ack: answered, never activated.
     cancelled: bool,
 }
 
@@ -135,6 +138,9 @@ impl PublishWait {
 enum PendingPub {
     Ws {
         conn: Rc<Conn>,
+        /// The reply's place in the connection's queue (left empty on
+        /// success when the publish had no id).
+        slot: Rc<ReplySlot>,
         channel: Arc<str>,
         id: Option<Id>,
     },
@@ -275,8 +281,10 @@ impl Shard {
                 // Behind Redis a publication can fail, and the client must
                 // hear of it even without an id.
                 let token = (id.is_some() || self.redis.is_some()).then(|| {
+                    let slot = conn.reserve_reply();
                     self.state.borrow_mut().pending_pubs.insert(PendingPub::Ws {
                         conn: conn.clone(),
+                        slot,
                         channel: channel.clone(),
                         id,
                     })
@@ -301,25 +309,37 @@ impl Shard {
     /// Queues a reply for `conn`, within its pending-bytes bound.
     fn reply(&self, conn: &Conn, payload: Vec<u8>) {
         let pushed = conn.push_reply(payload, self.config.max_pending_bytes);
+        self.count_slow(pushed);
+    }
+
+    /// Fills the place a deferred reply holds in `conn`'s queue.
+    fn fill(&self, conn: &Conn, slot: &ReplySlot, items: Vec<Out>) {
+        let pushed = conn.fill_reply(slot, items, self.config.max_pending_bytes);
+        self.count_slow(pushed);
+    }
+
+    fn count_slow(&self, pushed: Pushed) {
         if pushed == Pushed::Disconnected {
             self.metrics.slow_disconnect.increment(1);
         }
     }
 
     pub fn reply_error(&self, conn: &Conn, e: RequestError) {
+        let payload = self.encode_error(conn.format, e);
+        self.reply(conn, payload);
+    }
+
+    fn encode_error(&self, format: Format, e: RequestError) -> Vec<u8> {
         self.metrics.error(e.code);
-        self.reply(
-            conn,
-            encode_event(
-                conn.format,
-                &Event::Error {
-                    code: e.code,
-                    message: &e.message,
-                    id: e.id.as_ref(),
-                    channel: e.channel.as_deref(),
-                },
-            ),
-        );
+        encode_event(
+            format,
+            &Event::Error {
+                code: e.code,
+                message: &e.message,
+                id: e.id.as_ref(),
+                channel: e.channel.as_deref(),
+            },
+        )
     }
 
     fn route_publish(&self, channel: Arc<str>, data: Data, token: Option<usize>) {
@@ -436,6 +456,7 @@ impl Shard {
         let token = st.pending_subs.insert(PendingSub {
             conn_key: key,
             conn: conn.clone(),
+            slot: conn.reserve_reply(),
             chan,
             id,
             since_given,
@@ -633,38 +654,50 @@ impl Shard {
         match self.take_pending_pub(token) {
             Some(PendingPub::Ws {
                 conn,
+                slot,
                 channel,
-                id: Some(id),
-            }) if !conn.gone.get() => {
-                self.reply(
-                    &conn,
-                    encode_event(
-                        conn.format,
-                        &Event::Published {
-                            channel: &channel,
-                            seq,
-                            id: &id,
-                        },
-                    ),
-                );
+                id,
+            }) => {
+                let reply = id.map(|id| {
+                    Out::Reply(
+                        encode_event(
+                            conn.format,
+                            &Event::Published {
+                                channel: &channel,
+                                seq,
+                                id: &id,
+                            },
+                        )
+                        .into_boxed_slice(),
+                    )
+                });
+                self.fill(&conn, &slot, reply.into_iter().collect());
             }
             Some(PendingPub::Http(wait)) => wait.complete(Some(seq)),
-            Some(PendingPub::Ws { .. }) | None => {}
+            None => {}
         }
     }
 
     fn on_publish_failed(&self, token: u32) {
         match self.take_pending_pub(token) {
-            Some(PendingPub::Ws { conn, channel, id }) if !conn.gone.get() => self.reply_error(
-                &conn,
-                RequestError {
-                    id,
-                    channel: Some(channel.to_string()),
-                    ..RequestError::new(ErrorCode::Unavailable, "the backplane is down; retry")
-                },
-            ),
+            Some(PendingPub::Ws {
+                conn,
+                slot,
+                channel,
+                id,
+            }) => {
+                let error = self.encode_error(
+                    conn.format,
+                    RequestError {
+                        id,
+                        channel: Some(channel.to_string()),
+                        ..RequestError::new(ErrorCode::Unavailable, "the backplane is down; retry")
+                    },
+                );
+                self.fill(&conn, &slot, vec![Out::Reply(error.into_boxed_slice())]);
+            }
             Some(PendingPub::Http(wait)) => wait.complete(None),
-            Some(PendingPub::Ws { .. }) | None => {}
+            None => {}
         }
     }
 
@@ -890,17 +923,20 @@ impl Shard {
         }
     }
 
+    /// The owner's answer to a subscribe: the replay (if `since` was
+    /// given and history holds it) and `subscribed` go in the request's
+    /// place in the queue, and the subscription starts receiving, unless it
+    /// was cancelled meanwhile (it is then answered all the same, since the
+    /// unsubscribe that cancelled it is answered after it).
     fn on_subscribe_ack(&self, token: u32, seq: u64, epoch: Arc<str>, replay: Replay) {
-        let (p, forget) = {
+        let (p, name) = {
             let mut st = self.state.borrow_mut();
             let st = &mut *st;
             let Some(p) = st.pending_subs.try_remove(token as usize) else {
                 return;
             };
             st.local[p.chan].pending -= 1;
-            if p.cancelled {
-                (None, Some(p.chan))
-            } else {
+            if !p.cancelled {
                 let slot = st.local[p.chan].subscribers.insert(p.conn.clone());
                 if let Some(s) = st.conns[p.conn_key]
                     .subs
@@ -909,39 +945,40 @@ impl Shard {
                 {
                     s.1 = SubState::Active(slot);
                 }
-                (Some(p), None)
             }
+            let name = st.local[p.chan].name.clone();
+            (p, name)
         };
-        if let Some(chan) = forget {
-            return self.forget_local_if_unused(chan);
-        }
-        let Some(p) = p else { return };
-        let name = self.state.borrow().local[p.chan].name.clone();
+        let mut items = Vec::new();
         let recovered = match replay {
             Replay::NotAsked => None,
             Replay::NotRecovered => Some(false),
             Replay::Recovered(publications) => {
-                for publication in publications {
-                    self.push_to(&p.conn, &Rc::new(publication));
-                }
+                items.extend(
+                    publications
+                        .into_iter()
+                        .map(|publication| Out::Replayed(Rc::new(publication))),
+                );
                 Some(true)
             }
         };
         debug_assert!(p.since_given == recovered.is_some());
-        self.reply(
-            &p.conn,
-            encode_event(
-                p.conn.format,
-                &Event::Subscribed {
-                    channel: &name,
-                    seq,
-                    // Behind Redis a channel has no epoch before its first publication.
-                    epoch: (!epoch.is_empty()).then_some(&*epoch),
-                    id: p.id.as_ref(),
-                    recovered,
-                },
-            ),
+        let subscribed = encode_event(
+            p.conn.format,
+            &Event::Subscribed {
+                channel: &name,
+                seq,
+                // Behind Redis a channel has no epoch before its first publication.
+                epoch: (!epoch.is_empty()).then_some(&*epoch),
+                id: p.id.as_ref(),
+                recovered,
+            },
         );
+        items.push(Out::Reply(subscribed.into_boxed_slice()));
+        self.fill(&p.conn, &p.slot, items);
+        if p.cancelled {
+            self.forget_local_if_unused(p.chan);
+        }
     }
 
     /// Fans a publication out to this shard's subscribers of its channel.

@@ -5,6 +5,13 @@
 //! ([`Publication`]); nothing is serialized or copied per subscriber here.
 //! The connection task turns the queue into frames when it next runs, so
 //! everything queued in one loop turn leaves in one write.
+//!
+//! The queue is strictly first in, first out, and that is what keeps the
+//! replies to a connection's requests in request order: a request whose
+//! answer comes later (from another shard, or from the backplane) takes its
+//! place in the queue at once, as an [`Out::Awaiting`] slot, and the writer
+//! stops at a slot until the hub fills it. What is queued behind the slot
+//! (later replies, live messages) waits with it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -27,20 +34,49 @@ pub type SharedPublication = Rc<Arc<Publication>>;
 pub enum Out {
     /// A publication shared with every subscriber on this shard.
     Message(SharedPublication),
+    /// A publication replayed from history for `since`. It is shared with
+    /// the history that already holds it, so it is left out of the
+    /// pending-bytes bound: a replay longer than the bound still gets
+    /// through, written as fast as the client reads.
+    Replayed(SharedPublication),
     /// A reply (`subscribed`, `error`, ...) for this connection alone.
     Reply(Box<[u8]>),
+    /// The place of a reply that is not known yet.
+    Awaiting(Rc<ReplySlot>),
 }
 
 impl Out {
+    /// The bytes this item puts in a frame (none for a slot).
     pub fn bytes(&self, format: Format) -> &[u8] {
         match self {
-            Out::Message(p) => match format {
+            Out::Message(p) | Out::Replayed(p) => match format {
                 Format::Json => &p.json,
                 Format::MsgPack => &p.msgpack,
             },
             Out::Reply(b) => b,
+            Out::Awaiting(_) => &[],
         }
     }
+
+    /// The bytes this item counts against the pending bound.
+    fn counted(&self, format: Format) -> usize {
+        match self {
+            Out::Message(_) | Out::Reply(_) => self.bytes(format).len(),
+            Out::Replayed(_) => 0,
+            Out::Awaiting(slot) => slot
+                .items
+                .borrow()
+                .as_ref()
+                .map_or(0, |items| items.iter().map(|i| i.counted(format)).sum()),
+        }
+    }
+}
+
+/// Where a deferred reply goes: filled once by the hub, then written in
+/// the place its request had.
+#[derive(Default)]
+pub struct ReplySlot {
+    items: RefCell<Option<Vec<Out>>>,
 }
 
 /// What the outbox did with a pushed message.
@@ -167,6 +203,38 @@ impl Conn {
         Pushed::Queued
     }
 
+    /// Takes the place of a reply that will be known later; everything
+    /// queued after it waits until [`Conn::fill_reply`] fills it.
+    pub fn reserve_reply(&self) -> Rc<ReplySlot> {
+        let slot = Rc::new(ReplySlot::default());
+        if self.close.get().is_none() && !self.abort.get() {
+            self.out
+                .borrow_mut()
+                .items
+                .push_back(Out::Awaiting(slot.clone()));
+        }
+        slot
+    }
+
+    /// Fills a reserved place with the reply (and, for a subscribe with
+    /// `since`, its replay), within the pending-bytes bound like
+    /// [`Conn::push_reply`]. An empty fill just frees the place.
+    pub fn fill_reply(&self, slot: &ReplySlot, items: Vec<Out>, max_pending: usize) -> Pushed {
+        if self.close.get().is_some() || self.abort.get() {
+            return Pushed::Closed;
+        }
+        let counted: usize = items.iter().map(|i| i.counted(self.format)).sum();
+        let mut out = self.out.borrow_mut();
+        if out.bytes + counted > max_pending {
+            drop(out);
+            return self.disconnect_slow();
+        }
+        out.bytes += counted;
+        *slot.items.borrow_mut() = Some(items);
+        out.wake();
+        Pushed::Queued
+    }
+
     /// Frees what is queued and asks for a 4008 close.
     fn disconnect_slow(&self) -> Pushed {
         self.out.borrow_mut().discard_queued(self.format);
@@ -228,11 +296,37 @@ impl Outbox {
         self.items.is_empty() && self.control.is_empty()
     }
 
+    /// Puts the contents of filled slots at the front of the queue in their
+    /// place; true when the front is then writable (not an empty queue, not
+    /// a slot still waiting).
+    pub fn open_front(&mut self) -> bool {
+        debug_assert_eq!(self.in_flight, 0, "never while a frame is in flight");
+        loop {
+            let filled = match self.items.front() {
+                None => return false,
+                Some(Out::Awaiting(slot)) => slot.items.borrow_mut().take(),
+                Some(_) => return true,
+            };
+            let Some(filled) = filled else { return false };
+            self.items.pop_front();
+            for item in filled.into_iter().rev() {
+                self.items.push_front(item);
+            }
+        }
+    }
+
+    /// Pops a written item, returning what it counted against the bound.
+    pub fn pop_written(&mut self, format: Format) -> Option<Out> {
+        let item = self.items.pop_front()?;
+        self.bytes -= item.counted(format);
+        Some(item)
+    }
+
     /// Drops every queued item that is not part of the frame being written.
     fn discard_queued(&mut self, format: Format) {
         let keep = self.in_flight;
         for item in self.items.drain(keep..) {
-            self.bytes -= item.bytes(format).len();
+            self.bytes -= item.counted(format);
         }
         self.items.shrink_to_fit();
     }
@@ -245,7 +339,7 @@ impl Outbox {
         while self.bytes + incoming > max && i < self.items.len() {
             if matches!(self.items[i], Out::Message(_)) {
                 if let Some(item) = self.items.remove(i) {
-                    self.bytes -= item.bytes(format).len();
+                    self.bytes -= item.counted(format);
                     dropped += 1;
                 }
             } else {

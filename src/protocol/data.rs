@@ -1,37 +1,71 @@
 //! Published `data`: kept in the form it arrived in and converted to the
 //! other format once per publication (never per subscriber).
 //!
-//! JSON arrives as raw text and goes to JSON subscribers untouched. MessagePack
-//! arrives as a value; for JSON subscribers, binary and extension values become
-//! base64 strings and non-string map keys become their JSON text.
+//! Data is checked when it arrives: a publication that one of the two
+//! formats cannot carry (a JSON number beyond a double, a lone surrogate, a
+//! NaN, nesting past [`MAX_DATA_DEPTH`], a byte MessagePack never uses) is
+//! refused at publish time, so a JSON and a MessagePack subscriber always
+//! receive the same value. JSON goes to JSON subscribers untouched; its
+//! MessagePack form is made during the check and kept. For JSON
+//! subscribers, MessagePack binary and extension values become base64
+//! strings and non-string map keys become their JSON text.
 
 use base64::Engine;
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
 
+/// Deepest nesting of arrays and maps inside one publication's `data`, in
+/// both formats (`1` is depth 0, `[1]` depth 1).
+pub const MAX_DATA_DEPTH: usize = 32;
+
 /// Data of one publication, in the format it was published in.
 #[derive(Debug, Clone)]
 pub enum Data {
-    Json(Box<RawValue>),
+    /// JSON text as published, and its MessagePack form.
+    Json {
+        text: Box<RawValue>,
+        msgpack: Box<[u8]>,
+    },
     MsgPack(rmpv::Value),
 }
 
 impl Data {
     /// Parses a JSON document (an HTTP body, say) into publication data.
     pub fn from_json_slice(bytes: &[u8]) -> Result<Data, String> {
-        serde_json::from_slice::<Box<RawValue>>(bytes)
-            .map(Data::Json)
-            .map_err(|e| format!("invalid JSON: {e}"))
+        let text = serde_json::from_slice::<Box<RawValue>>(bytes)
+            .map_err(|e| format!("invalid JSON: {e}"))?;
+        Data::from_json(text)
+    }
+
+    /// Checks JSON data and makes its MessagePack form.
+    pub fn from_json(text: Box<RawValue>) -> Result<Data, String> {
+        let depth = json_depth(text.get());
+        if depth > MAX_DATA_DEPTH {
+            return Err(too_deep(depth));
+        }
+        let value: rmpv::Value = serde_json::from_str(text.get())
+            .map_err(|e| format!("data cannot be carried as MessagePack: {e}"))?;
+        let mut msgpack = Vec::new();
+        rmpv::encode::write_value(&mut msgpack, &value)
+            .expect("writing MessagePack to a Vec cannot fail");
+        Ok(Data::Json {
+            text,
+            msgpack: msgpack.into_boxed_slice(),
+        })
     }
 
     /// Parses one MessagePack value (an HTTP body, say) into publication data.
     pub fn from_msgpack_slice(bytes: &[u8]) -> Result<Data, String> {
-        let mut rd = bytes;
-        let value = rmpv::decode::read_value_with_max_depth(&mut rd, super::request::MAX_DEPTH)
-            .map_err(|e| format!("invalid MessagePack: {e}"))?;
-        if !rd.is_empty() {
-            return Err("invalid MessagePack: trailing bytes after the value".into());
+        let value = decode_msgpack(bytes, MAX_DATA_DEPTH)?;
+        Data::from_msgpack(value)
+    }
+
+    /// Checks MessagePack data: every value must have a JSON form.
+    pub fn from_msgpack(value: rmpv::Value) -> Result<Data, String> {
+        let depth = msgpack_depth(&value)?;
+        if depth > MAX_DATA_DEPTH {
+            return Err(too_deep(depth));
         }
         Ok(Data::MsgPack(value))
     }
@@ -39,7 +73,7 @@ impl Data {
     /// Appends the JSON form of the data.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         match self {
-            Data::Json(raw) => out.extend_from_slice(raw.get().as_bytes()),
+            Data::Json { text, .. } => out.extend_from_slice(text.get().as_bytes()),
             Data::MsgPack(v) => serde_json::to_writer(out, &JsonCompat(v))
                 .expect("writing JSON to a Vec cannot fail"),
         }
@@ -59,15 +93,149 @@ impl Data {
             Data::MsgPack(v) => {
                 rmpv::encode::write_value(out, v).expect("writing MessagePack to a Vec cannot fail")
             }
-            Data::Json(raw) => {
-                // Valid JSON always deserializes into a MessagePack value; the
-                // raw text was validated when it was parsed.
-                let v: rmpv::Value = serde_json::from_str(raw.get()).unwrap_or(rmpv::Value::Nil);
-                rmpv::encode::write_value(out, &v)
-                    .expect("writing MessagePack to a Vec cannot fail")
-            }
+            Data::Json { msgpack, .. } => out.extend_from_slice(msgpack),
         }
     }
+}
+
+fn too_deep(depth: usize) -> String {
+    format!("data is nested {depth} levels deep; at most {MAX_DATA_DEPTH} are allowed")
+}
+
+/// How deeply arrays and objects nest in valid JSON text (strings skipped).
+fn json_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// How deeply arrays and maps nest in a MessagePack value; an error for a
+/// value JSON cannot carry (NaN or an infinite float).
+fn msgpack_depth(value: &rmpv::Value) -> Result<usize, String> {
+    use rmpv::Value;
+    let finite = |f: f64| {
+        if f.is_finite() {
+            Ok(0)
+        } else {
+            Err(format!("data cannot be carried as JSON: the number {f}"))
+        }
+    };
+    match value {
+        Value::F32(f) => finite(f64::from(*f)),
+        Value::F64(f) => finite(*f),
+        Value::Array(items) => {
+            let mut deepest = 0;
+            for item in items {
+                deepest = deepest.max(msgpack_depth(item)?);
+            }
+            Ok(deepest + 1)
+        }
+        Value::Map(entries) => {
+            let mut deepest = 0;
+            for (k, v) in entries {
+                deepest = deepest.max(msgpack_depth(k)?).max(msgpack_depth(v)?);
+            }
+            Ok(deepest + 1)
+        }
+        _ => Ok(0),
+    }
+}
+
+/// Decodes exactly one MessagePack value from `bytes`, nested at most
+/// `max_depth` deep. The bytes are walked first because rmpv reads the
+/// never-used marker 0xC1 as nil; such input is refused here instead.
+pub(crate) fn decode_msgpack(bytes: &[u8], max_depth: usize) -> Result<rmpv::Value, String> {
+    let len = msgpack_extent(bytes, 0, max_depth)?;
+    if len != bytes.len() {
+        return Err("invalid MessagePack: trailing bytes after the value".into());
+    }
+    let mut rd = bytes;
+    // rmpv counts a container and its value as two levels, a string or
+    // binary body as two more; the walk above already bounded the nesting.
+    rmpv::decode::read_value_with_max_depth(&mut rd, 2 * max_depth + 4)
+        .map_err(|e| format!("invalid MessagePack: {e}"))
+}
+
+/// The length of the MessagePack value at the start of `bytes`.
+fn msgpack_extent(bytes: &[u8], depth: usize, max_depth: usize) -> Result<usize, String> {
+    use rmp::Marker;
+    let truncated = || "invalid MessagePack: the value is cut short".to_string();
+    let first = *bytes.first().ok_or_else(truncated)?;
+    let be = |at: usize, n: usize| -> Result<usize, String> {
+        let field = bytes.get(at..at + n).ok_or_else(truncated)?;
+        Ok(field.iter().fold(0usize, |acc, &b| (acc << 8) | b as usize))
+    };
+    // (header bytes, payload bytes, contained values)
+    let (head, payload, values) = match Marker::from_u8(first) {
+        Marker::Reserved => {
+            return Err("invalid MessagePack: byte 0xc1 is not a MessagePack type".into())
+        }
+        Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+            (1, 0, 0)
+        }
+        Marker::U8 | Marker::I8 => (1, 1, 0),
+        Marker::U16 | Marker::I16 => (1, 2, 0),
+        Marker::U32 | Marker::I32 | Marker::F32 => (1, 4, 0),
+        Marker::U64 | Marker::I64 | Marker::F64 => (1, 8, 0),
+        Marker::FixStr(n) => (1, n as usize, 0),
+        Marker::Str8 | Marker::Bin8 => (2, be(1, 1)?, 0),
+        Marker::Str16 | Marker::Bin16 => (3, be(1, 2)?, 0),
+        Marker::Str32 | Marker::Bin32 => (5, be(1, 4)?, 0),
+        Marker::FixExt1 => (2, 1, 0),
+        Marker::FixExt2 => (2, 2, 0),
+        Marker::FixExt4 => (2, 4, 0),
+        Marker::FixExt8 => (2, 8, 0),
+        Marker::FixExt16 => (2, 16, 0),
+        Marker::Ext8 => (3, be(1, 1)?, 0),
+        Marker::Ext16 => (4, be(1, 2)?, 0),
+        Marker::Ext32 => (6, be(1, 4)?, 0),
+        Marker::FixArray(n) => (1, 0, n as usize),
+        Marker::Array16 => (3, 0, be(1, 2)?),
+        Marker::Array32 => (5, 0, be(1, 4)?),
+        Marker::FixMap(n) => (1, 0, 2 * n as usize),
+        Marker::Map16 => (3, 0, 2 * be(1, 2)?),
+        Marker::Map32 => (5, 0, 2 * be(1, 4)?),
+    };
+    let mut at = head + payload;
+    if at > bytes.len() {
+        return Err(truncated());
+    }
+    if values > 0 {
+        if depth >= max_depth {
+            return Err(format!(
+                "invalid MessagePack: nested deeper than {max_depth} levels"
+            ));
+        }
+        // Every value takes at least one byte: a count beyond what is left
+        // is cut short, whatever the header claims.
+        if values > bytes.len() - at {
+            return Err(truncated());
+        }
+        for _ in 0..values {
+            at += msgpack_extent(&bytes[at..], depth + 1, max_depth)?;
+        }
+    }
+    Ok(at)
 }
 
 /// Serializes a MessagePack value as the nearest JSON value.
@@ -156,6 +324,55 @@ mod tests {
             rmpv::Value::from("seven"),
         )]));
         assert_eq!(json_of(&d), r#"{"7":"seven"}"#);
+    }
+
+    #[test]
+    fn bytes_messagepack_never_uses_are_refused_anywhere() {
+        for bytes in [&[0xc1][..], &[0x91, 0xc1], &[0x81, 0xa1, b'k', 0xc1]] {
+            let e = Data::from_msgpack_slice(bytes).unwrap_err();
+            assert!(e.contains("0xc1"), "{e}");
+        }
+        // 0xc1 inside a string is just a byte of it.
+        assert!(Data::from_msgpack_slice(&[0xc4, 1, 0xc1]).is_ok());
+        assert!(
+            Data::from_msgpack_slice(&[0x92, 0xc0]).is_err(),
+            "cut short"
+        );
+        assert!(Data::from_msgpack_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn data_one_format_cannot_carry_is_refused() {
+        for json in [
+            &b"1e400"[..],
+            b"[-1e999]",
+            br#""\ud800""#,
+            br#"{"a":"x\udc00y"}"#,
+        ] {
+            let e = Data::from_json_slice(json).unwrap_err();
+            assert!(e.contains("MessagePack"), "{e}");
+        }
+        for f in [f64::NAN, f64::INFINITY] {
+            let e = Data::from_msgpack(rmpv::Value::Array(vec![rmpv::Value::F64(f)])).unwrap_err();
+            assert!(e.contains("JSON"), "{e}");
+        }
+        assert!(Data::from_json_slice(br#"["\ud83d\ude00", 1e300, "a\"[["]"#).is_ok());
+    }
+
+    #[test]
+    fn both_formats_share_one_nesting_limit() {
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let msgpack = |depth: usize| {
+            let mut b = vec![0x91u8; depth];
+            b.push(1);
+            b
+        };
+        assert!(Data::from_json_slice(nested(MAX_DATA_DEPTH).as_bytes()).is_ok());
+        assert!(Data::from_msgpack_slice(&msgpack(MAX_DATA_DEPTH)).is_ok());
+        let e = Data::from_json_slice(nested(MAX_DATA_DEPTH + 1).as_bytes()).unwrap_err();
+        assert!(e.contains("at most 32"), "{e}");
+        assert!(Data::from_msgpack_slice(&msgpack(MAX_DATA_DEPTH + 1)).is_err());
+        assert!(Data::from_json_slice(nested(200).as_bytes()).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The sans-IO wire protocol of `../shared/PROTOCOL.md`: requests decoded from
-//! frames, events encoded into frame payloads, in JSON and MessagePack.
+//! The sans-IO wire protocol described in `docs/protocol.md`: requests decoded
+//! from frames, events encoded into frame payloads, in JSON and MessagePack.
 //! Nothing here touches a socket, so all of it is unit- and property-tested.
 
 mod channel;

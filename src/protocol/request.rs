@@ -4,11 +4,13 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
+use super::data::{self, MAX_DATA_DEPTH};
 use super::{validate_channel, Data, ErrorCode, Format};
 
-/// Deepest nesting accepted in a MessagePack frame (JSON has serde_json's own
-/// limit of 128), so hostile input cannot exhaust the stack.
-pub(crate) const MAX_DEPTH: usize = 64;
+/// Deepest nesting of a MessagePack frame: an array of requests, a request,
+/// then its data (JSON frames have serde_json's own limit of 128), so
+/// hostile input cannot exhaust the stack.
+const MAX_FRAME_DEPTH: usize = MAX_DATA_DEPTH + 2;
 
 /// A request `id`, echoed back verbatim: an integer or a string.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,7 +125,7 @@ fn decode_json(
         .into_iter()
         .map(
             |raw| match serde_json::from_str::<WireRequest<Box<RawValue>>>(raw.get()) {
-                Ok(w) => validate(w, Data::Json),
+                Ok(w) => validate(w, Data::from_json),
                 Err(e) => Err(RequestError {
                     id: serde_json::from_str::<IdOnly>(raw.get())
                         .ok()
@@ -139,16 +141,8 @@ fn decode_msgpack(
     payload: &[u8],
     max_batch: usize,
 ) -> Result<Vec<Result<Request, RequestError>>, RequestError> {
-    let mut rd = payload;
-    let value = rmpv::decode::read_value_with_max_depth(&mut rd, MAX_DEPTH).map_err(|e| {
-        RequestError::new(ErrorCode::BadRequest, format!("invalid MessagePack: {e}"))
-    })?;
-    if !rd.is_empty() {
-        return Err(RequestError::new(
-            ErrorCode::BadRequest,
-            "invalid MessagePack: trailing bytes after the value",
-        ));
-    }
+    let value = data::decode_msgpack(payload, MAX_FRAME_DEPTH)
+        .map_err(|e| RequestError::new(ErrorCode::BadRequest, e))?;
     let items = match value {
         rmpv::Value::Array(items) => items,
         other => vec![other],
@@ -174,7 +168,7 @@ fn decode_msgpack(
                 _ => None,
             };
             match rmpv::ext::from_value::<WireRequest<rmpv::Value>>(v) {
-                Ok(w) => validate(w, Data::MsgPack),
+                Ok(w) => validate(w, Data::from_msgpack),
                 Err(e) => Err(RequestError {
                     id,
                     ..RequestError::new(ErrorCode::BadRequest, format!("invalid request: {e}"))
@@ -186,7 +180,7 @@ fn decode_msgpack(
 
 fn validate<D>(
     w: WireRequest<D>,
-    to_data: impl FnOnce(D) -> Data,
+    to_data: impl FnOnce(D) -> Result<Data, String>,
 ) -> Result<Request, RequestError> {
     let fail = |code, message: &str, channel: Option<String>| RequestError {
         code,
@@ -221,7 +215,10 @@ fn validate<D>(
         },
         "unsubscribe" => Action::Unsubscribe,
         _ => match w.data {
-            Some(d) => Action::Publish { data: to_data(d) },
+            Some(d) => match to_data(d) {
+                Ok(data) => Action::Publish { data },
+                Err(why) => return Err(fail(ErrorCode::BadRequest, &why, Some(channel))),
+            },
             None => {
                 return Err(fail(
                     ErrorCode::BadRequest,

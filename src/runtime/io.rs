@@ -61,8 +61,11 @@ pub async fn read_some(
     buf: &mut Vec<u8>,
     chunk: usize,
 ) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < chunk / 2 {
-        buf.reserve(chunk);
+    // Room for at least one byte whatever `chunk` is: a read into no room
+    // reads nothing and would pass for the end of the stream.
+    let spare = buf.capacity() - buf.len();
+    if spare == 0 || spare < chunk / 2 {
+        buf.reserve(chunk.max(1));
     }
     poll_fn(|cx| {
         let mut rb = ReadBuf::uninit(buf.spare_capacity_mut());

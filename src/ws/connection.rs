@@ -313,8 +313,8 @@ impl ConnTask {
                         continue;
                     }
                 }
-                if out.items.is_empty() {
-                    if out.items.capacity() > 64 {
+                if !out.open_front() {
+                    if out.items.is_empty() && out.items.capacity() > 64 {
                         out.items.shrink_to(8);
                     }
                     return Ok(false);
@@ -372,15 +372,17 @@ impl ConnTask {
         let metrics = &self.shard.metrics;
         let mut oldest = None;
         let mut messages = 0u64;
-        let mut freed = 0;
-        for item in out.items.drain(..items) {
-            if let Out::Message(p) = &item {
-                messages += 1;
-                oldest.get_or_insert(p.at);
+        for _ in 0..items {
+            match out.pop_written(format) {
+                Some(Out::Message(p)) => {
+                    messages += 1;
+                    oldest.get_or_insert(p.at);
+                }
+                // A replay is old by design: not a publish-to-write latency.
+                Some(Out::Replayed(_)) => messages += 1,
+                _ => {}
             }
-            freed += item.bytes(format).len();
         }
-        out.bytes -= freed;
         out.in_flight = 0;
         metrics.frames_out.add(1);
         if messages > 0 {
@@ -407,6 +409,7 @@ impl ConnTask {
 }
 
 /// Chooses how many queued items go in the next frame and frames them.
+/// The frame ends before the first reply slot (the front is never one).
 fn plan_frame(
     items: &std::collections::VecDeque<Out>,
     format: Format,
@@ -416,6 +419,9 @@ fn plan_frame(
     let mut n = 0;
     let mut payload = 0;
     for item in items.iter().take(MAX_BATCH_ITEMS) {
+        if matches!(item, Out::Awaiting(_)) {
+            break;
+        }
         let len = item.bytes(format).len() + usize::from(json && n > 0);
         if n > 0 && payload + len > max_batch_bytes {
             break;
