@@ -52,9 +52,20 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// Address of the Prometheus endpoint (GET /metrics). Port 0 picks a free port.
-    #[arg(long, env = "RINGCAST_METRICS_ADDR", default_value = "127.0.0.1:9090")]
-    pub metrics_addr: SocketAddr,
+    /// Serve the Prometheus endpoint (GET /metrics) on this address of its
+    /// own, to anyone who can reach it. Unset: GET /metrics on --listen,
+    /// answered to loopback clients only, so several nodes on one box need
+    /// nothing but different --listen addresses. Port 0 picks a free port.
+    #[arg(long, env = "RINGCAST_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Share --listen with other processes on purpose: for a hot upgrade
+    /// (start the new binary on the same address, then SIGTERM the old one,
+    /// which steers new connections to the new one and drains), or for
+    /// several processes of one relay behind one backplane. Without it, an
+    /// address another process listens on stops start-up ("in use").
+    #[arg(long, env = "RINGCAST_REUSE_PORT_SHARED")]
+    pub reuse_port_shared: bool,
 
     /// Worker threads, one monoio runtime pinned to a core each.
     /// 0 means one per CPU this process may run on.
@@ -147,8 +158,9 @@ pub struct Config {
     pub max_publish_rate: u32,
 
     /// Use one Redis (or Sentinel) as the backplane between nodes, e.g.
-    /// `redis://127.0.0.1:6379/0`, `rediss://…`,
-    /// `redis-sentinel://host:26379/0?sentinelServiceName=mymaster`.
+    /// `redis://127.0.0.1:6379/0` or
+    /// `redis-sentinel://host:26379/0?sentinelServiceName=mymaster`
+    /// (TLS, `rediss://`, is refused: this build has no TLS to Redis).
     /// Unset (and no --redis-cluster): the embedded, single-node backplane.
     #[arg(long, env = "RINGCAST_REDIS", conflicts_with = "redis_cluster")]
     pub redis: Option<String>,
@@ -276,8 +288,12 @@ impl Config {
         if self.workers > 128 {
             return fail(format!("--workers {} is more than 128", self.workers));
         }
-        if self.listen.port() != 0 && self.listen == self.metrics_addr {
-            return fail("--listen and --metrics-addr must differ".into());
+        if self.listen.port() != 0 && Some(self.listen) == self.metrics_addr {
+            return fail(
+                "--listen and --metrics-addr must differ (leave --metrics-addr unset to serve \
+                 /metrics on --listen to loopback clients)"
+                    .into(),
+            );
         }
         if let Some(url) = &self.redis {
             crate::backplane::redis::client_config(self)
@@ -423,9 +439,22 @@ mod tests {
         assert!(!parse(&[]).unwrap().uses_redis());
         let e = parse(&["--redis", "not a url"]).unwrap_err();
         assert!(
-            e.starts_with("invalid configuration: --redis not a url:"),
+            e.starts_with("invalid configuration: --redis not a url: not a Redis URL"),
             "{e}"
         );
+        let e = parse(&["--redis", ""]).unwrap_err();
+        assert!(e.contains("the URL is empty"), "{e}");
+        for tls in ["rediss://127.0.0.1:6380/0", "rediss-sentinel://h:26379/0"] {
+            let e = parse(&["--redis", tls]).unwrap_err();
+            assert!(e.contains("(TLS) is not supported by this build"), "{e}");
+        }
+        let e = parse(&["--redis", "http://127.0.0.1:6379"]).unwrap_err();
+        assert!(e.contains("unknown scheme `http://`"), "{e}");
+        assert!(parse(&[
+            "--redis",
+            "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=m"
+        ])
+        .is_ok());
         let c = parse(&["--redis-cluster", "127.0.0.1:7000,[::1]:7001"]).unwrap();
         assert!(c.uses_redis());
         let e = parse(&["--redis-cluster", "127.0.0.1"]).unwrap_err();

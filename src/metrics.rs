@@ -1,5 +1,6 @@
 //! Metrics through the `metrics` facade, rendered as Prometheus text at
-//! `GET /metrics` on `--metrics-addr` by a small thread of its own.
+//! `GET /metrics`: on the relay's own port for loopback clients, or, when
+//! `--metrics-addr` is given, on that address by a small thread of its own.
 //!
 //! Hot-path counts (frames, bytes, deliveries) accumulate in per-shard
 //! `Cell`s and are added to the exported counters once a second by the
@@ -15,6 +16,16 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::{Context, Result};
 use crate::protocol::ErrorCode;
+
+/// The installed recorder's handle, for rendering.
+static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+
+/// The Prometheus text of every metric; `None` before [`install`].
+pub fn render() -> Option<String> {
+    let handle = HANDLE.get()?;
+    handle.run_upkeep();
+    Some(handle.render())
+}
 
 /// Installs the global recorder. Histograms get explicit buckets so they are
 /// exported as Prometheus histograms (aggregatable across nodes).
@@ -37,6 +48,7 @@ pub fn install() -> Result<PrometheusHandle> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| crate::error::Error::msg(format!("installing metrics recorder: {e}")))?;
+    let _ = HANDLE.set(handle.clone());
     Ok(handle)
 }
 

@@ -293,9 +293,12 @@ fn invalid_configuration_stops_start_up_with_one_clear_line() {
     let (code, err) = run(&["--listen", &addr, "--metrics-addr", "127.0.0.1:0"]);
     assert_eq!(code, Some(1));
     assert!(
-        err.contains(&format!("binding SO_REUSEPORT listener 0 on {addr}")),
+        err.contains(&format!("address {addr} is in use by another process")),
         "{err}"
     );
+    let (code, err) = run(&["--listen", &addr, "--reuse-port-shared"]);
+    assert_eq!(code, Some(1), "a plain socket cannot be shared: {err}");
+    assert!(err.contains("binding SO_REUSEPORT listener 0"), "{err}");
 }
 
 /// A relay whose log reader went away (stderr a closed pipe, as when a log
@@ -313,4 +316,136 @@ fn sigterm_still_drains_when_stderr_is_a_closed_pipe() {
     relay.signal(libc::SIGTERM);
     let status = relay.wait_exit();
     assert!(status.success(), "{status:?}");
+}
+
+/// Two relays started with nothing but different --listen addresses run
+/// side by side, each with /metrics on its own port (no second port to
+/// collide on), answered to this loopback client.
+#[tokio::test]
+async fn two_relays_on_one_box_need_only_different_listen_addresses() {
+    let ports: Vec<String> = (0..2)
+        .map(|_| {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().to_string()
+        })
+        .collect();
+    let a = Relay::start(&["--listen", &ports[0]]);
+    let b = Relay::start(&["--listen", &ports[1]]);
+    for relay in [&a, &b] {
+        assert_eq!(relay.metrics, relay.addr, "/metrics is on the main port");
+        let text = relay.metrics_text().await;
+        assert!(text.contains("ringcast_connections"), "{text:.300}");
+    }
+    // With --metrics-addr, /metrics moves there and leaves the main port.
+    let c = Relay::start(&["--metrics-addr", "127.0.0.1:0"]);
+    assert_ne!(c.metrics, c.addr);
+    // The workers register their metrics as they start.
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while !c.metrics_text().await.contains("ringcast_connections") {
+        assert!(std::time::Instant::now() < deadline, "no worker metrics");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, _) = http(
+        c.addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+/// A second relay on an address in use is refused; with
+/// --reuse-port-shared it joins, and SIGTERM to the first hands every new
+/// connection to the second while the first drains: no request fails and
+/// no handshake reaches the draining one (it would answer 503).
+#[tokio::test]
+async fn a_hot_upgrade_on_a_shared_port_refuses_no_connection() {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let listen = port.to_string();
+    let mut old = Relay::start_logging(
+        &[
+            "--listen",
+            &listen,
+            "--workers",
+            "1",
+            "--drain-seconds",
+            "2",
+            "--pong-timeout",
+            "2",
+        ],
+        "info",
+        std::process::Stdio::piped(),
+    );
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args(["--listen", &listen])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("is in use by another process"), "{err}");
+
+    // A client of the old relay that will not answer its close at once,
+    // so the old relay is still draining while the handshakes below run.
+    let mut old_client = Client::connect(&old, Fmt::Json).await;
+    old_client.subscribe("before").await;
+    let new = Relay::start(&["--listen", &listen, "--workers", "2", "--reuse-port-shared"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let requests = {
+        let (stop, done) = (stop.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = async {
+                    let mut s = tokio::net::TcpStream::connect(port).await?;
+                    tokio::io::AsyncWriteExt::write_all(
+                        &mut s,
+                        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    )
+                    .await?;
+                    let mut out = Vec::new();
+                    s.read_to_end(&mut out).await?;
+                    std::io::Result::Ok(out)
+                }
+                .await;
+                match answer {
+                    Ok(out) if out.starts_with(b"HTTP/1.1 200") => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            failures
+        })
+    };
+    let wait_for = |n: usize| {
+        let done = done.clone();
+        async move {
+            while done.load(std::sync::atomic::Ordering::Relaxed) < n {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for(50).await;
+    old.signal(libc::SIGTERM);
+    old.wait_log("new connections go to the other processes");
+    // Every handshake now reaches the new relay: the draining one would
+    // answer 503, which fails the client's handshake.
+    for _ in 0..40 {
+        let mut c = Client::connect(&new, Fmt::Json).await;
+        c.subscribe("upgrade").await;
+    }
+    assert_eq!(old_client.close_code().await, Some(1012));
+    let seen = done.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(old.wait_exit().success());
+    wait_for(seen + 50).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failures = requests.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
 }

@@ -1,6 +1,7 @@
 //! Plain HTTP on the WebSocket port: the request head (parsed by `httparse`),
 //! keep-alive, and the routes `/ws` (upgrade), `/healthz`, `/readyz`,
-//! `POST /publish/{channel}` and the demo page at `/`.
+//! `POST /publish/{channel}`, `/metrics` (to loopback clients, unless
+//! `--metrics-addr` moves it) and the demo page at `/`.
 
 mod demo;
 
@@ -205,8 +206,11 @@ pub async fn send(
 /// phase, the handshake's allocations interleaved with the connections'
 /// long-lived ones and the freed space fragmented, about a kilobyte of
 /// resident memory per idle connection.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStreamPoll) {
-    if let Some(connection) = Box::pin(serve_http(shard, stream)).await {
+///
+/// `local_peer`: the client is on this host (loopback), so it may read
+/// `/metrics` here.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStreamPoll, local_peer: bool) {
+    if let Some(connection) = Box::pin(serve_http(shard, stream, local_peer)).await {
         connection.await;
     }
 }
@@ -216,6 +220,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStreamPoll) {
 async fn serve_http(
     shard: Rc<Shard>,
     mut stream: TcpStreamPoll,
+    local_peer: bool,
 ) -> Option<crate::ws::connection::ConnTask> {
     let mut buf = Vec::new();
     let mut first = true;
@@ -241,7 +246,17 @@ async fn serve_http(
             return crate::ws::connection::upgrade(shard, stream, head, buf).await;
         }
         let keep_alive = head.keep_alive();
-        let mut response = match route(&shard, &mut stream, &head, &mut buf, head_len).await {
+        let serve_metrics = local_peer && shard.config.metrics_addr.is_none();
+        let mut response = match route(
+            &shard,
+            &mut stream,
+            &head,
+            &mut buf,
+            head_len,
+            serve_metrics,
+        )
+        .await
+        {
             Ok(r) => r,
             Err(r) => {
                 refuse(&mut stream, &r).await;
@@ -344,6 +359,7 @@ async fn route(
     head: &Head,
     buf: &mut Vec<u8>,
     head_len: usize,
+    serve_metrics: bool,
 ) -> Result<Response, Response> {
     let path = head.route();
     let get = head.method == "GET" || head.method == "HEAD";
@@ -369,6 +385,16 @@ async fn route(
                 Response::text(200, "ready")
             }
         }
+        "/metrics" if get && serve_metrics => match crate::metrics::render() {
+            Some(text) => Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: text.into_bytes(),
+                extra: "",
+                head_only: false,
+            },
+            None => Response::text(503, "metrics are not installed"),
+        },
         "/" if get => Response {
             status: 200,
             content_type: "text/html; charset=utf-8",
@@ -505,6 +531,12 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
     }
 }
 
+/// True for a client on this host: loopback, IPv4 or IPv6 (also written
+/// as an IPv4-mapped IPv6 address).
+pub fn is_local(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
 /// The credentials of an `Authorization: Bearer ...` header (the scheme
 /// is case-insensitive, RFC 9110 section 11.1).
 fn bearer_token(value: &str) -> Option<&str> {
@@ -608,6 +640,22 @@ mod tests {
             );
         }
         assert!(cl("Content-Length: 2\r\nContent-Length: 5\r\n").is_err());
+    }
+
+    #[test]
+    fn only_loopback_clients_are_local() {
+        for local in ["127.0.0.1", "127.9.8.7", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_local(local.parse().unwrap()), "{local}");
+        }
+        for remote in [
+            "10.0.0.1",
+            "192.168.1.2",
+            "::ffff:10.0.0.1",
+            "2001:db8::1",
+            "0.0.0.0",
+        ] {
+            assert!(!is_local(remote.parse().unwrap()), "{remote}");
+        }
     }
 
     #[test]

@@ -77,23 +77,39 @@ pub fn run(config: Config) -> Result<()> {
         )));
     }
     let driver = resolve_driver(config.driver)?;
-    let listeners = listener::bind_group(config.listen, workers)?;
+    let listeners = listener::bind_group(config.listen, workers, config.reuse_port_shared)?;
+    // Kept to steer new connections to the other processes sharing the
+    // address (a hot upgrade's new binary) when this one drains.
+    let hand_over = (
+        listeners[0]
+            .try_clone()
+            .context("keeping a handle on the listener")?,
+        workers,
+    );
     let addr = listeners[0]
         .local_addr()
         .context("reading the listen address")?;
 
     let handle = crate::metrics::install()?;
-    let metrics_listener = TcpListener::bind(config.metrics_addr)
-        .with_context(|| format!("binding the metrics endpoint on {}", config.metrics_addr))?;
-    let metrics_addr = metrics_listener
-        .local_addr()
-        .context("reading the metrics address")?;
-    crate::metrics::serve(metrics_listener, handle)?;
+    // /metrics is on the main port (loopback clients only) unless the
+    // operator gives it an address of its own.
+    let metrics_addr = match config.metrics_addr {
+        None => addr,
+        Some(wanted) => {
+            let metrics_listener = TcpListener::bind(wanted)
+                .with_context(|| format!("binding the metrics endpoint on {wanted}"))?;
+            let bound = metrics_listener
+                .local_addr()
+                .context("reading the metrics address")?;
+            crate::metrics::serve(metrics_listener, handle)?;
+            bound
+        }
+    };
 
     let node = Arc::new(NodeState::new());
     let (mesh, inboxes) = Mesh::new(workers);
     let config = Arc::new(config);
-    install_signal_handler(node.clone(), mesh.clone())?;
+    install_signal_handler(node.clone(), mesh.clone(), hand_over)?;
     let redis = if config.uses_redis() {
         // Not ready until Redis answers: /readyz is 503 and publishes get
         // `unavailable` meanwhile.
@@ -168,7 +184,11 @@ pub fn run(config: Config) -> Result<()> {
 }
 
 /// First SIGTERM/SIGINT: drain. Second: exit at once.
-fn install_signal_handler(node: Arc<NodeState>, mesh: Mesh) -> Result<()> {
+fn install_signal_handler(
+    node: Arc<NodeState>,
+    mesh: Mesh,
+    hand_over: (TcpListener, usize),
+) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .context("installing signal handlers")?;
@@ -181,6 +201,14 @@ fn install_signal_handler(node: Arc<NodeState>, mesh: Mesh) -> Result<()> {
                     std::process::exit(1);
                 }
                 tracing::info!(signal, "draining");
+                let (member, own) = &hand_over;
+                match listener::hand_over(member, *own) {
+                    Ok(0) => {}
+                    Ok(others) => {
+                        tracing::info!(others, "new connections go to the other processes")
+                    }
+                    Err(e) => tracing::warn!("could not hand the shared port over: {e}"),
+                }
                 mesh.broadcast_drain();
             }
         })

@@ -38,14 +38,7 @@ impl Relay {
     /// Starts the relay logging at `level` to `stderr`.
     pub fn start_logging(args: &[&str], level: &str, stderr: Stdio) -> Relay {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--log",
-                level,
-            ])
+            .args(["--listen", "127.0.0.1:0", "--log", level])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -94,6 +87,28 @@ impl Relay {
     /// relay writes meets EPIPE.
     pub fn close_stderr(&mut self) {
         drop(self.child.stderr.take().expect("stderr was piped"));
+    }
+
+    /// Reads the relay's piped stderr until a line contains `needle`, then
+    /// keeps emptying the pipe in the background so the relay never blocks
+    /// on it.
+    pub fn wait_log(&mut self, needle: &str) {
+        let stderr = self.child.stderr.take().expect("stderr was piped");
+        let mut reader = BufReader::new(stderr);
+        loop {
+            let mut line = String::new();
+            let n = reader
+                .read_line(&mut line)
+                .expect("reading the relay's stderr");
+            assert!(
+                n > 0,
+                "the relay's log ended without a line containing {needle:?}"
+            );
+            if line.contains(needle) {
+                break;
+            }
+        }
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     }
 
     pub fn pid(&self) -> u32 {

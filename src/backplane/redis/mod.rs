@@ -89,6 +89,7 @@ impl RedisHandle {
 pub fn client_config(config: &Config) -> std::result::Result<fred::prelude::Config, String> {
     use fred::prelude::{Config as FredConfig, ServerConfig};
     let mut fred_config = if let Some(url) = &config.redis {
+        check_redis_url(url)?;
         FredConfig::from_url(url).map_err(|e| e.details().to_string())?
     } else {
         let mut hosts = Vec::new();
@@ -110,6 +111,34 @@ pub fn client_config(config: &Config) -> std::result::Result<fred::prelude::Conf
     // Redis is unreachable.
     fred_config.fail_fast = false;
     Ok(fred_config)
+}
+
+/// Refuses, with a sentence an operator can act on, URLs the Redis client
+/// would misread: no scheme, or a TLS scheme. The client is built without
+/// TLS, and with `rediss://` it would connect in plain text after a mere
+/// warning, so TLS URLs stop start-up instead.
+fn check_redis_url(url: &str) -> std::result::Result<(), String> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Err("the URL is empty; give one like redis://127.0.0.1:6379/0".into());
+    }
+    let Some((scheme, _)) = url.split_once("://") else {
+        return Err(
+            "not a Redis URL: give one like redis://127.0.0.1:6379/0 or \
+             redis-sentinel://host:26379/0?sentinelServiceName=mymaster"
+                .into(),
+        );
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "redis" | "redis-sentinel" => Ok(()),
+        "rediss" | "rediss-sentinel" => Err(format!(
+            "{scheme}:// (TLS) is not supported by this build; it would connect in plain \
+             text, so it is refused. Use redis:// over a private network or a TLS tunnel"
+        )),
+        other => Err(format!(
+            "unknown scheme `{other}://`; use redis:// or redis-sentinel://"
+        )),
+    }
 }
 
 /// Starts the Redis thread; it runs for the life of the process.
