@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
+use std::time::Instant;
 
 use crate::backplane::Publication;
 use crate::config::SlowConsumerPolicy;
@@ -59,6 +60,7 @@ impl Out {
     }
 
     /// The bytes this item counts against the pending bound.
+    #[inline]
     fn counted(&self, format: Format) -> usize {
         match self {
             Out::Message(_) | Out::Reply(_) => self.bytes(format).len(),
@@ -315,11 +317,25 @@ impl Outbox {
         }
     }
 
-    /// Pops a written item, returning what it counted against the bound.
-    pub fn pop_written(&mut self, format: Format) -> Option<Out> {
-        let item = self.items.pop_front()?;
-        self.bytes -= item.counted(format);
-        Some(item)
+    /// Removes the `n` items of a frame that was written whole; returns
+    /// how many were publications and when the oldest live one was made.
+    pub fn pop_written(&mut self, n: usize, format: Format) -> (u64, Option<Instant>) {
+        let (mut messages, mut oldest, mut freed) = (0, None, 0);
+        for item in self.items.drain(..n) {
+            match &item {
+                Out::Message(p) => {
+                    messages += 1;
+                    oldest.get_or_insert(p.at);
+                    freed += item.bytes(format).len();
+                }
+                // A replay is old by design: not a publish-to-write latency.
+                Out::Replayed(_) => messages += 1,
+                Out::Reply(b) => freed += b.len(),
+                Out::Awaiting(_) => debug_assert!(false, "a frame never holds a reply slot"),
+            }
+        }
+        self.bytes -= freed;
+        (messages, oldest)
     }
 
     /// Drops every queued item that is not part of the frame being written.

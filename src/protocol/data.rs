@@ -40,8 +40,7 @@ impl Data {
 
     /// Checks JSON data and makes its MessagePack form.
     pub fn from_json(text: Box<RawValue>) -> Result<Data, String> {
-        let depth = json_depth(text.get());
-        if depth > MAX_DATA_DEPTH {
+        if let Some(depth) = json_too_deep(text.get()) {
             return Err(too_deep(depth));
         }
         let value: rmpv::Value = serde_json::from_str(text.get())
@@ -102,8 +101,18 @@ fn too_deep(depth: usize) -> String {
     format!("data is nested {depth} levels deep; at most {MAX_DATA_DEPTH} are allowed")
 }
 
-/// How deeply arrays and objects nest in valid JSON text (strings skipped).
-fn json_depth(text: &str) -> usize {
+/// The nesting depth of valid JSON text when it is over the limit.
+fn json_too_deep(text: &str) -> Option<usize> {
+    // Most data holds fewer brackets than the limit allows levels: no
+    // need to walk it byte by byte then.
+    let opening = text
+        .as_bytes()
+        .iter()
+        .filter(|&&b| b == b'[' || b == b'{')
+        .count();
+    if opening <= MAX_DATA_DEPTH {
+        return None;
+    }
     let (mut depth, mut deepest) = (0usize, 0usize);
     let (mut in_string, mut escaped) = (false, false);
     for &b in text.as_bytes() {
@@ -126,7 +135,7 @@ fn json_depth(text: &str) -> usize {
             _ => {}
         }
     }
-    deepest
+    (deepest > MAX_DATA_DEPTH).then_some(deepest)
 }
 
 /// How deeply arrays and maps nest in a MessagePack value; an error for a

@@ -370,19 +370,7 @@ impl ConnTask {
         let mut out = self.conn.out.borrow_mut();
         let format = self.conn.format;
         let metrics = &self.shard.metrics;
-        let mut oldest = None;
-        let mut messages = 0u64;
-        for _ in 0..items {
-            match out.pop_written(format) {
-                Some(Out::Message(p)) => {
-                    messages += 1;
-                    oldest.get_or_insert(p.at);
-                }
-                // A replay is old by design: not a publish-to-write latency.
-                Some(Out::Replayed(_)) => messages += 1,
-                _ => {}
-            }
-        }
+        let (messages, oldest) = out.pop_written(items, format);
         out.in_flight = 0;
         metrics.frames_out.add(1);
         if messages > 0 {
