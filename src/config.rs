@@ -44,7 +44,8 @@ const MIN_PENDING_MESSAGES: usize = 4;
         Every option can also be set with an environment variable (shown below) \
         or as `long-name = value` in the TOML file given with --config. \
         Precedence: flag, then environment, then file, then default.",
-    args_override_self = true
+    args_override_self = true,
+    allow_negative_numbers = true
 )]
 pub struct Config {
     /// Address for WebSocket and HTTP (every worker binds it with SO_REUSEPORT).
@@ -111,6 +112,11 @@ pub struct Config {
     /// --max-pending-bytes as given, or its default (set by `load_from`).
     #[arg(skip)]
     pub max_pending_bytes: usize,
+
+    /// Options whose value came from their environment variable, so that
+    /// errors name the variable (set by `load_from`).
+    #[arg(skip)]
+    from_env: Vec<(String, String)>,
 
     /// What happens past --max-pending-bytes: disconnect (close 4008) or drop-oldest.
     #[arg(long, env = "RINGCAST_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumerPolicy::Disconnect)]
@@ -190,8 +196,9 @@ pub struct Config {
     pub config: Option<std::path::PathBuf>,
 
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ringcast=debug`.
-    #[arg(long, env = "RINGCAST_LOG", default_value = "info")]
-    pub log: String,
+    /// Unset: `RUST_LOG` when that is set, else `info`.
+    #[arg(long, env = "RINGCAST_LOG")]
+    pub log: Option<String>,
 }
 
 /// Why configuration could not be loaded.
@@ -227,7 +234,7 @@ impl Config {
     }
 
     pub fn load_from(args: Vec<std::ffi::OsString>) -> Result<Config, ConfigError> {
-        let first = Config::try_parse_from(&args).map_err(ConfigError::CommandLine)?;
+        let first = Config::try_parse_from(&args).map_err(|e| name_the_source(e, &args))?;
         let config = match &first.config {
             None => first,
             Some(path) => {
@@ -241,7 +248,7 @@ impl Config {
                 // which come later, win.
                 let mut merged = vec![args[0].clone()];
                 merged.extend(file_args.into_iter().map(Into::into));
-                merged.extend(args.into_iter().skip(1));
+                merged.extend(args.iter().skip(1).cloned());
                 Config::try_parse_from(merged).map_err(|e| {
                     ConfigError::Invalid(format!(
                         "config file {}: {}",
@@ -252,11 +259,31 @@ impl Config {
             }
         };
         let mut config = config;
+        config.from_env = from_environment(&args);
         config.max_pending_bytes = config
             .max_pending_bytes_given
             .unwrap_or(DEFAULT_PENDING_MESSAGES * config.max_message_bytes);
         config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
+    }
+
+    /// How to name option `long` in an error: its environment variable when
+    /// that is where the value came from, else the flag.
+    fn shown(&self, long: &str) -> String {
+        self.from_env
+            .iter()
+            .find(|(l, _)| l == long)
+            .map_or_else(|| format!("--{long}"), |(_, env)| env.clone())
+    }
+
+    /// The log filter in effect: --log (or RINGCAST_LOG), else RUST_LOG,
+    /// else `info`.
+    pub fn log_filter(&self) -> (String, &'static str) {
+        match (&self.log, std::env::var("RUST_LOG")) {
+            (Some(log), _) => (log.clone(), "--log"),
+            (None, Ok(rust_log)) if !rust_log.trim().is_empty() => (rust_log, "RUST_LOG"),
+            _ => ("info".into(), "--log"),
+        }
     }
 
     /// Checks relations between values once, so the rest of the code can trust them.
@@ -296,8 +323,15 @@ impl Config {
             );
         }
         if let Some(url) = &self.redis {
+            let source = self.shown("redis");
             crate::backplane::redis::client_config(self)
-                .map_err(|e| format!("invalid configuration: --redis {url}: {e}"))?;
+                .map_err(|e| format!("invalid configuration: {source} `{url}`: {e}"))?;
+        }
+        let (filter, source) = self.log_filter();
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&filter) {
+            return fail(format!(
+                "{source} `{filter}` is not a valid log filter: {e}"
+            ));
         }
         if !self.redis_cluster.is_empty() {
             crate::backplane::redis::client_config(self).map_err(|e| {
@@ -338,12 +372,70 @@ impl Config {
     }
 }
 
+/// (long name, variable) of every option whose value the environment gave.
+fn from_environment(args: &[std::ffi::OsString]) -> Vec<(String, String)> {
+    let command = <Config as clap::CommandFactory>::command();
+    let Ok(matches) = command.clone().try_get_matches_from(args) else {
+        return Vec::new();
+    };
+    command
+        .get_arguments()
+        .filter(|a| {
+            matches.value_source(a.get_id().as_str())
+                == Some(clap::parser::ValueSource::EnvVariable)
+        })
+        .filter_map(|a| {
+            Some((
+                a.get_long()?.to_string(),
+                a.get_env()?.to_string_lossy().into_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// A clap error about a value that came from the environment names the
+/// variable (`RINGCAST_WORKERS`), not the flag the user never typed.
+fn name_the_source(e: clap::Error, args: &[std::ffi::OsString]) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return ConfigError::CommandLine(e);
+    };
+    let Some(long) = arg
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.strip_prefix("--"))
+    else {
+        return ConfigError::CommandLine(e);
+    };
+    let typed = args.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == format!("--{long}") || a.starts_with(&format!("--{long}="))
+    });
+    let env = <Config as clap::CommandFactory>::command()
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()));
+    match env {
+        Some(env) if !typed && std::env::var_os(&env).is_some() => {
+            ConfigError::Invalid(one_line(&e).replacen(&format!("'{arg}'"), &env, 1))
+        }
+        _ => ConfigError::CommandLine(e),
+    }
+}
+
 /// Turns `key = value` lines of the TOML file into `--key=value` arguments.
 /// Env-set options are skipped so the environment keeps precedence over the file.
 fn file_to_args(text: &str) -> Result<Vec<String>, String> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| e.message().to_string())?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let Some(span) = e.span() else {
+            return e.message().to_string();
+        };
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+        format!("line {line}, column {column}: {message}")
+    })?;
     let known: Vec<(String, Option<String>)> = <Config as clap::CommandFactory>::command()
         .get_arguments()
         .filter_map(|a| {
@@ -358,7 +450,15 @@ fn file_to_args(text: &str) -> Result<Vec<String>, String> {
     let mut args = Vec::new();
     for (key, value) in table {
         let Some((_, env)) = known.iter().find(|(long, _)| *long == key) else {
-            return Err(format!("unknown key `{key}`"));
+            let closest = known
+                .iter()
+                .map(|(long, _)| (strsim::jaro_winkler(long, &key), long))
+                .filter(|(score, _)| *score > 0.8)
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            return Err(match closest {
+                Some((_, long)) => format!("unknown key `{key}` (did you mean `{long}`?)"),
+                None => format!("unknown key `{key}`"),
+            });
         };
         if key == "config" {
             return Err("`config` cannot be set from a config file".into());
@@ -402,6 +502,18 @@ mod tests {
     }
 
     #[test]
+    fn values_are_named_as_the_user_gave_them() {
+        let e = parse(&["--history-size", "-1"]).unwrap_err();
+        assert!(e.contains("invalid value '-1' for '--history-size"), "{e}");
+        let e = parse(&["--log", "ringcast=loud"]).unwrap_err();
+        assert!(
+            e.contains("--log `ringcast=loud` is not a valid log filter"),
+            "{e}"
+        );
+        assert!(parse(&["--log", "warn,ringcast=debug"]).is_ok());
+    }
+
+    #[test]
     fn the_pending_bound_follows_the_message_limit() {
         let c = parse(&["--max-message-bytes", "1048576"]).unwrap();
         assert_eq!(c.max_pending_bytes, 16 << 20);
@@ -439,7 +551,7 @@ mod tests {
         assert!(!parse(&[]).unwrap().uses_redis());
         let e = parse(&["--redis", "not a url"]).unwrap_err();
         assert!(
-            e.starts_with("invalid configuration: --redis not a url: not a Redis URL"),
+            e.starts_with("invalid configuration: --redis `not a url`: not a Redis URL"),
             "{e}"
         );
         let e = parse(&["--redis", ""]).unwrap_err();
@@ -490,5 +602,16 @@ mod tests {
         std::fs::write(&path, "no-such-option = 1\n").unwrap();
         let e = parse(&["--config", p]).unwrap_err();
         assert!(e.contains("unknown key `no-such-option`"), "{e}");
+        assert!(!e.contains("did you mean"), "{e}");
+        std::fs::write(&path, "history-sise = 1\n").unwrap();
+        let e = parse(&["--config", p]).unwrap_err();
+        assert!(
+            e.contains("unknown key `history-sise` (did you mean `history-size`?)"),
+            "{e}"
+        );
+        std::fs::write(&path, "history-size = 1\nworkers = = 2\n").unwrap();
+        let e = parse(&["--config", p]).unwrap_err();
+        assert!(e.contains("line 2, column"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
     }
 }

@@ -22,10 +22,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
+    // Validated with the configuration: the filter parses.
+    let filter = tracing_subscriber::EnvFilter::try_new(config.log_filter().0)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         // When stderr is gone (a log reader that died), a line that cannot
         // be written is dropped: by default the subscriber reports the

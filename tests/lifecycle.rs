@@ -287,6 +287,45 @@ fn invalid_configuration_stops_start_up_with_one_clear_line() {
     let (code, err) = run(&["--slow-consumer", "maybe"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("invalid value 'maybe'"), "{err}");
+    let (code, err) = run(&["--history-size", "-1"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("invalid value '-1' for '--history-size"),
+        "{err}"
+    );
+    // Values from the environment are named by their variable.
+    let run_env = |var: &str, value: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+            .args(["--listen", "127.0.0.1:0"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run_env("RINGCAST_WORKERS", "abc");
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("invalid value 'abc' for RINGCAST_WORKERS"),
+        "{err}"
+    );
+    let (code, err) = run_env("RINGCAST_REDIS", "");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("RINGCAST_REDIS ``: the URL is empty"), "{err}");
+    let (code, err) = run_env("RUST_LOG", "ringcast=loud");
+    assert_eq!(code, Some(2), "RUST_LOG is read when --log is not given");
+    assert!(
+        err.contains("RUST_LOG `ringcast=loud` is not a valid log filter"),
+        "{err}"
+    );
+    let (code, err) = run(&["--log", "=="]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--log `==` is not a valid log filter"),
+        "{err}"
+    );
     // A port held by another (non-SO_REUSEPORT) socket: a clear bind error.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = held.local_addr().unwrap().to_string();
@@ -429,7 +468,11 @@ async fn a_hot_upgrade_on_a_shared_port_refuses_no_connection() {
     };
     wait_for(50).await;
     old.signal(libc::SIGTERM);
-    old.wait_log("new connections go to the other processes");
+    let line = old.wait_log("new connections go to the other processes");
+    assert!(
+        !line.contains('\x1b'),
+        "no colour codes in a log that is not a terminal: {line:?}"
+    );
     // Every handshake now reaches the new relay: the draining one would
     // answer 503, which fails the client's handshake.
     for _ in 0..40 {

@@ -92,7 +92,7 @@ impl Relay {
     /// Reads the relay's piped stderr until a line contains `needle`, then
     /// keeps emptying the pipe in the background so the relay never blocks
     /// on it.
-    pub fn wait_log(&mut self, needle: &str) {
+    pub fn wait_log(&mut self, needle: &str) -> String {
         let stderr = self.child.stderr.take().expect("stderr was piped");
         let mut reader = BufReader::new(stderr);
         loop {
@@ -105,10 +105,10 @@ impl Relay {
                 "the relay's log ended without a line containing {needle:?}"
             );
             if line.contains(needle) {
-                break;
+                std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+                return line;
             }
         }
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     }
 
     pub fn pid(&self) -> u32 {
