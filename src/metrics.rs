@@ -27,29 +27,265 @@ pub fn render() -> Option<String> {
     Some(handle.render())
 }
 
-/// Installs the global recorder. Histograms get explicit buckets so they are
-/// exported as Prometheus histograms (aggregatable across nodes).
+/// Every metric the relay exports, with its help text (`# HELP`).
+/// What a metric is, for its `# TYPE` and `# HELP` lines.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric the relay exports, with its help text (`# HELP`).
+const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
+    (
+        "ringcast_build_info",
+        Kind::Gauge,
+        "Always 1; the labels name the running version.",
+    ),
+    (
+        "ringcast_connections",
+        Kind::Gauge,
+        "Open WebSocket connections, per shard.",
+    ),
+    (
+        "ringcast_history_messages",
+        Kind::Gauge,
+        "Messages kept for since recovery, per owner shard.",
+    ),
+    (
+        "ringcast_channels_owned",
+        Kind::Gauge,
+        "Channels with state on their owner shard.",
+    ),
+    (
+        "ringcast_handshakes_total",
+        Kind::Counter,
+        "WebSocket handshakes, by result (ok, rejected).",
+    ),
+    (
+        "ringcast_http_requests_total",
+        Kind::Counter,
+        "HTTP requests answered, by route and status.",
+    ),
+    (
+        "ringcast_publications_total",
+        Kind::Counter,
+        "Publications sequenced and fanned out by their owner shard.",
+    ),
+    (
+        "ringcast_slow_consumer_total",
+        Kind::Counter,
+        "Slow-consumer actions, by action (disconnect, drop_oldest).",
+    ),
+    (
+        "ringcast_heartbeat_timeouts_total",
+        Kind::Counter,
+        "Connections dropped for not answering a ping.",
+    ),
+    (
+        "ringcast_ws_protocol_closes_total",
+        Kind::Counter,
+        "Connections closed for an RFC 6455 violation.",
+    ),
+    (
+        "ringcast_errors_total",
+        Kind::Counter,
+        "Error events sent to clients, by code.",
+    ),
+    (
+        "ringcast_frames_in_total",
+        Kind::Counter,
+        "WebSocket frames received.",
+    ),
+    (
+        "ringcast_bytes_in_total",
+        Kind::Counter,
+        "Bytes received on WebSocket connections.",
+    ),
+    (
+        "ringcast_frames_out_total",
+        Kind::Counter,
+        "WebSocket frames written.",
+    ),
+    (
+        "ringcast_bytes_out_total",
+        Kind::Counter,
+        "Bytes written on WebSocket connections.",
+    ),
+    (
+        "ringcast_deliveries_total",
+        Kind::Counter,
+        "Messages queued to subscribers.",
+    ),
+    (
+        "ringcast_batches_total",
+        Kind::Counter,
+        "Frames written that carried at least one message.",
+    ),
+    (
+        "ringcast_batch_messages",
+        Kind::Histogram,
+        "Messages per written frame.",
+    ),
+    (
+        "ringcast_publish_to_write_seconds",
+        Kind::Histogram,
+        "Time from a publication to the write of the frame carrying it.",
+    ),
+    (
+        "ringcast_redis_ready",
+        Kind::Gauge,
+        "1 while the Redis backplane can sequence and deliver.",
+    ),
+    (
+        "ringcast_redis_up",
+        Kind::Gauge,
+        "1 while a Redis connection is up, by role (commands, pubsub).",
+    ),
+    (
+        "ringcast_redis_reconnects_total",
+        Kind::Counter,
+        "Reconnections of the Redis pub/sub link.",
+    ),
+    (
+        "ringcast_redis_deaf_total",
+        Kind::Counter,
+        "Times the pub/sub link stopped delivering the node's own probes.",
+    ),
+    (
+        "ringcast_redis_probe_rtt_seconds",
+        Kind::Histogram,
+        "Round trip of a probe published to Redis and received back.",
+    ),
+    (
+        "ringcast_redis_probe_timeouts_total",
+        Kind::Counter,
+        "Probes not back within their interval.",
+    ),
+    (
+        "ringcast_redis_rtt_seconds",
+        Kind::Histogram,
+        "Duration of one publish script call.",
+    ),
+    (
+        "ringcast_redis_publish_batch_messages",
+        Kind::Histogram,
+        "Publications carried by one publish script call.",
+    ),
+    (
+        "ringcast_redis_pipeline_depth",
+        Kind::Gauge,
+        "Publish script calls in flight.",
+    ),
+    (
+        "ringcast_redis_subscriptions",
+        Kind::Gauge,
+        "Channels this node subscribes to in Redis.",
+    ),
+    (
+        "ringcast_redis_gaps_total",
+        Kind::Counter,
+        "Publications lost beyond Redis history (seen as a seq gap).",
+    ),
+    (
+        "ringcast_redis_lagged_total",
+        Kind::Counter,
+        "Times the Redis thread fell behind its pub/sub stream and resynced.",
+    ),
+    (
+        "ringcast_redis_raw_messages_total",
+        Kind::Counter,
+        "Messages a backend published straight into Redis.",
+    ),
+    (
+        "ringcast_redis_bad_envelopes_total",
+        Kind::Counter,
+        "Malformed messages from Redis dropped.",
+    ),
+    (
+        "ringcast_redis_script_reloads_total",
+        Kind::Counter,
+        "Times the publish script had to be loaded again.",
+    ),
+    (
+        "ringcast_redis_publish_failures_total",
+        Kind::Counter,
+        "Publish script calls that failed.",
+    ),
+];
+
+/// Counters of the Redis backplane without labels: registered when it
+/// starts, so they read 0 before their first event.
+const REDIS_COUNTERS: &[&str] = &[
+    "ringcast_redis_reconnects_total",
+    "ringcast_redis_deaf_total",
+    "ringcast_redis_probe_timeouts_total",
+    "ringcast_redis_gaps_total",
+    "ringcast_redis_lagged_total",
+    "ringcast_redis_raw_messages_total",
+    "ringcast_redis_bad_envelopes_total",
+    "ringcast_redis_script_reloads_total",
+    "ringcast_redis_publish_failures_total",
+];
+
+/// Makes the Redis backplane's counters visible at 0.
+pub fn register_redis() {
+    for name in REDIS_COUNTERS {
+        counter!(*name).absolute(0);
+    }
+}
+
+/// Buckets for histograms of seconds.
+const SECONDS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+];
+/// Buckets for histograms of counts.
+const COUNTS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+/// Installs the global recorder. Every histogram gets buckets, so all are
+/// exported as Prometheus histograms (aggregatable across nodes; the
+/// exporter would make summaries otherwise).
 pub fn install() -> Result<PrometheusHandle> {
     let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full("ringcast_publish_to_write_seconds".into()),
-            &[
-                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-                0.1, 0.25, 0.5, 1.0, 2.5,
-            ],
-        )
+        .set_buckets(SECONDS)
         .context("configuring histogram buckets")?
-        .set_buckets_for_metric(
-            Matcher::Full("ringcast_batch_messages".into()),
-            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
-        )
+        .set_buckets_for_metric(Matcher::Suffix("_messages".into()), COUNTS)
         .context("configuring histogram buckets")?
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| crate::error::Error::msg(format!("installing metrics recorder: {e}")))?;
     let _ = HANDLE.set(handle.clone());
+    for &(name, kind, help) in DESCRIPTIONS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+    gauge!("ringcast_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
+}
+
+/// Counts one answered HTTP request. Routes are a fixed set, so the label
+/// values stay few whatever paths clients ask for.
+pub fn http_request(shard: usize, route: &str, status: u16) {
+    let route = match route {
+        "/ws" | "/healthz" | "/readyz" | "/metrics" | "/" => route,
+        r if r.starts_with("/publish/") => "/publish",
+        _ => "other",
+    };
+    counter!(
+        "ringcast_http_requests_total",
+        "shard" => shard.to_string(),
+        "route" => route.to_string(),
+        "status" => status.to_string()
+    )
+    .increment(1);
 }
 
 /// Serves `GET /metrics` on its own thread (blocking I/O: scrapes are rare
@@ -132,7 +368,6 @@ pub struct ShardMetrics {
     pub channels_owned: Gauge,
     pub handshakes_ok: Counter,
     pub handshakes_rejected: Counter,
-    pub http_requests: Counter,
     pub publications: Counter,
     pub slow_disconnect: Counter,
     pub slow_drop_oldest: Counter,
@@ -158,7 +393,6 @@ impl ShardMetrics {
             channels_owned: gauge!("ringcast_channels_owned", "shard" => s.clone()),
             handshakes_ok: counter!("ringcast_handshakes_total", "shard" => s.clone(), "result" => "ok"),
             handshakes_rejected: counter!("ringcast_handshakes_total", "shard" => s.clone(), "result" => "rejected"),
-            http_requests: counter!("ringcast_http_requests_total", "shard" => s.clone()),
             publications: counter!("ringcast_publications_total", "shard" => s.clone()),
             slow_disconnect: counter!("ringcast_slow_consumer_total", "shard" => s.clone(), "action" => "disconnect"),
             slow_drop_oldest: counter!("ringcast_slow_consumer_total", "shard" => s.clone(), "action" => "drop_oldest"),

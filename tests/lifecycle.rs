@@ -492,3 +492,57 @@ async fn a_hot_upgrade_on_a_shared_port_refuses_no_connection() {
         &failures[..failures.len().min(5)]
     );
 }
+
+/// /metrics follows Prometheus conventions: a HELP line for every metric,
+/// counters there at 0 before their first event, histograms (never
+/// summaries) for latencies, build info, HTTP requests by route and status.
+#[tokio::test]
+async fn metrics_follow_prometheus_conventions() {
+    let relay = Relay::start(&["--workers", "1"]);
+    let mut c = Client::connect(&relay, Fmt::Json).await;
+    c.subscribe("m").await;
+    assert_eq!(http_publish(relay.addr, "m", "1", "").await.0, 202);
+    c.expect_type("message").await;
+    let (status, _) = http(
+        relay.addr,
+        "GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let text = relay
+        .wait_metric("ringcast_publish_to_write_seconds_count", &[], |v| v >= 1.0)
+        .await;
+    assert!(text >= 1.0);
+    let text = relay.metrics_text().await;
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut words = line.split_whitespace().skip(2);
+        let (name, kind) = (words.next().unwrap(), words.next().unwrap());
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP line"
+        );
+        assert_ne!(kind, "summary", "{name} is a summary");
+    }
+    for zero in [
+        "ringcast_heartbeat_timeouts_total{shard=\"0\"} 0",
+        "ringcast_slow_consumer_total{shard=\"0\",action=\"disconnect\"} 0",
+        "ringcast_errors_total{shard=\"0\",code=\"rate_limited\"} 0",
+    ] {
+        assert!(text.contains(zero), "missing {zero}");
+    }
+    assert!(text.contains("# TYPE ringcast_publish_to_write_seconds histogram"));
+    assert!(text.contains("ringcast_publish_to_write_seconds_bucket{"));
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(text.contains(&format!("ringcast_build_info{{version=\"{version}\"}} 1")));
+    for counted in [
+        "route=\"/ws\",status=\"101\"",
+        "route=\"/publish\",status=\"202\"",
+        "route=\"other\",status=\"404\"",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ringcast_http_requests_total{") && l.contains(counted)),
+            "no HTTP request counted with {counted}"
+        );
+    }
+}

@@ -303,6 +303,17 @@ async fn redis_unreachable_at_start_means_not_ready_and_unavailable() {
     let url = format!("redis://127.0.0.1:{port}/0");
     let relay = Relay::start(&["--redis", &url, "--workers", "1"]);
     relay.wait_readyz(503).await;
+    // The backplane's counters are there, at 0, before any event.
+    let text = relay.metrics_text().await;
+    for name in [
+        "ringcast_redis_gaps_total",
+        "ringcast_redis_reconnects_total",
+    ] {
+        assert!(
+            text.contains(&format!("\n{name} 0\n")),
+            "{name} missing: {text:.2000}"
+        );
+    }
     let mut c = Client::connect(&relay, Fmt::Json).await;
     c.send(json!({"action": "publish", "channel": "x", "data": 1, "id": 7}))
         .await;

@@ -230,14 +230,15 @@ async fn serve_http(
             Ok(Ok(Some(h))) => h,
             Ok(Ok(None)) | Err(_) => return None,
             Ok(Err(response)) => {
+                crate::metrics::http_request(shard.id, "other", response.status);
                 refuse(&mut stream, &response).await;
                 return None;
             }
         };
         first = false;
         let (head, head_len) = head;
-        shard.metrics.http_requests.increment(1);
         if let Err(refusal) = check_framing(&head) {
+            crate::metrics::http_request(shard.id, head.route(), refusal.status);
             refuse(&mut stream, &refusal).await;
             return None;
         }
@@ -259,10 +260,12 @@ async fn serve_http(
         {
             Ok(r) => r,
             Err(r) => {
+                crate::metrics::http_request(shard.id, head.route(), r.status);
                 refuse(&mut stream, &r).await;
                 return None;
             }
         };
+        crate::metrics::http_request(shard.id, head.route(), response.status);
         response.head_only = head.method == "HEAD";
         if send(&mut stream, &response, keep_alive).await.is_err() || !keep_alive {
             return None;

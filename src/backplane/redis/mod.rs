@@ -144,6 +144,7 @@ fn check_redis_url(url: &str) -> std::result::Result<(), String> {
 /// Starts the Redis thread; it runs for the life of the process.
 pub fn start(config: Arc<Config>, mesh: Mesh, node: Arc<NodeState>) -> Result<RedisHandle> {
     let fred_config = client_config(&config).map_err(crate::error::Error::msg)?;
+    crate::metrics::register_redis();
     let (publications, publications_rx) = flume::bounded(PUBLISH_QUEUE_CAPACITY);
     let (control, control_rx) = flume::unbounded();
     let queues = link::Queues {
