@@ -836,3 +836,24 @@ async fn on_a_cluster_a_paused_master_is_noticed_and_healed() {
     assert!(b.metric("ringcast_redis_deaf_total", &[]).await >= 1.0);
     b.wait_readyz(200).await;
 }
+
+/// Behind Redis every subscribe and every publish waits for the backplane;
+/// the replies to one array still come in request order. The two nodes
+/// are started with nothing but --listen and --redis (each serves its
+/// /metrics on its own port, so nothing collides).
+#[tokio::test]
+async fn array_requests_behind_redis_are_answered_in_order_on_two_nodes() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let ports: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let a = Relay::start(&["--listen", &ports[0], "--redis", &url]);
+    let b = Relay::start(&["--listen", &ports[1], "--redis", &url]);
+    for relay in [&a, &b] {
+        relay.wait_readyz(200).await;
+        assert!(relay.metrics_text().await.contains("ringcast_redis_ready"));
+    }
+    common::array_requests_are_answered_in_order(&a, 20, "redis node a").await;
+    common::array_requests_are_answered_in_order(&b, 20, "redis node b").await;
+}

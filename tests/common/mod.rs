@@ -477,3 +477,73 @@ pub fn msgpack_to_json(v: rmpv::Value) -> Value {
         other => serde_json::to_value(&other).unwrap(),
     }
 }
+
+/// Sends, `rounds` times, one frame whose requests mix subscribes and
+/// publishes answered later (by another shard or the backplane) with
+/// requests answered at once and failing ones; every request must be
+/// answered, in request order, in both formats.
+pub async fn array_requests_are_answered_in_order(relay: &Relay, rounds: usize, label: &str) {
+    for round in 0..rounds {
+        let fmt = if round % 2 == 0 {
+            Fmt::Json
+        } else {
+            Fmt::MsgPack
+        };
+        let mut c = Client::connect(relay, fmt).await;
+        // Fresh names each round, so their owners vary between the shards.
+        let (a, b, d) = (
+            format!("a{round}"),
+            format!("b{round}"),
+            format!("d{round}"),
+        );
+        let batch = json!([
+            {"action": "subscribe", "channel": a, "id": "s"},
+            {"action": "publish", "channel": a, "data": 1, "id": 2},
+            {"action": "publish", "channel": a, "data": 2, "id": 3},
+            {"action": "subscribe", "channel": b, "id": 4},
+            {"action": "unsubscribe", "channel": b, "id": 5},
+            {"action": "subscribe", "channel": "not valid", "id": 6},
+            {"action": "subscribe", "channel": d, "id": 7, "since": 0},
+            {"action": "publish", "channel": d, "id": 8},
+            {"action": "unsubscribe", "channel": a, "id": 9},
+            {"action": "publish", "channel": b, "data": 3, "id": 10},
+        ]);
+        c.send(batch).await;
+        let expected = [
+            ("s", "subscribed"),
+            ("2", "published"),
+            ("3", "published"),
+            ("4", "subscribed"),
+            ("5", "unsubscribed"),
+            ("6", "error"),
+            ("7", "subscribed"),
+            ("8", "error"),
+            ("9", "unsubscribed"),
+            ("10", "published"),
+        ];
+        let mut replies = Vec::new();
+        let mut messages = Vec::new();
+        while replies.len() < expected.len() {
+            let ev = c.next().await;
+            if ev["type"] == "message" {
+                assert!(
+                    replies.first().is_some_and(|(id, _)| id == "s"),
+                    "round {round}: a message of {a} before its subscribed: {ev}"
+                );
+                messages.push(ev["seq"].as_u64().unwrap());
+                continue;
+            }
+            let id = match &ev["id"] {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            replies.push((id, ev["type"].as_str().unwrap().to_string()));
+        }
+        let got: Vec<(&str, &str)> = replies.iter().map(|(i, t)| (&i[..], &t[..])).collect();
+        assert_eq!(got, expected, "round {round} ({fmt:?}, {label})");
+        // The unsubscribe from `a` takes effect where the connection is,
+        // possibly before the owner's deliveries arrive: some, all or none
+        // of its messages come, in seq order.
+        assert!(messages.windows(2).all(|w| w[0] < w[1]) && messages.iter().all(|s| *s <= 2));
+    }
+}
