@@ -491,10 +491,11 @@ pub async fn array_requests_are_answered_in_order(relay: &Relay, rounds: usize, 
         };
         let mut c = Client::connect(relay, fmt).await;
         // Fresh names each round, so their owners vary between the shards.
+        let tag = label.replace(' ', "-");
         let (a, b, d) = (
-            format!("a{round}"),
-            format!("b{round}"),
-            format!("d{round}"),
+            format!("{tag}.a{round}"),
+            format!("{tag}.b{round}"),
+            format!("{tag}.d{round}"),
         );
         let batch = json!([
             {"action": "subscribe", "channel": a, "id": "s"},
