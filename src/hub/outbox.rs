@@ -48,6 +48,7 @@ pub enum Out {
 
 impl Out {
     /// The bytes this item puts in a frame (none for a slot).
+    #[inline]
     pub fn bytes(&self, format: Format) -> &[u8] {
         match self {
             Out::Message(p) | Out::Replayed(p) => match format {
@@ -99,7 +100,11 @@ pub struct Outbox {
     /// Payload bytes of `items`.
     pub bytes: usize,
     /// Items at the front that form the frame being written; untouchable.
-    pub in_flight: usize,
+    /// (A frame holds at most a few hundred items; u32 with `slots` keeps
+    /// an idle connection's outbox the size it had before slots.)
+    pub in_flight: u32,
+    /// Reply slots (`Out::Awaiting`) in `items`.
+    slots: u32,
     /// Encoded control frames (ping, pong, close) waiting to go out.
     pub control: Vec<u8>,
     waker: Option<Waker>,
@@ -210,10 +215,9 @@ impl Conn {
     pub fn reserve_reply(&self) -> Rc<ReplySlot> {
         let slot = Rc::new(ReplySlot::default());
         if self.close.get().is_none() && !self.abort.get() {
-            self.out
-                .borrow_mut()
-                .items
-                .push_back(Out::Awaiting(slot.clone()));
+            let mut out = self.out.borrow_mut();
+            out.items.push_back(Out::Awaiting(slot.clone()));
+            out.slots += 1;
         }
         slot
     }
@@ -298,27 +302,47 @@ impl Outbox {
         self.items.is_empty() && self.control.is_empty()
     }
 
-    /// Puts the contents of filled slots at the front of the queue in their
-    /// place; true when the front is then writable (not an empty queue, not
-    /// a slot still waiting).
-    pub fn open_front(&mut self) -> bool {
+    /// Puts the contents of filled slots among the first `within` items in
+    /// their places, up to the first slot still waiting, so that the next
+    /// frame can carry everything ready (a burst of acknowledged publishes
+    /// leaves as one frame, not one frame per reply). True when the front
+    /// is then writable (not an empty queue, not a waiting slot).
+    #[inline]
+    pub fn open_front(&mut self, within: usize) -> bool {
         debug_assert_eq!(self.in_flight, 0, "never while a frame is in flight");
-        loop {
-            let filled = match self.items.front() {
-                None => return false,
-                Some(Out::Awaiting(slot)) => slot.items.borrow_mut().take(),
-                Some(_) => return true,
+        let mut i = 0;
+        while self.slots > 0 && i < within.min(self.items.len()) {
+            let filled = match &self.items[i] {
+                Out::Awaiting(slot) => slot.items.borrow_mut().take(),
+                _ => {
+                    i += 1;
+                    continue;
+                }
             };
-            let Some(filled) = filled else { return false };
-            self.items.pop_front();
-            for item in filled.into_iter().rev() {
-                self.items.push_front(item);
+            let Some(filled) = filled else { break };
+            self.items.remove(i);
+            self.slots -= 1;
+            // Filled contents are never slots: the scan walks past them.
+            for (k, item) in filled.into_iter().enumerate() {
+                self.items.insert(i + k, item);
             }
         }
+        self.items
+            .front()
+            .is_some_and(|front| !matches!(front, Out::Awaiting(_)))
+    }
+
+    /// Drops everything queued (the connection is closing).
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.items.shrink_to_fit();
+        self.bytes = 0;
+        self.slots = 0;
     }
 
     /// Removes the `n` items of a frame that was written whole; returns
     /// how many were publications and when the oldest live one was made.
+    #[inline]
     pub fn pop_written(&mut self, n: usize, format: Format) -> (u64, Option<Instant>) {
         let (mut messages, mut oldest, mut freed) = (0, None, 0);
         for item in self.items.drain(..n) {
@@ -326,7 +350,10 @@ impl Outbox {
                 Out::Message(p) => {
                     messages += 1;
                     oldest.get_or_insert(p.at);
-                    freed += item.bytes(format).len();
+                    freed += match format {
+                        Format::Json => p.json.len(),
+                        Format::MsgPack => p.msgpack.len(),
+                    };
                 }
                 // A replay is old by design: not a publish-to-write latency.
                 Out::Replayed(_) => messages += 1,
@@ -340,10 +367,11 @@ impl Outbox {
 
     /// Drops every queued item that is not part of the frame being written.
     fn discard_queued(&mut self, format: Format) {
-        let keep = self.in_flight;
+        let keep = self.in_flight as usize;
         for item in self.items.drain(keep..) {
             self.bytes -= item.counted(format);
         }
+        self.slots = 0;
         self.items.shrink_to_fit();
     }
 
@@ -351,7 +379,7 @@ impl Outbox {
     /// flight) until `incoming` more bytes fit under `max`. Returns how many.
     fn drop_oldest_messages(&mut self, format: Format, incoming: usize, max: usize) -> usize {
         let mut dropped = 0;
-        let mut i = self.in_flight;
+        let mut i = self.in_flight as usize;
         while self.bytes + incoming > max && i < self.items.len() {
             if matches!(self.items[i], Out::Message(_)) {
                 if let Some(item) = self.items.remove(i) {
@@ -369,6 +397,47 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn conn() -> Conn {
+        Conn::new(Format::Json, 0)
+    }
+
+    fn reply(text: &str) -> Vec<Out> {
+        vec![Out::Reply(text.as_bytes().into())]
+    }
+
+    fn texts(out: &Outbox) -> Vec<String> {
+        out.items
+            .iter()
+            .map(|i| match i {
+                Out::Awaiting(_) => "?".to_string(),
+                other => String::from_utf8_lossy(other.bytes(Format::Json)).into_owned(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn filled_slots_open_in_request_order_up_to_the_first_waiting_one() {
+        let c = conn();
+        let first = c.reserve_reply();
+        let second = c.reserve_reply();
+        c.push_reply(b"now".to_vec(), 1 << 20);
+        let third = c.reserve_reply();
+        assert!(
+            !c.out.borrow_mut().open_front(256),
+            "nothing is writable yet"
+        );
+        c.fill_reply(&second, reply("2"), 1 << 20);
+        assert!(!c.out.borrow_mut().open_front(256), "the first still waits");
+        c.fill_reply(&first, reply("1"), 1 << 20);
+        assert!(c.out.borrow_mut().open_front(256));
+        assert_eq!(texts(&c.out.borrow()), ["1", "2", "now", "?"]);
+        c.fill_reply(&third, Vec::new(), 1 << 20);
+        assert!(c.out.borrow_mut().open_front(256));
+        assert_eq!(texts(&c.out.borrow()), ["1", "2", "now"]);
+        assert_eq!(c.out.borrow().bytes, 5);
+        assert_eq!(c.out.borrow().slots, 0);
+    }
 
     #[test]
     fn an_emptied_queue_gives_its_storage_back_and_a_busy_one_keeps_it() {

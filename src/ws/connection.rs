@@ -301,9 +301,7 @@ impl ConnTask {
                 }
                 if let Some(req) = self.conn.close.get() {
                     if !req.flush || out.items.is_empty() {
-                        out.items.clear();
-                        out.items.shrink_to_fit();
-                        out.bytes = 0;
+                        out.clear();
                         if req.code == 0 {
                             frame::push_control(&mut out.control, frame::OP_CLOSE, b"");
                         } else {
@@ -316,7 +314,7 @@ impl ConnTask {
                         continue;
                     }
                 }
-                if !out.open_front() {
+                if !out.open_front(MAX_BATCH_ITEMS) {
                     if out.items.is_empty() && out.items.capacity() > 64 {
                         out.items.shrink_to(8);
                     }
@@ -327,7 +325,7 @@ impl ConnTask {
                     self.conn.format,
                     self.shard.config.max_batch_bytes,
                 );
-                out.in_flight = frame.items;
+                out.in_flight = frame.items as u32;
                 self.frame = Some(frame);
             }
             let Some(frame) = self.frame.as_mut() else {
