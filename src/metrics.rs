@@ -271,23 +271,6 @@ pub fn install() -> Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Counts one answered HTTP request. Routes are a fixed set, so the label
-/// values stay few whatever paths clients ask for.
-pub fn http_request(shard: usize, route: &str, status: u16) {
-    let route = match route {
-        "/ws" | "/healthz" | "/readyz" | "/metrics" | "/" => route,
-        r if r.starts_with("/publish/") => "/publish",
-        _ => "other",
-    };
-    counter!(
-        "ringcast_http_requests_total",
-        "shard" => shard.to_string(),
-        "route" => route.to_string(),
-        "status" => status.to_string()
-    )
-    .increment(1);
-}
-
 /// Serves `GET /metrics` on its own thread (blocking I/O: scrapes are rare
 /// and must not touch the workers).
 pub fn serve(listener: TcpListener, handle: PrometheusHandle) -> Result<()> {
@@ -382,6 +365,11 @@ pub struct ShardMetrics {
     pub batches: LocalCounter,
     pub batch_messages: Histogram,
     pub publish_to_write: Histogram,
+    /// HTTP request counters by (route, status), made on first use and
+    /// kept, so counting allocates nothing after that (allocations made
+    /// during handshakes fragment the heap between connections).
+    http_requests: std::cell::RefCell<std::collections::HashMap<(&'static str, u16), Counter>>,
+    shard: String,
 }
 
 impl ShardMetrics {
@@ -409,8 +397,36 @@ impl ShardMetrics {
             deliveries: LocalCounter::new(counter!("ringcast_deliveries_total", "shard" => s.clone())),
             batches: LocalCounter::new(counter!("ringcast_batches_total", "shard" => s.clone())),
             batch_messages: histogram!("ringcast_batch_messages", "shard" => s.clone()),
-            publish_to_write: histogram!("ringcast_publish_to_write_seconds", "shard" => s),
+            publish_to_write: histogram!("ringcast_publish_to_write_seconds", "shard" => s.clone()),
+            http_requests: Default::default(),
+            shard: s,
         }
+    }
+
+    /// Counts one answered HTTP request. Routes are a fixed set, so the
+    /// label values stay few whatever paths clients ask for.
+    pub fn http_request(&self, route: &str, status: u16) {
+        let route: &'static str = match route {
+            "/ws" => "/ws",
+            "/healthz" => "/healthz",
+            "/readyz" => "/readyz",
+            "/metrics" => "/metrics",
+            "/" => "/",
+            r if r.starts_with("/publish/") => "/publish",
+            _ => "other",
+        };
+        self.http_requests
+            .borrow_mut()
+            .entry((route, status))
+            .or_insert_with(|| {
+                counter!(
+                    "ringcast_http_requests_total",
+                    "shard" => self.shard.clone(),
+                    "route" => route,
+                    "status" => status.to_string()
+                )
+            })
+            .increment(1);
     }
 
     pub fn error(&self, code: ErrorCode) {

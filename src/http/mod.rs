@@ -206,11 +206,8 @@ pub async fn send(
 /// phase, the handshake's allocations interleaved with the connections'
 /// long-lived ones and the freed space fragmented, about a kilobyte of
 /// resident memory per idle connection.
-///
-/// `local_peer`: the client is on this host (loopback), so it may read
-/// `/metrics` here.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStreamPoll, local_peer: bool) {
-    if let Some(connection) = Box::pin(serve_http(shard, stream, local_peer)).await {
+pub async fn serve(shard: Rc<Shard>, stream: TcpStreamPoll) {
+    if let Some(connection) = Box::pin(serve_http(shard, stream)).await {
         connection.await;
     }
 }
@@ -220,7 +217,6 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStreamPoll, local_peer: bool) {
 async fn serve_http(
     shard: Rc<Shard>,
     mut stream: TcpStreamPoll,
-    local_peer: bool,
 ) -> Option<crate::ws::connection::ConnTask> {
     let mut buf = Vec::new();
     let mut first = true;
@@ -230,7 +226,7 @@ async fn serve_http(
             Ok(Ok(Some(h))) => h,
             Ok(Ok(None)) | Err(_) => return None,
             Ok(Err(response)) => {
-                crate::metrics::http_request(shard.id, "other", response.status);
+                shard.metrics.http_request("other", response.status);
                 refuse(&mut stream, &response).await;
                 return None;
             }
@@ -238,7 +234,7 @@ async fn serve_http(
         first = false;
         let (head, head_len) = head;
         if let Err(refusal) = check_framing(&head) {
-            crate::metrics::http_request(shard.id, head.route(), refusal.status);
+            shard.metrics.http_request(head.route(), refusal.status);
             refuse(&mut stream, &refusal).await;
             return None;
         }
@@ -247,25 +243,15 @@ async fn serve_http(
             return crate::ws::connection::upgrade(shard, stream, head, buf).await;
         }
         let keep_alive = head.keep_alive();
-        let serve_metrics = local_peer && shard.config.metrics_addr.is_none();
-        let mut response = match route(
-            &shard,
-            &mut stream,
-            &head,
-            &mut buf,
-            head_len,
-            serve_metrics,
-        )
-        .await
-        {
+        let mut response = match route(&shard, &mut stream, &head, &mut buf, head_len).await {
             Ok(r) => r,
             Err(r) => {
-                crate::metrics::http_request(shard.id, head.route(), r.status);
+                shard.metrics.http_request(head.route(), r.status);
                 refuse(&mut stream, &r).await;
                 return None;
             }
         };
-        crate::metrics::http_request(shard.id, head.route(), response.status);
+        shard.metrics.http_request(head.route(), response.status);
         response.head_only = head.method == "HEAD";
         if send(&mut stream, &response, keep_alive).await.is_err() || !keep_alive {
             return None;
@@ -362,7 +348,6 @@ async fn route(
     head: &Head,
     buf: &mut Vec<u8>,
     head_len: usize,
-    serve_metrics: bool,
 ) -> Result<Response, Response> {
     let path = head.route();
     let get = head.method == "GET" || head.method == "HEAD";
@@ -388,16 +373,18 @@ async fn route(
                 Response::text(200, "ready")
             }
         }
-        "/metrics" if get && serve_metrics => match crate::metrics::render() {
-            Some(text) => Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: text.into_bytes(),
-                extra: "",
-                head_only: false,
-            },
-            None => Response::text(503, "metrics are not installed"),
-        },
+        "/metrics" if get && shard.config.metrics_addr.is_none() && peer_is_local(stream) => {
+            match crate::metrics::render() {
+                Some(text) => Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: text.into_bytes(),
+                    extra: "",
+                    head_only: false,
+                },
+                None => Response::text(503, "metrics are not installed"),
+            }
+        }
         "/" if get => Response {
             status: 200,
             content_type: "text/html; charset=utf-8",
@@ -534,9 +521,22 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
     }
 }
 
+/// True when the connection's peer is on this host. Asked only when
+/// `/metrics` is requested, so connections carry no peer address.
+fn peer_is_local(stream: &TcpStreamPoll) -> bool {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the descriptor belongs to `stream`, which outlives the borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    socket2::SockRef::from(&fd)
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .is_some_and(|a| is_local(a.ip()))
+}
+
 /// True for a client on this host: loopback, IPv4 or IPv6 (also written
 /// as an IPv4-mapped IPv6 address).
-pub fn is_local(ip: std::net::IpAddr) -> bool {
+fn is_local(ip: std::net::IpAddr) -> bool {
     ip.to_canonical().is_loopback()
 }
 

@@ -30,7 +30,7 @@ use crate::protocol::{
     encode_event, Action, Data, ErrorCode, Event, Format, Id, Request, RequestError,
 };
 use history::OwnedChannel;
-pub use outbox::{CloseRequest, Conn, Out, Pushed, ReplySlot, SharedPublication};
+pub use outbox::{Answer, CloseRequest, Conn, Out, Pushed, ReplySlot, SharedPublication};
 use remote::{Effect, RemoteChannel, Snapshot, Waiter};
 
 /// State shared by every shard of the node (atomics only).
@@ -97,8 +97,9 @@ struct LocalChannel {
 struct PendingSub {
     conn_key: usize,
     conn: Rc<Conn>,
-    /// The reply's place in the connection's queue.
-    slot: Rc<ReplySlot>,
+    /// The reply's place in the connection's queue, when the answer comes
+    /// after the request was handled (another shard's, or Redis's).
+    slot: Option<Rc<ReplySlot>>,
     chan: usize,
     id: Option<Id>,
     since_given: bool,
@@ -139,8 +140,9 @@ enum PendingPub {
     Ws {
         conn: Rc<Conn>,
         /// The reply's place in the connection's queue (left empty on
-        /// success when the publish had no id).
-        slot: Rc<ReplySlot>,
+        /// success when the publish had no id), when the answer comes
+        /// after the request was handled.
+        slot: Option<Rc<ReplySlot>>,
         channel: Arc<str>,
         id: Option<Id>,
     },
@@ -281,7 +283,7 @@ impl Shard {
                 // Behind Redis a publication can fail, and the client must
                 // hear of it even without an id.
                 let token = (id.is_some() || self.redis.is_some()).then(|| {
-                    let slot = conn.reserve_reply();
+                    let slot = self.answered_later(&channel).then(|| conn.reserve_reply());
                     self.state.borrow_mut().pending_pubs.insert(PendingPub::Ws {
                         conn: conn.clone(),
                         slot,
@@ -313,7 +315,14 @@ impl Shard {
     }
 
     /// Fills the place a deferred reply holds in `conn`'s queue.
-    fn fill(&self, conn: &Conn, slot: &ReplySlot, items: Vec<Out>) {
+    /// True when requests on `channel` are answered after they are
+    /// handled: by another shard, or through Redis. An owner on this shard
+    /// answers at once, in place, and needs no reply slot.
+    fn answered_later(&self, channel: &str) -> bool {
+        self.redis.is_some() || owner_of(channel, self.mesh.shards()) != self.id
+    }
+
+    fn fill(&self, conn: &Conn, slot: Option<&ReplySlot>, items: Answer) {
         let pushed = conn.fill_reply(slot, items, self.config.max_pending_bytes);
         self.count_slow(pushed);
     }
@@ -456,7 +465,7 @@ impl Shard {
         let token = st.pending_subs.insert(PendingSub {
             conn_key: key,
             conn: conn.clone(),
-            slot: conn.reserve_reply(),
+            slot: self.answered_later(channel).then(|| conn.reserve_reply()),
             chan,
             id,
             since_given,
@@ -671,7 +680,7 @@ impl Shard {
                         .into_boxed_slice(),
                     )
                 });
-                self.fill(&conn, &slot, reply.into_iter().collect());
+                self.fill(&conn, slot.as_deref(), reply.into_iter().collect());
             }
             Some(PendingPub::Http(wait)) => wait.complete(Some(seq)),
             None => {}
@@ -694,7 +703,11 @@ impl Shard {
                         ..RequestError::new(ErrorCode::Unavailable, "the backplane is down; retry")
                     },
                 );
-                self.fill(&conn, &slot, vec![Out::Reply(error.into_boxed_slice())]);
+                self.fill(
+                    &conn,
+                    slot.as_deref(),
+                    smallvec::smallvec![Out::Reply(error.into_boxed_slice())],
+                );
             }
             Some(PendingPub::Http(wait)) => wait.complete(None),
             None => {}
@@ -949,7 +962,7 @@ impl Shard {
             let name = st.local[p.chan].name.clone();
             (p, name)
         };
-        let mut items = Vec::new();
+        let mut items = Answer::new();
         let recovered = match replay {
             Replay::NotAsked => None,
             Replay::NotRecovered => Some(false),
@@ -975,7 +988,7 @@ impl Shard {
             },
         );
         items.push(Out::Reply(subscribed.into_boxed_slice()));
-        self.fill(&p.conn, &p.slot, items);
+        self.fill(&p.conn, p.slot.as_deref(), items);
         if p.cancelled {
             self.forget_local_if_unused(p.chan);
         }

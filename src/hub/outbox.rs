@@ -75,11 +75,15 @@ impl Out {
     }
 }
 
+/// What answers one request: usually one reply (held inline, so answering
+/// allocates nothing beside the reply), or a replay and its `subscribed`.
+pub type Answer = smallvec::SmallVec<[Out; 1]>;
+
 /// Where a deferred reply goes: filled once by the hub, then written in
 /// the place its request had.
 #[derive(Default)]
 pub struct ReplySlot {
-    items: RefCell<Option<Vec<Out>>>,
+    items: RefCell<Option<Answer>>,
 }
 
 /// What the outbox did with a pushed message.
@@ -224,8 +228,15 @@ impl Conn {
 
     /// Fills a reserved place with the reply (and, for a subscribe with
     /// `since`, its replay), within the pending-bytes bound like
-    /// [`Conn::push_reply`]. An empty fill just frees the place.
-    pub fn fill_reply(&self, slot: &ReplySlot, items: Vec<Out>, max_pending: usize) -> Pushed {
+    /// [`Conn::push_reply`]. An empty fill just frees the place. Without a
+    /// place (the answer came while its request was being handled, so
+    /// nothing was queued after it), the items go to the end of the queue.
+    pub fn fill_reply(
+        &self,
+        slot: Option<&ReplySlot>,
+        items: Answer,
+        max_pending: usize,
+    ) -> Pushed {
         if self.close.get().is_some() || self.abort.get() {
             return Pushed::Closed;
         }
@@ -236,7 +247,10 @@ impl Conn {
             return self.disconnect_slow();
         }
         out.bytes += counted;
-        *slot.items.borrow_mut() = Some(items);
+        match slot {
+            Some(slot) => *slot.items.borrow_mut() = Some(items),
+            None => out.items.extend(items),
+        }
         out.wake();
         Pushed::Queued
     }
@@ -402,8 +416,8 @@ mod tests {
         Conn::new(Format::Json, 0)
     }
 
-    fn reply(text: &str) -> Vec<Out> {
-        vec![Out::Reply(text.as_bytes().into())]
+    fn reply(text: &str) -> Answer {
+        smallvec::smallvec![Out::Reply(text.as_bytes().into())]
     }
 
     fn texts(out: &Outbox) -> Vec<String> {
@@ -427,12 +441,16 @@ mod tests {
             !c.out.borrow_mut().open_front(256),
             "nothing is writable yet"
         );
-        c.fill_reply(&second, reply("2"), 1 << 20);
+        c.fill_reply(Some(&second), reply("2"), 1 << 20);
         assert!(!c.out.borrow_mut().open_front(256), "the first still waits");
-        c.fill_reply(&first, reply("1"), 1 << 20);
+        c.fill_reply(Some(&first), reply("1"), 1 << 20);
         assert!(c.out.borrow_mut().open_front(256));
         assert_eq!(texts(&c.out.borrow()), ["1", "2", "now", "?"]);
-        c.fill_reply(&third, Vec::new(), 1 << 20);
+        c.fill_reply(Some(&third), Answer::new(), 1 << 20);
+        c.fill_reply(None, reply("end"), 1 << 20);
+        assert_eq!(texts(&c.out.borrow()).last().unwrap(), "end");
+        c.out.borrow_mut().items.pop_back();
+        c.out.borrow_mut().bytes -= 3;
         assert!(c.out.borrow_mut().open_front(256));
         assert_eq!(texts(&c.out.borrow()), ["1", "2", "now"]);
         assert_eq!(c.out.borrow().bytes, 5);

@@ -68,12 +68,11 @@ impl Worker {
         loop {
             monoio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
+                    Ok((stream, _peer)) => {
                         let _ = stream.set_nodelay(true);
-                        let local_peer = crate::http::is_local(peer.ip());
                         match stream.try_into_poll_io() {
                             Ok(stream) => {
-                                monoio::spawn(crate::http::serve(shard.clone(), stream, local_peer));
+                                monoio::spawn(crate::http::serve(shard.clone(), stream));
                             }
                             Err((e, _)) => tracing::warn!("could not switch a socket to poll mode: {e}"),
                         }

@@ -45,7 +45,7 @@ pub async fn upgrade(
         Ok(up) => up,
         Err(refusal) => {
             shard.metrics.handshakes_rejected.increment(1);
-            crate::metrics::http_request(shard.id, "/ws", refusal.status);
+            shard.metrics.http_request("/ws", refusal.status);
             let mut r = Response::text(refusal.status, refusal.message);
             if refusal.status == 426 {
                 r.extra = "Sec-WebSocket-Version: 13\r\n";
@@ -68,7 +68,7 @@ pub async fn upgrade(
     };
     if let Some(why) = unavailable {
         shard.metrics.handshakes_rejected.increment(1);
-        crate::metrics::http_request(shard.id, "/ws", 503);
+        shard.metrics.http_request("/ws", 503);
         let r = Response {
             extra: "Retry-After: 5\r\n",
             ..Response::text(503, why)
@@ -85,7 +85,7 @@ pub async fn upgrade(
     }
     drop(response);
     shard.metrics.handshakes_ok.increment(1);
-    crate::metrics::http_request(shard.id, "/ws", 101);
+    shard.metrics.http_request("/ws", 101);
     let (key, conn) = shard.register(format);
     let mut task = ConnTask {
         shard: shard.clone(),
