@@ -34,6 +34,8 @@ pub enum DriverChoice {
 const DEFAULT_PENDING_MESSAGES: usize = 16;
 /// Largest messages any --max-pending-bytes must hold.
 const MIN_PENDING_MESSAGES: usize = 4;
+/// Highest --max-message-bytes accepted.
+const MAX_MESSAGE_LIMIT: usize = 64 << 20;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -262,7 +264,7 @@ impl Config {
         config.from_env = from_environment(&args);
         config.max_pending_bytes = config
             .max_pending_bytes_given
-            .unwrap_or(DEFAULT_PENDING_MESSAGES * config.max_message_bytes);
+            .unwrap_or(DEFAULT_PENDING_MESSAGES.saturating_mul(config.max_message_bytes));
         config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
     }
@@ -289,8 +291,10 @@ impl Config {
     /// Checks relations between values once, so the rest of the code can trust them.
     pub fn validate(&self) -> Result<(), String> {
         let fail = |m: String| Err(format!("invalid configuration: {m}"));
-        if self.max_message_bytes < 128 {
-            return fail("--max-message-bytes must be at least 128".into());
+        if !(128..=MAX_MESSAGE_LIMIT).contains(&self.max_message_bytes) {
+            return fail(format!(
+                "--max-message-bytes must be between 128 and {MAX_MESSAGE_LIMIT} (64 MiB)"
+            ));
         }
         if self.max_batch_requests == 0 {
             return fail("--max-batch-requests must be at least 1".into());
@@ -526,6 +530,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.max_pending_bytes, 65536);
         assert!(parse(&["--max-pending-bytes", "262144"]).is_ok());
+        let e = parse(&["--max-message-bytes", "4611686018427387904"]).unwrap_err();
+        assert!(e.contains("between 128 and"), "{e}");
         let e = parse(&["--max-pending-bytes", "262143"]).unwrap_err();
         assert!(
             e.contains(

@@ -27,7 +27,6 @@ pub fn render() -> Option<String> {
     Some(handle.render())
 }
 
-/// Every metric the relay exports, with its help text (`# HELP`).
 /// What a metric is, for its `# TYPE` and `# HELP` lines.
 #[derive(Clone, Copy)]
 enum Kind {

@@ -229,20 +229,26 @@ impl Conn {
     /// Fills a reserved place with the reply (and, for a subscribe with
     /// `since`, its replay), within the pending-bytes bound like
     /// [`Conn::push_reply`]. An empty fill just frees the place. Without a
-    /// place (the answer came while its request was being handled, so
-    /// nothing was queued after it), the items go to the end of the queue.
+    /// place (the answer came while its request was being handled), the
+    /// items go to the end of the queue. A close that flushes (a drain)
+    /// still takes fills: it waits for the queue to empty, and a slot left
+    /// empty would hold it until the close deadline.
     pub fn fill_reply(
         &self,
         slot: Option<&ReplySlot>,
         items: Answer,
         max_pending: usize,
     ) -> Pushed {
-        if self.close.get().is_some() || self.abort.get() {
+        let flushing = self.close.get().is_some_and(|c| c.flush);
+        if self.gone.get() || self.abort.get() || (self.close.get().is_some() && !flushing) {
+            return Pushed::Closed;
+        }
+        if slot.is_none() && flushing {
             return Pushed::Closed;
         }
         let counted: usize = items.iter().map(|i| i.counted(self.format)).sum();
         let mut out = self.out.borrow_mut();
-        if out.bytes + counted > max_pending {
+        if counted > 0 && out.bytes + counted > max_pending {
             drop(out);
             return self.disconnect_slow();
         }
@@ -455,6 +461,29 @@ mod tests {
         assert_eq!(texts(&c.out.borrow()), ["1", "2", "now"]);
         assert_eq!(c.out.borrow().bytes, 5);
         assert_eq!(c.out.borrow().slots, 0);
+    }
+
+    #[test]
+    fn a_draining_close_still_takes_the_fills_it_waits_for() {
+        let c = conn();
+        let slot = c.reserve_reply();
+        c.request_close(CloseRequest {
+            code: 1012,
+            reason: "",
+            flush: true,
+        });
+        assert_eq!(
+            c.fill_reply(Some(&slot), reply("late"), 1 << 20),
+            Pushed::Queued
+        );
+        assert!(c.out.borrow_mut().open_front(256));
+        assert_eq!(texts(&c.out.borrow()), ["late"]);
+        c.gone.set(true);
+        let other = c.reserve_reply();
+        assert_eq!(
+            c.fill_reply(Some(&other), reply("x"), 1 << 20),
+            Pushed::Closed
+        );
     }
 
     #[test]

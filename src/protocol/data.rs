@@ -152,6 +152,9 @@ fn msgpack_depth(value: &rmpv::Value) -> Result<usize, String> {
     match value {
         Value::F32(f) => finite(f64::from(*f)),
         Value::F64(f) => finite(*f),
+        Value::String(text) if text.as_str().is_none() => Err(
+            "data cannot be carried as JSON: a string that is not UTF-8 (send bytes as bin)".into(),
+        ),
         Value::Array(items) => {
             let mut deepest = 0;
             for item in items {
@@ -194,8 +197,10 @@ fn msgpack_extent(bytes: &[u8], depth: usize, max_depth: usize) -> Result<usize,
         let field = bytes.get(at..at + n).ok_or_else(truncated)?;
         Ok(field.iter().fold(0usize, |acc, &b| (acc << 8) | b as usize))
     };
+    // Counts from a 32-bit header could overflow a 32-bit usize.
+    let pairs = |n: usize| n.checked_mul(2).ok_or_else(truncated);
     // (header bytes, payload bytes, contained values)
-    let (head, payload, values) = match Marker::from_u8(first) {
+    let (head, payload, values): (usize, usize, usize) = match Marker::from_u8(first) {
         Marker::Reserved => {
             return Err("invalid MessagePack: byte 0xc1 is not a MessagePack type".into())
         }
@@ -221,14 +226,14 @@ fn msgpack_extent(bytes: &[u8], depth: usize, max_depth: usize) -> Result<usize,
         Marker::FixArray(n) => (1, 0, n as usize),
         Marker::Array16 => (3, 0, be(1, 2)?),
         Marker::Array32 => (5, 0, be(1, 4)?),
-        Marker::FixMap(n) => (1, 0, 2 * n as usize),
-        Marker::Map16 => (3, 0, 2 * be(1, 2)?),
-        Marker::Map32 => (5, 0, 2 * be(1, 4)?),
+        Marker::FixMap(n) => (1, 0, pairs(n as usize)?),
+        Marker::Map16 => (3, 0, pairs(be(1, 2)?)?),
+        Marker::Map32 => (5, 0, pairs(be(1, 4)?)?),
     };
-    let mut at = head + payload;
-    if at > bytes.len() {
-        return Err(truncated());
-    }
+    let mut at = match head.checked_add(payload) {
+        Some(end) if end <= bytes.len() => end,
+        _ => return Err(truncated()),
+    };
     if values > 0 {
         if depth >= max_depth {
             return Err(format!(
@@ -361,6 +366,8 @@ mod tests {
             let e = Data::from_json_slice(json).unwrap_err();
             assert!(e.contains("MessagePack"), "{e}");
         }
+        let bad_utf8 = Data::from_msgpack_slice(&[0xa2, 0xff, 0xfe]).unwrap_err();
+        assert!(bad_utf8.contains("not UTF-8"), "{bad_utf8}");
         for f in [f64::NAN, f64::INFINITY] {
             let e = Data::from_msgpack(rmpv::Value::Array(vec![rmpv::Value::F64(f)])).unwrap_err();
             assert!(e.contains("JSON"), "{e}");

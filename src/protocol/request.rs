@@ -8,9 +8,11 @@ use super::data::{self, MAX_DATA_DEPTH};
 use super::{validate_channel, Data, ErrorCode, Format};
 
 /// Deepest nesting of a MessagePack frame: an array of requests, a request,
-/// then its data (JSON frames have serde_json's own limit of 128), so
-/// hostile input cannot exhaust the stack.
-const MAX_FRAME_DEPTH: usize = MAX_DATA_DEPTH + 2;
+/// then its data, and one level more so that data nested too deep fails
+/// its own request (with a reason) rather than the whole frame, as in
+/// JSON (whose frames have serde_json's own limit of 128). Hostile input
+/// cannot exhaust the stack either way.
+const MAX_FRAME_DEPTH: usize = MAX_DATA_DEPTH + 3;
 
 /// A request `id`, echoed back verbatim: an integer or a string.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

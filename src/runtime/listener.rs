@@ -6,8 +6,8 @@
 //! once without it: if anyone else listens there, start-up stops with
 //! "address in use". Sharing is opt-in (`--reuse-port-shared`), for hot
 //! upgrades and for several processes of one relay behind one backplane;
-//! a draining process then hands its share to the others
-//! ([`hand_over`]).
+//! a draining process that opened the address first then hands its share
+//! to the others ([`hand_over`]).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -17,11 +17,19 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::{Context, Error, Result};
 
+/// The listeners of one address, and whether this process opened it
+/// (no other process listened there when they were bound).
+#[derive(Debug)]
+pub struct Group {
+    pub listeners: Vec<TcpListener>,
+    pub first: bool,
+}
+
 /// Binds `count` listeners on `addr`. With port 0, the first picks a free
 /// port and the others join it. Bound in order on one thread, so socket i is
 /// the i-th member of the kernel's reuseport group. Unless `shared`, an
 /// address another process listens on is refused.
-pub fn bind_group(addr: SocketAddr, count: usize, shared: bool) -> Result<Vec<TcpListener>> {
+pub fn bind_group(addr: SocketAddr, count: usize, shared: bool) -> Result<Group> {
     if !shared && addr.port() != 0 {
         check_unused(addr)?;
     }
@@ -35,7 +43,8 @@ pub fn bind_group(addr: SocketAddr, count: usize, shared: bool) -> Result<Vec<Tc
         }
         listeners.push(l);
     }
-    Ok(listeners)
+    let first = !shared || listening_sockets(addr).is_ok_and(|n| n == count);
+    Ok(Group { listeners, first })
 }
 
 /// Binds `addr` once without `SO_REUSEPORT` (with `SO_REUSEADDR`, so
@@ -70,11 +79,13 @@ fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Steers new connections on a shared address away from this process: a
 /// classic BPF program attached to the reuseport group picks, at random,
-/// one of the sockets that joined after this process's `own` sockets
-/// (the group lists sockets in the order they joined, and ours came
-/// first). Without it, the kernel would keep giving this draining process
-/// its share of new connections until it closes its listeners, and
-/// closing resets what is queued on them. Returns how many sockets of
+/// one of the sockets that joined after this process's `own` sockets.
+/// Only for the process that opened the address (`Group::first`): the
+/// group lists sockets in the order they joined, and the kernel fills a
+/// closed socket's place with the last one, so the first process's
+/// sockets stay at the front while the others come and go. Without it,
+/// the kernel would keep giving this draining process its share of new
+/// connections until it closes its listeners. Returns how many sockets of
 /// other processes take over; 0 (nothing attached) when there are none.
 pub fn hand_over(member: &TcpListener, own: usize) -> io::Result<usize> {
     let addr = member.local_addr()?;
@@ -118,6 +129,29 @@ pub fn hand_over(member: &TcpListener, own: usize) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(others)
+}
+
+/// Takes the group's steering program away again, just before this
+/// process closes its listeners, so it does not outlive the process and
+/// skew the group's later members. (No program: nothing to do.)
+pub fn release(member: &impl AsRawFd) {
+    let unused: libc::c_int = 0;
+    // SAFETY: setsockopt reads one int that lives for the call.
+    unsafe {
+        libc::setsockopt(
+            member.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_REUSEPORT_BPF,
+            (&unused as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Whether the kernel moves connections queued on a closing listener to
+/// the others of its group (`net.ipv4.tcp_migrate_req`, Linux 5.14+).
+pub fn queued_connections_migrate() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "1")
 }
 
 /// How many sockets listen on exactly `addr`, in any process
@@ -167,14 +201,18 @@ mod tests {
 
     #[test]
     fn an_address_in_use_is_refused_unless_sharing_is_asked_for() {
-        let first = bind_group("127.0.0.1:0".parse().unwrap(), 2, false).unwrap();
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 2, false).unwrap();
+        assert!(group.first);
+        let first = group.listeners;
         let addr = first[0].local_addr().unwrap();
         let e = bind_group(addr, 1, false).unwrap_err().to_string();
         assert!(e.contains("in use by another process"), "{e}");
         assert!(e.contains("--reuse-port-shared"), "{e}");
         let shared = bind_group(addr, 1, true).unwrap();
+        assert!(!shared.first, "it joined a group another process opened");
         assert_eq!(listening_sockets(addr).unwrap(), 3);
         assert_eq!(hand_over(&first[0], 2).unwrap(), 1);
+        release(&first[0]);
         drop(shared);
         assert_eq!(listening_sockets(addr).unwrap(), 2);
         assert_eq!(hand_over(&first[0], 2).unwrap(), 0);

@@ -77,15 +77,19 @@ pub fn run(config: Config) -> Result<()> {
         )));
     }
     let driver = resolve_driver(config.driver)?;
-    let listeners = listener::bind_group(config.listen, workers, config.reuse_port_shared)?;
+    let listener::Group {
+        listeners,
+        first: opened_the_address,
+    } = listener::bind_group(config.listen, workers, config.reuse_port_shared)?;
     // Kept to steer new connections to the other processes sharing the
     // address (a hot upgrade's new binary) when this one drains.
-    let hand_over = (
-        listeners[0]
+    let hand_over = HandOver {
+        member: listeners[0]
             .try_clone()
             .context("keeping a handle on the listener")?,
-        workers,
-    );
+        own: workers,
+        opened_the_address,
+    };
     let addr = listeners[0]
         .local_addr()
         .context("reading the listen address")?;
@@ -184,11 +188,40 @@ pub fn run(config: Config) -> Result<()> {
 }
 
 /// First SIGTERM/SIGINT: drain. Second: exit at once.
-fn install_signal_handler(
-    node: Arc<NodeState>,
-    mesh: Mesh,
-    hand_over: (TcpListener, usize),
-) -> Result<()> {
+/// What a draining process needs to hand a shared address to the other
+/// processes listening on it.
+struct HandOver {
+    member: TcpListener,
+    own: usize,
+    opened_the_address: bool,
+}
+
+impl HandOver {
+    fn run(&self) {
+        if !self.opened_the_address {
+            tracing::warn!(
+                "this process joined the address after another one: it cannot steer new \
+                 connections away while it drains (those it gets are answered 503)"
+            );
+            return;
+        }
+        match listener::hand_over(&self.member, self.own) {
+            Ok(0) => {}
+            Ok(others) => {
+                tracing::info!(others, "new connections go to the other processes");
+                if !listener::queued_connections_migrate() {
+                    tracing::info!(
+                        "net.ipv4.tcp_migrate_req is not 1: a connection queued at the instant \
+                         this process closes its listeners is reset instead of moved"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("could not hand the shared port over: {e}"),
+        }
+    }
+}
+
+fn install_signal_handler(node: Arc<NodeState>, mesh: Mesh, hand_over: HandOver) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .context("installing signal handlers")?;
@@ -201,14 +234,7 @@ fn install_signal_handler(
                     std::process::exit(1);
                 }
                 tracing::info!(signal, "draining");
-                let (member, own) = &hand_over;
-                match listener::hand_over(member, *own) {
-                    Ok(0) => {}
-                    Ok(others) => {
-                        tracing::info!(others, "new connections go to the other processes")
-                    }
-                    Err(e) => tracing::warn!("could not hand the shared port over: {e}"),
-                }
+                hand_over.run();
                 mesh.broadcast_drain();
             }
         })

@@ -89,6 +89,7 @@ impl Worker {
                 _ = stop.wait() => break,
             }
         }
+        super::listener::release(&listener);
         Ok(())
     }
 }

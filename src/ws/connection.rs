@@ -300,7 +300,10 @@ impl ConnTask {
                     return self.after_close(cx);
                 }
                 if let Some(req) = self.conn.close.get() {
-                    if !req.flush || out.items.is_empty() {
+                    // Filled slots first: one filled with nothing leaves an
+                    // empty queue, and the close must not wait for a wake.
+                    let drained = !out.open_front(MAX_BATCH_ITEMS) && out.items.is_empty();
+                    if !req.flush || drained {
                         out.clear();
                         if req.code == 0 {
                             frame::push_control(&mut out.control, frame::OP_CLOSE, b"");
