@@ -660,6 +660,17 @@ impl Shard {
     }
 
     fn on_publish_ack(&self, token: u32, seq: u64) {
+        self.finish_publish(token, Some(seq));
+    }
+
+    fn on_publish_failed(&self, token: u32) {
+        self.finish_publish(token, None);
+    }
+
+    /// Answers a publication waiting for `token`: its seq, or `None` when
+    /// the backplane could not sequence it (`unavailable`, even without an
+    /// id, so the client hears of it).
+    fn finish_publish(&self, token: u32, seq: Option<u64>) {
         match self.take_pending_pub(token) {
             Some(PendingPub::Ws {
                 conn,
@@ -667,8 +678,8 @@ impl Shard {
                 channel,
                 id,
             }) => {
-                let reply = id.map(|id| {
-                    Out::Reply(
+                let reply = match seq {
+                    Some(seq) => id.map(|id| {
                         encode_event(
                             conn.format,
                             &Event::Published {
@@ -677,39 +688,26 @@ impl Shard {
                                 id: &id,
                             },
                         )
-                        .into_boxed_slice(),
-                    )
-                });
-                self.fill(&conn, slot.as_deref(), reply.into_iter().collect());
+                    }),
+                    None => Some(self.encode_error(
+                        conn.format,
+                        RequestError {
+                            id,
+                            channel: Some(channel.to_string()),
+                            ..RequestError::new(
+                                ErrorCode::Unavailable,
+                                "the backplane is down; retry",
+                            )
+                        },
+                    )),
+                };
+                let answer = reply
+                    .map(|bytes| Out::Reply(bytes.into_boxed_slice()))
+                    .into_iter()
+                    .collect();
+                self.fill(&conn, slot.as_deref(), answer);
             }
-            Some(PendingPub::Http(wait)) => wait.complete(Some(seq)),
-            None => {}
-        }
-    }
-
-    fn on_publish_failed(&self, token: u32) {
-        match self.take_pending_pub(token) {
-            Some(PendingPub::Ws {
-                conn,
-                slot,
-                channel,
-                id,
-            }) => {
-                let error = self.encode_error(
-                    conn.format,
-                    RequestError {
-                        id,
-                        channel: Some(channel.to_string()),
-                        ..RequestError::new(ErrorCode::Unavailable, "the backplane is down; retry")
-                    },
-                );
-                self.fill(
-                    &conn,
-                    slot.as_deref(),
-                    smallvec::smallvec![Out::Reply(error.into_boxed_slice())],
-                );
-            }
-            Some(PendingPub::Http(wait)) => wait.complete(None),
+            Some(PendingPub::Http(wait)) => wait.complete(seq),
             None => {}
         }
     }

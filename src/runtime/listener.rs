@@ -114,20 +114,7 @@ pub fn hand_over(member: &TcpListener, own: usize) -> io::Result<usize> {
         len: program.len() as u16,
         filter: program.as_mut_ptr(),
     };
-    // SAFETY: setsockopt reads `fprog` (and the program it points to, both
-    // alive for the call) and copies them into the kernel.
-    let rc = unsafe {
-        libc::setsockopt(
-            member.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_socket_option(member, libc::SO_ATTACH_REUSEPORT_CBPF, &fprog)?;
     Ok(others)
 }
 
@@ -135,16 +122,26 @@ pub fn hand_over(member: &TcpListener, own: usize) -> io::Result<usize> {
 /// process closes its listeners, so it does not outlive the process and
 /// skew the group's later members. (No program: nothing to do.)
 pub fn release(member: &impl AsRawFd) {
-    let unused: libc::c_int = 0;
-    // SAFETY: setsockopt reads one int that lives for the call.
-    unsafe {
+    let _ = set_socket_option(member, libc::SO_DETACH_REUSEPORT_BPF, &0 as &libc::c_int);
+}
+
+/// `setsockopt(SOL_SOCKET, option, value)`.
+fn set_socket_option<T>(socket: &impl AsRawFd, option: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: setsockopt reads `size_of::<T>()` bytes of `value` (and what
+    // it points to, for a program), all alive for the call, and copies them.
+    let rc = unsafe {
         libc::setsockopt(
-            member.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_DETACH_REUSEPORT_BPF,
-            (&unused as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+            option,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
