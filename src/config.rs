@@ -136,6 +136,11 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_HISTORY_TTL", default_value_t = 300)]
     pub history_ttl: u64,
 
+    /// Seconds a client has to send a whole request head, and then a whole
+    /// request body: one deadline each, however the bytes trickle in.
+    #[arg(long, env = "RINGCAST_HANDSHAKE_TIMEOUT", default_value_t = 10)]
+    pub handshake_timeout: u64,
+
     /// Seconds of silence from a client before the server pings it.
     #[arg(long, env = "RINGCAST_PING_INTERVAL", default_value_t = 30)]
     pub ping_interval: u64,
@@ -310,6 +315,9 @@ impl Config {
         if self.max_batch_bytes < 1024 {
             return fail("--max-batch-bytes must be at least 1024".into());
         }
+        if self.handshake_timeout == 0 {
+            return fail("--handshake-timeout must be at least 1 second".into());
+        }
         if self.ping_interval == 0 || self.pong_timeout == 0 {
             return fail("--ping-interval and --pong-timeout must be at least 1 second".into());
         }
@@ -369,6 +377,10 @@ impl Config {
     /// True when a Redis (standalone, Sentinel or Cluster) backplane is configured.
     pub fn uses_redis(&self) -> bool {
         self.redis.is_some() || !self.redis_cluster.is_empty()
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout)
     }
 
     pub fn history_ttl(&self) -> Duration {

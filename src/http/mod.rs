@@ -16,8 +16,6 @@ use crate::runtime::io::{read_shared, read_some, write_all};
 
 /// Largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
-/// How long a client may take to send a request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an idle keep-alive connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -175,6 +173,7 @@ fn reason(status: u16) -> &'static str {
         401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         411 => "Length Required",
         413 => "Payload Too Large",
         415 => "Unsupported Media Type",
@@ -221,7 +220,11 @@ async fn serve_http(
     let mut buf = Vec::new();
     let mut first = true;
     loop {
-        let limit = if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
+        let limit = if first {
+            shard.config.handshake_timeout()
+        } else {
+            IDLE_TIMEOUT
+        };
         let head = match monoio::time::timeout(limit, read_head(&mut stream, &mut buf)).await {
             Ok(Ok(Some(h))) => h,
             Ok(Ok(None)) | Err(_) => return None,
@@ -355,6 +358,7 @@ async fn route(
         if head.method != "POST" {
             return Err(Response::error(405, "bad_request", "use POST to publish"));
         }
+        check_publish_key(shard, head)?;
         let body = read_body(shard, stream, head, buf, head_len).await?;
         return Ok(publish(shard, head, channel, &body).await);
     }
@@ -439,17 +443,32 @@ async fn read_body(
             .await
             .map_err(|_| Response::text(400, "connection lost"))?;
     }
-    while buf.len() < head_len + len {
-        match monoio::time::timeout(HEAD_TIMEOUT, read_some(stream, buf, len.min(64 * 1024))).await
-        {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => {
-                return Err(Response::error(
-                    400,
-                    "bad_request",
-                    "body shorter than Content-Length",
-                ))
+    // One deadline for the whole body: a body trickled a byte at a time
+    // must not hold the connection for minutes.
+    let read_all = async {
+        while buf.len() < head_len + len {
+            match read_some(stream, buf, len.min(64 * 1024)).await {
+                Ok(n) if n > 0 => {}
+                _ => return false,
             }
+        }
+        true
+    };
+    match monoio::time::timeout(shard.config.handshake_timeout(), read_all).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(Response::error(
+                400,
+                "bad_request",
+                "body shorter than Content-Length",
+            ))
+        }
+        Err(_) => {
+            return Err(Response::error(
+                408,
+                "bad_request",
+                "the body did not arrive within --handshake-timeout",
+            ))
         }
     }
     let body = buf[head_len..head_len + len].to_vec();
@@ -457,16 +476,23 @@ async fn read_body(
     Ok(body)
 }
 
-async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8]) -> Response {
-    if let Some(key) = &shard.config.publish_key {
-        let given = head.header("authorization").and_then(bearer_token);
-        if !given.is_some_and(|given| same_secret(given, key)) {
-            return Response {
-                extra: "WWW-Authenticate: Bearer\r\n",
-                ..Response::error(401, "forbidden", "missing or wrong API key")
-            };
-        }
+/// Refuses a publish whose API key is missing or wrong, before its body
+/// is read: an unauthenticated client gets no buffer and no wait.
+fn check_publish_key(shard: &Shard, head: &Head) -> Result<(), Response> {
+    let Some(key) = &shard.config.publish_key else {
+        return Ok(());
+    };
+    let given = head.header("authorization").and_then(bearer_token);
+    if given.is_some_and(|given| same_secret(given, key)) {
+        return Ok(());
     }
+    Err(Response {
+        extra: "WWW-Authenticate: Bearer\r\n",
+        ..Response::error(401, "forbidden", "missing or wrong API key")
+    })
+}
+
+async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8]) -> Response {
     let channel = match percent_encoding::percent_decode_str(raw_channel).decode_utf8() {
         Ok(c) => c.into_owned(),
         Err(_) => return Response::error(400, "bad_channel", "channel name is not UTF-8"),

@@ -104,9 +104,13 @@ pub struct Outbox {
     /// Payload bytes of `items`.
     pub bytes: usize,
     /// Items at the front that form the frame being written; untouchable.
-    /// (A frame holds at most a few hundred items; u32 with `slots` keeps
-    /// an idle connection's outbox the size it had before slots.)
-    pub in_flight: u32,
+    /// (A frame holds at most a few hundred items; the small integer types
+    /// here keep an idle connection's outbox the size it had before slots
+    /// and pong coalescing.)
+    pub in_flight: u16,
+    /// Where the pong that ends `control`, not yet written at all, starts,
+    /// plus one (0: none).
+    pong_at: u16,
     /// Reply slots (`Out::Awaiting`) in `items`.
     slots: u32,
     /// Encoded control frames (ping, pong, close) waiting to go out.
@@ -275,7 +279,23 @@ impl Conn {
     /// Queues a control frame (already encoded).
     pub fn push_control(&self, frame: impl FnOnce(&mut Vec<u8>)) {
         let mut out = self.out.borrow_mut();
-        frame(&mut out.control);
+        out.append_control(frame);
+        out.wake();
+    }
+
+    /// Queues the pong answering a ping. A pong still wholly unsent at the
+    /// end of the queue is replaced rather than followed (RFC 6455 5.5.3
+    /// lets a pong answer only the latest ping), so a client that pings
+    /// and never reads holds one pong here, not one per ping.
+    pub fn push_pong(&self, payload: &[u8]) {
+        let mut out = self.out.borrow_mut();
+        if out.pong_at > 0 {
+            let start = usize::from(out.pong_at - 1);
+            out.control.truncate(start);
+        }
+        let start = out.control.len();
+        crate::ws::frame::push_control(&mut out.control, crate::ws::frame::OP_PONG, payload);
+        out.pong_at = u16::try_from(start + 1).unwrap_or(0);
         out.wake();
     }
 
@@ -314,6 +334,28 @@ impl Outbox {
     fn wake(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
+        }
+    }
+
+    /// Appends a control frame other than a pong (which then no longer
+    /// ends the queue, so the next pong follows it).
+    pub fn append_control(&mut self, frame: impl FnOnce(&mut Vec<u8>)) {
+        frame(&mut self.control);
+        self.pong_at = 0;
+    }
+
+    /// Drops the first `n` bytes of `control`, which were written.
+    pub fn control_written(&mut self, n: usize) {
+        self.control.drain(..n);
+        // A pong partly written stays as it is; one behind what was
+        // written moves with the rest.
+        self.pong_at = match usize::from(self.pong_at) {
+            0 => 0,
+            at if at > n => (at - n) as u16,
+            _ => 0,
+        };
+        if self.control.is_empty() {
+            self.control = Vec::new();
         }
     }
 
@@ -484,6 +526,30 @@ mod tests {
             c.fill_reply(Some(&other), reply("x"), 1 << 20),
             Pushed::Closed
         );
+    }
+
+    #[test]
+    fn an_unsent_pong_is_replaced_by_the_next_one() {
+        let c = conn();
+        for i in 0..1000u32 {
+            c.push_pong(&i.to_be_bytes());
+        }
+        assert_eq!(c.out.borrow().control, [0x8a, 4, 0, 0, 0x03, 0xe7]);
+        // Something after it: the next pong follows instead.
+        c.push_control(|out| out.push(0x89));
+        c.push_pong(b"a");
+        c.push_pong(b"b");
+        assert_eq!(
+            c.out.borrow().control,
+            [0x8a, 4, 0, 0, 0x03, 0xe7, 0x89, 0x8a, 1, b'b']
+        );
+        // Partly written: what is left keeps its pong, the next replaces it.
+        c.out.borrow_mut().control_written(7);
+        c.push_pong(b"c");
+        assert_eq!(c.out.borrow().control, [0x8a, 1, b'c']);
+        c.out.borrow_mut().control_written(1);
+        c.push_pong(b"d");
+        assert_eq!(c.out.borrow().control, [1, b'c', 0x8a, 1, b'd']);
     }
 
     #[test]

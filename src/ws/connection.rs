@@ -208,8 +208,6 @@ impl ConnTask {
     fn on_bytes(&mut self, data: &mut [u8]) {
         let metrics = &self.shard.metrics;
         metrics.bytes_in.add(data.len() as u64);
-        self.conn.last_read.set(self.shard.now.get());
-        self.conn.ping_sent.set(None);
         if self.discarding {
             return;
         }
@@ -225,6 +223,10 @@ impl ConnTask {
         let max_batch = shard.config.max_batch_requests;
         let result = reader.feed(data, max_message, &mut |incoming| {
             shard.metrics.frames_in.add(1);
+            // Only whole messages and control frames prove the client
+            // alive: a frame trickled a byte at a time does not.
+            conn.last_read.set(shard.now.get());
+            conn.ping_sent.set(None);
             match incoming {
                 Incoming::Message { payload, .. } => {
                     if conn.close.get().is_some() {
@@ -244,7 +246,7 @@ impl ConnTask {
                     true
                 }
                 Incoming::Ping(payload) => {
-                    conn.push_control(|out| frame::push_control(out, frame::OP_PONG, payload));
+                    conn.push_pong(payload);
                     true
                 }
                 Incoming::Pong => true,
@@ -286,10 +288,7 @@ impl ConnTask {
                         Poll::Pending => return Ok(false),
                         Poll::Ready(Ok(n)) if n > 0 => {
                             self.shard.metrics.bytes_out.add(n as u64);
-                            out.control.drain(..n);
-                            if out.control.is_empty() {
-                                out.control = Vec::new();
-                            }
+                            out.control_written(n);
                             continue;
                         }
                         Poll::Ready(_) => return Err(()),
@@ -306,9 +305,9 @@ impl ConnTask {
                     if !req.flush || drained {
                         out.clear();
                         if req.code == 0 {
-                            frame::push_control(&mut out.control, frame::OP_CLOSE, b"");
+                            out.append_control(|c| frame::push_control(c, frame::OP_CLOSE, b""));
                         } else {
-                            frame::push_close(&mut out.control, req.code, req.reason);
+                            out.append_control(|c| frame::push_close(c, req.code, req.reason));
                         }
                         self.close_queued = true;
                         if self.conn.closing_since.get().is_none() {
@@ -328,7 +327,7 @@ impl ConnTask {
                     self.conn.format,
                     self.shard.config.max_batch_bytes,
                 );
-                out.in_flight = frame.items as u32;
+                out.in_flight = frame.items as u16;
                 self.frame = Some(frame);
             }
             let Some(frame) = self.frame.as_mut() else {
