@@ -270,50 +270,96 @@ pub fn install() -> Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Serves `GET /metrics` on its own thread (blocking I/O: scrapes are rare
-/// and must not touch the workers).
+/// Most scrapes answered at once on `--metrics-addr`; more connections
+/// than that are closed at once.
+const MAX_SCRAPES: usize = 8;
+/// The whole time one scrape connection may take.
+const SCRAPE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `--metrics-addr`, off the workers: each
+/// connection on a short-lived thread of its own (at most
+/// [`MAX_SCRAPES`]) with one deadline for the whole exchange, so a client
+/// that trickles its request holds up no scrape but its own.
 pub fn serve(listener: TcpListener, handle: PrometheusHandle) -> Result<()> {
+    let active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ringcast-metrics".into())
         .spawn(move || {
+            use std::sync::atomic::Ordering;
             for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-                let mut buf = [0u8; 4096];
-                let mut len = 0;
-                let path = loop {
-                    match stream.read(&mut buf[len..]) {
-                        Ok(0) | Err(_) => break None,
-                        Ok(n) => len += n,
-                    }
-                    let mut headers = [httparse::EMPTY_HEADER; 32];
-                    let mut req = httparse::Request::new(&mut headers);
-                    match req.parse(&buf[..len]) {
-                        Ok(httparse::Status::Complete(_)) => {
-                            break Some((req.method == Some("GET"), req.path.unwrap_or("").to_string()))
-                        }
-                        Ok(httparse::Status::Partial) if len < buf.len() => continue,
-                        _ => break None,
+                let stream = match stream {
+                    Ok(s) => s,
+                    // Out of descriptors, say: back off rather than spin.
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
                     }
                 };
-                let response = match path {
-                    Some((true, p)) if p == "/metrics" => {
-                        handle.run_upkeep();
-                        let body = handle.render();
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        )
-                    }
-                    Some(_) => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
-                    None => "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
-                };
-                let _ = stream.write_all(response.as_bytes());
+                if active.fetch_add(1, Ordering::Relaxed) >= MAX_SCRAPES {
+                    active.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
+                let (handle, done) = (handle.clone(), active.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("ringcast-scrape".into())
+                    .spawn(move || {
+                        answer_scrape(stream, &handle);
+                        done.fetch_sub(1, Ordering::Relaxed);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         })
         .context("starting the metrics thread")?;
     Ok(())
+}
+
+/// Reads one request head (within [`SCRAPE_DEADLINE`] in all) and answers it.
+fn answer_scrape(mut stream: std::net::TcpStream, handle: &PrometheusHandle) {
+    let deadline = std::time::Instant::now() + SCRAPE_DEADLINE;
+    let _ = stream.set_write_timeout(Some(SCRAPE_DEADLINE));
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    let request = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break None;
+        }
+        match stream.read(&mut buf[len..]) {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => len += n,
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => {
+                let path = req.path.unwrap_or("").split('?').next().unwrap_or("");
+                break Some((req.method.unwrap_or("").to_string(), path == "/metrics"));
+            }
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            _ => break None,
+        }
+    };
+    let response = match request {
+        Some((method, true)) if method == "GET" || method == "HEAD" => {
+            handle.run_upkeep();
+            let body = handle.render();
+            let mut head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            if method == "GET" {
+                head.push_str(&body);
+            }
+            head
+        }
+        Some(_) => {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+        }
+        None => return,
+    };
+    let _ = stream.write_all(response.as_bytes());
 }
 
 /// A counter kept in a `Cell` and flushed to its exported counter.

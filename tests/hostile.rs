@@ -184,3 +184,27 @@ async fn a_frame_trickled_without_answering_pings_does_not_keep_a_connection_ali
     assert_eq!(ev["data"], 1, "{ev}");
     reader.abort();
 }
+
+#[tokio::test]
+async fn a_trickling_client_on_the_metrics_address_holds_up_no_scrape() {
+    let relay = Relay::start(&["--workers", "1", "--metrics-addr", "127.0.0.1:0"]);
+    let metrics = relay.metrics;
+    let trickler = tokio::spawn(async move {
+        let mut s = TcpStream::connect(metrics).await.unwrap();
+        // A request head that never ends, a byte a second.
+        for b in b"GET /metrics HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .chain(std::iter::repeat(&b'x'))
+        {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        assert!(relay.metrics_text().await.contains("ringcast_build_info"));
+    }
+    trickler.abort();
+}
