@@ -318,7 +318,6 @@ pub fn serve(listener: TcpListener, handle: PrometheusHandle) -> Result<()> {
 /// Reads one request head (within [`SCRAPE_DEADLINE`] in all) and answers it.
 fn answer_scrape(mut stream: std::net::TcpStream, handle: &PrometheusHandle) {
     let deadline = std::time::Instant::now() + SCRAPE_DEADLINE;
-    let _ = stream.set_write_timeout(Some(SCRAPE_DEADLINE));
     let mut buf = [0u8; 4096];
     let mut len = 0;
     let request = loop {
@@ -338,7 +337,8 @@ fn answer_scrape(mut stream: std::net::TcpStream, handle: &PrometheusHandle) {
                 break Some((req.method.unwrap_or("").to_string(), path == "/metrics"));
             }
             Ok(httparse::Status::Partial) if len < buf.len() => continue,
-            _ => break None,
+            // Malformed, or a head over the buffer: answered, not ignored.
+            _ => break Some((String::new(), false)),
         }
     };
     let response = match request {
@@ -354,11 +354,17 @@ fn answer_scrape(mut stream: std::net::TcpStream, handle: &PrometheusHandle) {
             }
             head
         }
+        Some((method, _)) if method.is_empty() => {
+            "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+        }
         Some(_) => {
             "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
         }
+        // The client left, or ran out of time.
         None => return,
     };
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let _ = stream.set_write_timeout(Some(left.max(Duration::from_millis(100))));
     let _ = stream.write_all(response.as_bytes());
 }
 

@@ -207,4 +207,13 @@ async fn a_trickling_client_on_the_metrics_address_holds_up_no_scrape() {
         assert!(relay.metrics_text().await.contains("ringcast_build_info"));
     }
     trickler.abort();
+    // Garbage gets a 400, another path a 404, and scrapes go on.
+    assert_eq!(http(metrics, "\x01\x02 nonsense\r\n\r\n").await.0, 400);
+    assert_eq!(
+        http(metrics, "GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .0,
+        404
+    );
+    assert!(relay.metrics_text().await.contains("ringcast_build_info"));
 }
