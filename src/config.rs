@@ -149,8 +149,20 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_PONG_TIMEOUT", default_value_t = 10)]
     pub pong_timeout: u64,
 
-    /// Connections this node accepts; beyond it, handshakes get 503 with Retry-After.
-    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS", default_value_t = 1_000_000)]
+    /// Client connections this node holds open, of every kind (WebSocket,
+    /// HTTP, handshakes under way); beyond it, a new connection is answered
+    /// 503 with Retry-After and closed. Default: the process's open-file
+    /// limit less a reserve for Redis, metrics scrapes and the answers to
+    /// those turned away (1/20 of the limit, between 64 and 4096).
+    #[arg(
+        long = "max-connections",
+        env = "RINGCAST_MAX_CONNECTIONS",
+        value_name = "MAX_CONNECTIONS"
+    )]
+    max_connections_given: Option<usize>,
+
+    /// --max-connections as given, or its default (set by `load_from`).
+    #[arg(skip)]
     pub max_connections: usize,
 
     /// On SIGTERM/SIGINT, clients are closed with 1012 spread over this many seconds.
@@ -270,8 +282,33 @@ impl Config {
         config.max_pending_bytes = config
             .max_pending_bytes_given
             .unwrap_or(DEFAULT_PENDING_MESSAGES.saturating_mul(config.max_message_bytes));
+        config.max_connections = config
+            .max_connections_given
+            .unwrap_or_else(|| connections_within(open_file_limit()));
         config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
+    }
+
+    /// Sockets accepted past --max-connections only to be answered 503:
+    /// they use the descriptors the default leaves in reserve.
+    pub fn overflow_connections(&self) -> usize {
+        descriptor_reserve(open_file_limit()) as usize / 2
+    }
+
+    /// When --max-connections was given above what the open-file limit
+    /// allows, the warning to log at start.
+    pub fn file_limit_warning(&self) -> Option<String> {
+        let limit = open_file_limit();
+        let fits = connections_within(limit);
+        (self.max_connections > fits).then(|| {
+            format!(
+                "{} {} is more than the open-file limit ({limit}) allows with its reserve \
+                 ({fits}); past that, new clients get 503 from a reserve descriptor. Raise \
+                 LimitNOFILE (systemd) or `ulimit -n`",
+                self.shown("max-connections"),
+                self.max_connections
+            )
+        })
     }
 
     /// How to name option `long` in an error: its environment variable when
@@ -299,6 +336,12 @@ impl Config {
         if !(128..=MAX_MESSAGE_LIMIT).contains(&self.max_message_bytes) {
             return fail(format!(
                 "--max-message-bytes must be between 128 and {MAX_MESSAGE_LIMIT} (64 MiB)"
+            ));
+        }
+        if self.max_connections == 0 {
+            return fail(format!(
+                "{} must be at least 1",
+                self.shown("max-connections")
             ));
         }
         if self.max_batch_requests == 0 {
@@ -386,6 +429,31 @@ impl Config {
     pub fn history_ttl(&self) -> Duration {
         Duration::from_secs(self.history_ttl)
     }
+}
+
+/// This process's open-file limit (the soft one, which is what counts;
+/// `runtime::raise_file_limit` lifts it to the hard one at start).
+pub fn open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    limit.rlim_cur
+}
+
+/// Descriptors kept out of --max-connections' default for everything else
+/// the relay opens.
+fn descriptor_reserve(limit: u64) -> u64 {
+    (limit / 20).clamp(64, 4096)
+}
+
+/// The most client connections `limit` open files allow, with the reserve.
+fn connections_within(limit: u64) -> usize {
+    limit.saturating_sub(descriptor_reserve(limit)).max(1) as usize
 }
 
 /// (long name, variable) of every option whose value the environment gave.
@@ -527,6 +595,22 @@ mod tests {
             "{e}"
         );
         assert!(parse(&["--log", "warn,ringcast=debug"]).is_ok());
+    }
+
+    #[test]
+    fn the_connection_limit_leaves_descriptors_in_reserve() {
+        assert_eq!(connections_within(256), 192);
+        assert_eq!(connections_within(20_000), 19_000);
+        assert_eq!(connections_within(1 << 20), (1 << 20) - 4096);
+        assert_eq!(connections_within(10), 1);
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.max_connections, connections_within(open_file_limit()));
+        assert_eq!(
+            parse(&["--max-connections", "7"]).unwrap().max_connections,
+            7
+        );
+        let e = parse(&["--max-connections", "0"]).unwrap_err();
+        assert!(e.contains("--max-connections must be at least 1"), "{e}");
     }
 
     #[test]

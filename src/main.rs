@@ -13,6 +13,8 @@ use ringcast::config::{Config, ConfigError};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
+    // Before the configuration: --max-connections' default follows it.
+    ringcast::runtime::raise_file_limit();
     let config = match Config::load() {
         Ok(c) => c,
         // clap prints usage errors, --help and --version and picks the exit code.

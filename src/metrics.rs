@@ -48,6 +48,16 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "Open WebSocket connections, per shard.",
     ),
     (
+        "ringcast_accept_errors_total",
+        Kind::Counter,
+        "Failed accepts (out of file descriptors, say); each interval's count is also logged.",
+    ),
+    (
+        "ringcast_connections_refused_total",
+        Kind::Counter,
+        "Connections turned away past --max-connections: answered 503 (or /healthz, /readyz, /metrics), or closed unanswered when too many are being answered already.",
+    ),
+    (
         "ringcast_history_messages",
         Kind::Gauge,
         "Messages kept for since recovery, per owner shard.",
@@ -406,6 +416,9 @@ pub struct ShardMetrics {
     pub slow_disconnect: Counter,
     pub slow_drop_oldest: Counter,
     pub heartbeat_timeouts: Counter,
+    pub accept_errors: Counter,
+    pub accept_refused_full: Counter,
+    pub accept_refused_dropped: Counter,
     pub ws_violations: Counter,
     errors: Vec<Counter>,
     pub frames_in: LocalCounter,
@@ -436,6 +449,9 @@ impl ShardMetrics {
             slow_disconnect: counter!("ringcast_slow_consumer_total", "shard" => s.clone(), "action" => "disconnect"),
             slow_drop_oldest: counter!("ringcast_slow_consumer_total", "shard" => s.clone(), "action" => "drop_oldest"),
             heartbeat_timeouts: counter!("ringcast_heartbeat_timeouts_total", "shard" => s.clone()),
+            accept_errors: counter!("ringcast_accept_errors_total", "shard" => s.clone()),
+            accept_refused_full: counter!("ringcast_connections_refused_total", "shard" => s.clone(), "action" => "answered"),
+            accept_refused_dropped: counter!("ringcast_connections_refused_total", "shard" => s.clone(), "action" => "closed"),
             ws_violations: counter!("ringcast_ws_protocol_closes_total", "shard" => s.clone()),
             errors: ErrorCode::ALL
                 .iter()

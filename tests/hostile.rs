@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::{http, http_publish, raw_ws, Client, Fmt, Relay, PATIENCE};
@@ -216,4 +217,124 @@ async fn a_trickling_client_on_the_metrics_address_holds_up_no_scrape() {
         404
     );
     assert!(relay.metrics_text().await.contains("ringcast_build_info"));
+}
+
+/// Opens `n` TCP connections that never send a byte.
+async fn silent_sockets(relay: &Relay, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(TcpStream::connect(relay.addr).await.unwrap());
+    }
+    held
+}
+
+/// What the relay answers on a new connection to `request`, up to the end
+/// of the head.
+async fn answer_to(relay: &Relay, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    let _ = s.write_all(request).await;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(PATIENCE, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            Ok(_) => break,
+            Err(_) => panic!("no answer to {:?}", String::from_utf8_lossy(request)),
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+const READYZ: &[u8] = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n";
+
+#[tokio::test]
+async fn a_full_node_answers_new_clients_503_and_health_checks_as_usual() {
+    // 256 files: the default --max-connections is 256 less a reserve of 64.
+    let relay = Relay::start_with_file_limit(
+        &["--workers", "1", "--handshake-timeout", "120"],
+        256,
+        Stdio::inherit(),
+    );
+    let mut canary = Client::connect(&relay, Fmt::Json).await;
+    canary.subscribe("canary").await;
+    let mut publisher = Client::connect(&relay, Fmt::Json).await;
+    // Connections that never send their request count as much as upgraded ones.
+    let mut held = silent_sockets(&relay, 190).await;
+    let refused = answer_to(&relay, UPGRADE).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("Retry-After: 5"), "{refused}");
+    let health = answer_to(&relay, HEALTHZ).await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let ready = answer_to(&relay, READYZ).await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    for n in 0..3 {
+        publisher
+            .send(serde_json::json!({"action": "publish", "channel": "canary", "data": n}))
+            .await;
+        assert_eq!(canary.expect_type("message").await["data"], n);
+    }
+    assert!(
+        relay
+            .metric("ringcast_connections_refused_total", &[])
+            .await
+            >= 3.0
+    );
+    held.truncate(150);
+    relay.wait_readyz(200).await;
+    let mut fresh = Client::connect(&relay, Fmt::Json).await;
+    fresh.subscribe("fresh").await;
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_new_clients_hear_503_and_it_is_logged_on_io_uring() {
+    out_of_file_descriptors_new_clients_hear_503_and_it_is_logged("uring").await;
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_new_clients_hear_503_and_it_is_logged_on_epoll() {
+    out_of_file_descriptors_new_clients_hear_503_and_it_is_logged("epoll").await;
+}
+
+async fn out_of_file_descriptors_new_clients_hear_503_and_it_is_logged(driver: &str) {
+    // --max-connections above what 256 files allow: accept runs out of
+    // descriptors, and the reserve descriptor answers.
+    let mut relay = Relay::start_with_file_limit(
+        &[
+            "--workers",
+            "1",
+            "--driver",
+            driver,
+            "--handshake-timeout",
+            "120",
+            "--max-connections",
+            "1000",
+        ],
+        256,
+        Stdio::piped(),
+    );
+    let mut canary = Client::connect(&relay, Fmt::Json).await;
+    canary.subscribe("canary").await;
+    let mut publisher = Client::connect(&relay, Fmt::Json).await;
+    let mut held = silent_sockets(&relay, 300).await;
+    // The last of them was accepted with the reserve descriptor, told, and closed.
+    let mut buf = [0u8; 1024];
+    let last = held.last_mut().unwrap();
+    let n = tokio::time::timeout(PATIENCE, last.read(&mut buf))
+        .await
+        .expect("an answer past the file limit")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("Retry-After: 5"), "{answer}");
+    let line = relay.wait_log("accept failed");
+    assert!(line.contains("errors="), "{line}");
+    publisher
+        .send(serde_json::json!({"action": "publish", "channel": "canary", "data": 1}))
+        .await;
+    assert_eq!(canary.expect_type("message").await["data"], 1);
+    held.clear();
+    relay.wait_readyz(200).await;
+    others_are_unharmed(&relay, &mut canary, 2).await;
 }

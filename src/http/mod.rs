@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 
-use crate::hub::Shard;
+use crate::hub::{Admission, Shard};
 use crate::protocol::{validate_channel, Data};
 use crate::runtime::io::{read_shared, read_some, write_all};
 
@@ -142,7 +142,7 @@ impl Response {
         }
     }
 
-    fn encode(&self, keep_alive: bool) -> Vec<u8> {
+    pub fn encode(&self, keep_alive: bool) -> Vec<u8> {
         let mut out = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}{}\r\n",
             self.status,
@@ -205,22 +205,39 @@ pub async fn send(
 /// phase, the handshake's allocations interleaved with the connections'
 /// long-lived ones and the freed space fragmented, about a kilobyte of
 /// resident memory per idle connection.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStreamPoll) {
-    if let Some(connection) = Box::pin(serve_http(shard, stream)).await {
+pub async fn serve(shard: Rc<Shard>, stream: TcpStreamPoll, admission: Admission) {
+    if let Some(connection) = Box::pin(serve_http(shard, stream, false)).await {
         connection.await;
     }
+    drop(admission);
 }
 
+/// Serves a connection accepted past `--max-connections`: one request,
+/// quickly. `/healthz`, `/readyz` (503, full) and `/metrics` are answered
+/// as usual, so probes and scrapes see a full node as it is; anything
+/// else gets 503 with `Retry-After`.
+pub async fn serve_full(shard: Rc<Shard>, stream: TcpStreamPoll, admission: Admission) {
+    let upgraded = Box::pin(serve_http(shard, stream, true)).await;
+    debug_assert!(upgraded.is_none(), "a full node upgrades nothing");
+    drop(admission);
+}
+
+/// How long a connection turned away has to send its request.
+const FULL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The HTTP phase of a connection; the WebSocket connection when it
-/// upgraded.
+/// upgraded. `full`: the node is full, see [`serve_full`].
 async fn serve_http(
     shard: Rc<Shard>,
     mut stream: TcpStreamPoll,
+    full: bool,
 ) -> Option<crate::ws::connection::ConnTask> {
     let mut buf = Vec::new();
     let mut first = true;
     loop {
-        let limit = if first {
+        let limit = if full {
+            FULL_TIMEOUT
+        } else if first {
             shard.config.handshake_timeout()
         } else {
             IDLE_TIMEOUT
@@ -239,6 +256,24 @@ async fn serve_http(
         if let Err(refusal) = check_framing(&head) {
             shard.metrics.http_request(head.route(), refusal.status);
             refuse(&mut stream, &refusal).await;
+            return None;
+        }
+        if full {
+            let probe = matches!(head.route(), "/healthz" | "/readyz" | "/metrics")
+                && matches!(head.method.as_str(), "GET" | "HEAD");
+            let mut response = if probe {
+                route(&shard, &mut stream, &head, &mut buf, head_len)
+                    .await
+                    .unwrap_or_else(|refusal| refusal)
+            } else {
+                Response {
+                    extra: "Retry-After: 5\r\n",
+                    ..Response::text(503, "this node is full")
+                }
+            };
+            shard.metrics.http_request(head.route(), response.status);
+            response.head_only = head.method == "HEAD";
+            refuse(&mut stream, &response).await;
             return None;
         }
         if head.route() == "/ws" && head.header("upgrade").is_some() {
@@ -371,6 +406,8 @@ async fn route(
         "/readyz" if get => {
             if shard.node.is_draining() {
                 Response::text(503, "draining")
+            } else if shard.node.sockets() >= shard.config.max_connections {
+                Response::text(503, "full")
             } else if !shard.node.backplane_ready() {
                 Response::text(503, "backplane unavailable")
             } else {

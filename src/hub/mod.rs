@@ -38,9 +38,44 @@ pub struct NodeState {
     pub draining: AtomicBool,
     /// The backplane can sequence and deliver (always, when embedded).
     backplane_ready: AtomicBool,
+    /// Open WebSocket connections (after their handshake).
     pub connections: AtomicUsize,
+    /// Accepted client sockets of any kind, before or after a handshake,
+    /// bounded by `--max-connections`.
+    sockets: AtomicUsize,
+    /// Sockets accepted past `--max-connections` only to be told so.
+    overflow: AtomicUsize,
     /// Random per process: epochs of an in-process backplane cannot outlive it.
     pub epoch_nonce: u32,
+}
+
+/// A client socket counted against `--max-connections` (or against the
+/// overflow allowance) for as long as it is held.
+pub struct Admission {
+    node: Arc<NodeState>,
+    overflow: bool,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let count = if self.overflow {
+            &self.node.overflow
+        } else {
+            &self.node.sockets
+        };
+        count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How an accepted socket is admitted.
+pub enum Admit {
+    /// Within `--max-connections`: served.
+    Served(Admission),
+    /// The node is full: the socket is answered 503 (or `/healthz`) and closed.
+    Full(Admission),
+    /// Full, and so many are being told so already that the socket is
+    /// closed at once.
+    Dropped,
 }
 
 impl NodeState {
@@ -49,8 +84,38 @@ impl NodeState {
             draining: AtomicBool::new(false),
             backplane_ready: AtomicBool::new(true),
             connections: AtomicUsize::new(0),
+            sockets: AtomicUsize::new(0),
+            overflow: AtomicUsize::new(0),
             epoch_nonce: fastrand::u32(..),
         }
+    }
+
+    /// Counts an accepted socket against `max` (and the overflow
+    /// allowance past it).
+    pub fn admit(self: &Arc<Self>, max: usize, overflow_max: usize) -> Admit {
+        let take = |count: &AtomicUsize, limit: usize| {
+            count
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < limit).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        let admission = |overflow| Admission {
+            node: self.clone(),
+            overflow,
+        };
+        if take(&self.sockets, max) {
+            Admit::Served(admission(false))
+        } else if take(&self.overflow, overflow_max) {
+            Admit::Full(admission(true))
+        } else {
+            Admit::Dropped
+        }
+    }
+
+    /// Client sockets open now (overflow excluded).
+    pub fn sockets(&self) -> usize {
+        self.sockets.load(Ordering::Relaxed)
     }
 
     pub fn is_draining(&self) -> bool {

@@ -63,6 +63,23 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// Lifts this process's open-file limit to the hard limit the system
+/// allows (the soft limit is often 1024, far below what a relay holds).
+pub fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// Runs the relay until it has drained after SIGTERM/SIGINT.
 pub fn run(config: Config) -> Result<()> {
     let cpus = allowed_cpus();
@@ -77,6 +94,9 @@ pub fn run(config: Config) -> Result<()> {
         )));
     }
     let driver = resolve_driver(config.driver)?;
+    if let Some(warning) = config.file_limit_warning() {
+        tracing::warn!("{warning}");
+    }
     let listener::Group {
         listeners,
         first: opened_the_address,
@@ -132,7 +152,7 @@ pub fn run(config: Config) -> Result<()> {
         "embedded"
     };
 
-    tracing::info!(%addr, %metrics_addr, workers, driver = driver.name(), backplane, "ringcast listening");
+    tracing::info!(%addr, %metrics_addr, workers, driver = driver.name(), backplane, max_connections = config.max_connections, "ringcast listening");
     // One stable line on stdout for scripts and tests to find the addresses
     // (not println!: a closed stdout must not stop the relay).
     let mut stdout = std::io::stdout();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::backplane::{Mesh, ShardMsg};
 use crate::config::Config;
 use crate::error::{Context, Result};
-use crate::hub::{CloseRequest, NodeState, Shard};
+use crate::hub::{Admit, CloseRequest, NodeState, Shard};
 use crate::runtime::Driver;
 use crate::ws::close;
 
@@ -64,26 +64,31 @@ impl Worker {
         let stop = Rc::new(Stop::default());
         monoio::spawn(inbox_loop(shard.clone(), self.inbox, stop.clone()));
         monoio::spawn(ticker(shard.clone()));
-        let mut last_accept_error = None::<Instant>;
+        let mut refusals = AcceptErrors::default();
+        let mut reserve = ReserveDescriptor::open();
         loop {
+            if !reserve.is_held() {
+                reserve = ReserveDescriptor::open();
+            }
             monoio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        match stream.try_into_poll_io() {
-                            Ok(stream) => {
-                                monoio::spawn(crate::http::serve(shard.clone(), stream));
-                            }
-                            Err((e, _)) => tracing::warn!("could not switch a socket to poll mode: {e}"),
-                        }
-                    }
+                    Ok((stream, _peer)) => admit(&shard, stream),
                     Err(e) => {
-                        // Out of file descriptors, say: back off instead of spinning.
-                        if last_accept_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                            tracing::warn!(worker = shard.id, "accept failed: {e}");
-                            last_accept_error = Some(Instant::now());
+                        let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                        refusals.count(&shard, &e);
+                        if out_of_files && reserve.release() {
+                            // The descriptor given back lets one waiting
+                            // client hear why instead of hanging in the
+                            // backlog.
+                            if let Ok((stream, _)) = listener.accept().await {
+                                turn_away(stream);
+                                shard.metrics.accept_refused_full.increment(1);
+                            }
+                            reserve = ReserveDescriptor::open();
+                        } else {
+                            // Back off instead of spinning on the error.
+                            monoio::time::sleep(Duration::from_millis(50)).await;
                         }
-                        monoio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
                 _ = stop.wait() => break,
@@ -91,6 +96,107 @@ impl Worker {
         }
         super::listener::release(&listener);
         Ok(())
+    }
+}
+
+/// Serves an accepted client socket, or tells it the node is full.
+fn admit(shard: &Rc<Shard>, stream: monoio::net::TcpStream) {
+    let config = &shard.config;
+    let admission = match shard
+        .node
+        .admit(config.max_connections, config.overflow_connections())
+    {
+        Admit::Served(a) => Ok(a),
+        Admit::Full(a) => {
+            shard.metrics.accept_refused_full.increment(1);
+            Err(a)
+        }
+        Admit::Dropped => {
+            shard.metrics.accept_refused_dropped.increment(1);
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    match stream.try_into_poll_io() {
+        Ok(stream) => match admission {
+            Ok(a) => drop(monoio::spawn(crate::http::serve(shard.clone(), stream, a))),
+            Err(a) => drop(monoio::spawn(crate::http::serve_full(
+                shard.clone(),
+                stream,
+                a,
+            ))),
+        },
+        Err((e, _)) => tracing::warn!("could not switch a socket to poll mode: {e}"),
+    }
+}
+
+/// Writes a 503 straight to a socket accepted with the reserve descriptor
+/// and closes it, without waiting: the descriptor must be free again for
+/// the reserve (monoio would close it later, through the ring).
+fn turn_away(stream: monoio::net::TcpStream) {
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+    let answer = crate::http::Response {
+        extra: "Retry-After: 5\r\n",
+        ..crate::http::Response::text(503, "this node is out of file descriptors")
+    }
+    .encode(false);
+    // SAFETY: monoio hands over the descriptor it owned; it is closed once,
+    // when `socket` drops.
+    let socket = unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
+    // SAFETY: a send on a socket this function owns.
+    unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            answer.as_ptr().cast(),
+            answer.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
+    }
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+}
+
+/// One descriptor held back so that, out of descriptors, the worker can
+/// still accept a client and answer it.
+struct ReserveDescriptor(Option<std::fs::File>);
+
+impl ReserveDescriptor {
+    fn open() -> Self {
+        ReserveDescriptor(std::fs::File::open("/dev/null").ok())
+    }
+
+    fn is_held(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Closes it; false when there was none to close.
+    fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+}
+
+/// Accept errors, logged at most once per interval with how many there
+/// were.
+#[derive(Default)]
+struct AcceptErrors {
+    since_log: u64,
+    logged: Option<Instant>,
+}
+
+impl AcceptErrors {
+    const INTERVAL: Duration = Duration::from_secs(5);
+
+    fn count(&mut self, shard: &Shard, e: &std::io::Error) {
+        self.since_log += 1;
+        shard.metrics.accept_errors.increment(1);
+        if self.logged.is_none_or(|t| t.elapsed() >= Self::INTERVAL) {
+            tracing::warn!(
+                worker = shard.id,
+                errors = self.since_log,
+                "accept failed: {e}"
+            );
+            self.since_log = 0;
+            self.logged = Some(Instant::now());
+        }
     }
 }
 

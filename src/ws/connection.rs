@@ -58,24 +58,17 @@ pub async fn upgrade(
     // must not keep its headers.
     drop(head);
     let node = shard.node.clone();
-    let unavailable = if node.is_draining() {
-        Some("draining: connect to another node")
-    } else if node.connections.fetch_add(1, Ordering::Relaxed) >= shard.config.max_connections {
-        node.connections.fetch_sub(1, Ordering::Relaxed);
-        Some("this node is full")
-    } else {
-        None
-    };
-    if let Some(why) = unavailable {
+    if node.is_draining() {
         shard.metrics.handshakes_rejected.increment(1);
         shard.metrics.http_request("/ws", 503);
         let r = Response {
             extra: "Retry-After: 5\r\n",
-            ..Response::text(503, why)
+            ..Response::text(503, "draining: connect to another node")
         };
         let _ = send(&mut stream, &r, false).await;
         return None;
     }
+    node.connections.fetch_add(1, Ordering::Relaxed);
     let format = up.format;
     let response = handshake::response(&up);
     drop(up);

@@ -37,13 +37,40 @@ impl Relay {
 
     /// Starts the relay logging at `level` to `stderr`.
     pub fn start_logging(args: &[&str], level: &str, stderr: Stdio) -> Relay {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        Relay::spawn(args, level, stderr, None)
+    }
+
+    /// Starts the relay with an open-file limit of `files` (soft and hard),
+    /// logging warnings to `stderr`.
+    pub fn start_with_file_limit(args: &[&str], files: u64, stderr: Stdio) -> Relay {
+        Relay::spawn(args, "warn", stderr, Some(files))
+    }
+
+    fn spawn(args: &[&str], level: &str, stderr: Stdio, files: Option<u64>) -> Relay {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+        command
             .args(["--listen", "127.0.0.1:0", "--log", level])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("starting the ringcast binary");
+            .stderr(stderr);
+        if let Some(files) = files {
+            let limit = libc::rlimit {
+                rlim_cur: files,
+                rlim_max: files,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command.spawn().expect("starting the ringcast binary");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         BufReader::new(stdout)
