@@ -132,6 +132,33 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_HISTORY_SIZE", default_value_t = 100)]
     pub history_size: usize,
 
+    /// Most bytes of history one channel keeps (a message's two encodings
+    /// and about 90 bytes of bookkeeping each); the oldest go first. Default:
+    /// 1 MiB, or 4 x --max-message-bytes when that is more.
+    #[arg(
+        long = "history-channel-bytes",
+        env = "RINGCAST_HISTORY_CHANNEL_BYTES",
+        value_name = "HISTORY_CHANNEL_BYTES"
+    )]
+    history_channel_bytes_given: Option<usize>,
+
+    /// --history-channel-bytes as given, or its default (set by `load_from`).
+    #[arg(skip)]
+    pub history_channel_bytes: usize,
+
+    /// Most bytes all the node's histories hold together (counted as for
+    /// --history-channel-bytes, plus 256 per channel), split evenly between
+    /// the workers; past it, the oldest messages of the node go first, and
+    /// a `since` that needed them gets `recovered: false`.
+    #[arg(long, env = "RINGCAST_HISTORY_MEMORY", default_value_t = 256 << 20)]
+    pub history_memory: usize,
+
+    /// Most channels that keep history on this node (split evenly between
+    /// the workers); past it, the histories of the channels published to
+    /// least recently are forgotten first.
+    #[arg(long, env = "RINGCAST_HISTORY_CHANNELS", default_value_t = 100_000)]
+    pub history_channels: usize,
+
     /// Oldest age of a kept message, in seconds.
     #[arg(long, env = "RINGCAST_HISTORY_TTL", default_value_t = 300)]
     pub history_ttl: u64,
@@ -282,6 +309,9 @@ impl Config {
         config.max_pending_bytes = config
             .max_pending_bytes_given
             .unwrap_or(DEFAULT_PENDING_MESSAGES.saturating_mul(config.max_message_bytes));
+        config.history_channel_bytes = config
+            .history_channel_bytes_given
+            .unwrap_or((1 << 20).max(config.max_message_bytes.saturating_mul(4)));
         config.max_connections = config
             .max_connections_given
             .unwrap_or_else(|| connections_within(open_file_limit()));
@@ -363,6 +393,18 @@ impl Config {
         }
         if self.ping_interval == 0 || self.pong_timeout == 0 {
             return fail("--ping-interval and --pong-timeout must be at least 1 second".into());
+        }
+        if self.history_memory < 1 << 20 {
+            return fail(format!(
+                "{} must be at least 1048576 (1 MiB)",
+                self.shown("history-memory")
+            ));
+        }
+        if self.history_channels == 0 {
+            return fail(format!(
+                "{} must be at least 1",
+                self.shown("history-channels")
+            ));
         }
         if self.history_ttl == 0 && self.history_size > 0 {
             return fail("--history-ttl must be at least 1 second when history is kept".into());

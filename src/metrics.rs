@@ -63,6 +63,16 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "Messages kept for since recovery, per owner shard.",
     ),
     (
+        "ringcast_history_bytes",
+        Kind::Gauge,
+        "Bytes the shard's histories are counted for against its share of --history-memory.",
+    ),
+    (
+        "ringcast_history_evicted_total",
+        Kind::Counter,
+        "Kept messages forgotten to stay within --history-memory or --history-channels.",
+    ),
+    (
         "ringcast_channels_owned",
         Kind::Gauge,
         "Channels with state on their owner shard.",
@@ -409,6 +419,8 @@ impl LocalCounter {
 pub struct ShardMetrics {
     pub connections: Gauge,
     pub history_messages: Gauge,
+    pub history_bytes: Gauge,
+    pub history_evicted: Counter,
     pub channels_owned: Gauge,
     pub handshakes_ok: Counter,
     pub handshakes_rejected: Counter,
@@ -442,6 +454,8 @@ impl ShardMetrics {
         ShardMetrics {
             connections: gauge!("ringcast_connections", "shard" => s.clone()),
             history_messages: gauge!("ringcast_history_messages", "shard" => s.clone()),
+            history_bytes: gauge!("ringcast_history_bytes", "shard" => s.clone()),
+            history_evicted: counter!("ringcast_history_evicted_total", "shard" => s.clone()),
             channels_owned: gauge!("ringcast_channels_owned", "shard" => s.clone()),
             handshakes_ok: counter!("ringcast_handshakes_total", "shard" => s.clone(), "result" => "ok"),
             handshakes_rejected: counter!("ringcast_handshakes_total", "shard" => s.clone(), "result" => "rejected"),

@@ -338,3 +338,81 @@ async fn out_of_file_descriptors_new_clients_hear_503_and_it_is_logged(driver: &
     relay.wait_readyz(200).await;
     others_are_unharmed(&relay, &mut canary, 2).await;
 }
+
+/// Publishes `count` bodies over one keep-alive connection, to channels
+/// `{prefix}{i % channels}`; returns the last seq of each channel.
+async fn publish_many(
+    relay: &Relay,
+    prefix: &str,
+    channels: usize,
+    count: usize,
+    body: &str,
+) -> Vec<u64> {
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    let mut seqs = vec![0; channels];
+    let mut buf = Vec::new();
+    for i in 0..count {
+        let c = i % channels;
+        let req = format!(
+            "POST /publish/{prefix}{c} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let answer = loop {
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(PATIENCE, s.read(&mut chunk))
+                .await
+                .expect("an answer to a publish")
+                .unwrap();
+            assert!(n > 0, "the relay closed a keep-alive publisher");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some(end) = text.find('}') {
+                buf.clear();
+                break text[..=end].to_string();
+            }
+        };
+        assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+        let json = &answer[answer.find('{').unwrap()..];
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        seqs[c] = v["seq"].as_u64().unwrap();
+    }
+    seqs
+}
+
+#[tokio::test]
+async fn history_stays_within_its_node_budget_and_since_says_what_was_lost() {
+    let budget: u64 = 8 << 20;
+    let relay = Relay::start(&["--workers", "1", "--history-memory", &budget.to_string()]);
+    let mut canary = Client::connect(&relay, Fmt::Json).await;
+    canary.subscribe("canary").await;
+    let rss_before = relay.rss();
+    // 2,000 publications of 60 KB (both encodings: 240 MB) to 500 channels
+    // nobody subscribes to: each channel's own bounds would keep it all.
+    let body = format!("\"{}\"", "x".repeat(60_000));
+    let last = publish_many(&relay, "h.", 500, 2000, &body).await;
+    let held = relay.metric("ringcast_history_bytes", &[]).await;
+    assert!(held <= budget as f64, "history holds {held} bytes");
+    assert!(relay.metric("ringcast_history_evicted_total", &[]).await > 0.0);
+    let growth = relay.rss().saturating_sub(rss_before);
+    assert!(
+        growth < 4 * budget,
+        "relay memory grew by {growth} bytes for a history budget of {budget}"
+    );
+    others_are_unharmed(&relay, &mut canary, 1).await;
+    // The oldest channel's history went first: `since` says it was lost.
+    let mut late = Client::connect(&relay, Fmt::Json).await;
+    late.send(serde_json::json!({"action": "subscribe", "channel": "h.0", "since": 1}))
+        .await;
+    let subscribed = late.expect_type("subscribed").await;
+    assert_eq!(subscribed["recovered"], false, "{subscribed}");
+    // The newest publication is still kept.
+    let newest = 1999 % 500;
+    let since = last[newest] - 1;
+    late.send(serde_json::json!({"action": "subscribe", "channel": format!("h.{newest}"), "since": since}))
+        .await;
+    let replayed = late.expect_type("message").await;
+    assert_eq!(replayed["seq"], last[newest]);
+    let subscribed = late.expect_type("subscribed").await;
+    assert_eq!(subscribed["recovered"], true, "{subscribed}");
+}

@@ -241,6 +241,36 @@ async fn since_recovers_on_another_node_from_redis_history() {
 }
 
 #[tokio::test]
+async fn redis_history_is_trimmed_by_bytes_as_well_as_by_count() {
+    let redis = RedisServer::start();
+    // 100 KB of history per channel in Redis: room for four 20 KB messages.
+    let args = ["--history-size", "100", "--history-channel-bytes", "100000"];
+    let a = node(&redis, &args).await;
+    let b = node(&redis, &args).await;
+    let body = format!("\"{}\"", "y".repeat(20_000));
+    for _ in 0..12 {
+        let (status, answer) = http_publish(a.addr, "big", &body, "").await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let kept: u64 = redis
+        .cli(&["XLEN", "{ringcast:big}:hist"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(kept, 4, "Redis keeps what 100 KB hold");
+    // B has no cache of the channel: what it recovers is what Redis holds.
+    let mut back = Client::connect(&b, Fmt::Json).await;
+    back.send(json!({"action": "subscribe", "channel": "big", "since": 8}))
+        .await;
+    assert_eq!(seqs(&messages(&mut back, 4).await), vec![9, 10, 11, 12]);
+    assert_eq!(back.expect_type("subscribed").await["recovered"], true);
+    let mut late = Client::connect(&b, Fmt::Json).await;
+    late.send(json!({"action": "subscribe", "channel": "big", "since": 7}))
+        .await;
+    assert_eq!(late.expect_type("subscribed").await["recovered"], false);
+}
+
+#[tokio::test]
 async fn backends_publish_straight_into_redis() {
     let redis = RedisServer::start();
     let a = node(&redis, &[]).await;

@@ -1,7 +1,12 @@
 //! A channel as its owner shard sees it: the seq counter, the epoch, the
-//! bounded history that `since` recovery replays, and which shards want it.
+//! bounded history that `since` recovery replays, and which shards want it;
+//! and the meter that adds up what every history of the shard holds, so
+//! the shard can keep all of them within one budget.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::ops::Deref;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +25,195 @@ pub fn shards_in(mut set: ShardSet) -> impl Iterator<Item = usize> {
     })
 }
 
+/// Bytes counted for a kept publication beside its two encodings: the
+/// `Publication` itself, its `Arc` counts and its slot in the deque.
+const ENTRY_OVERHEAD: usize = std::mem::size_of::<Publication>() + 16 + 8;
+/// Bytes counted for a channel while it keeps any history: its map entry,
+/// name, epoch and deque.
+pub const CHANNEL_OVERHEAD: usize = 256;
+
+/// What a kept publication is counted as.
+pub fn cost(publication: &Publication) -> usize {
+    publication.json.len() + publication.msgpack.len() + ENTRY_OVERHEAD
+}
+
+/// The bounds of one channel's history.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most publications kept (0: none).
+    pub size: usize,
+    /// Most bytes kept, counted by [`cost`].
+    pub bytes: usize,
+}
+
+/// What the histories of one shard hold together: bytes (with each
+/// channel's [`CHANNEL_OVERHEAD`]) and channels with any history.
+#[derive(Debug, Default)]
+pub struct Meter {
+    bytes: Cell<usize>,
+    channels: Cell<usize>,
+}
+
+impl Meter {
+    pub fn bytes(&self) -> usize {
+        self.bytes.get()
+    }
+
+    pub fn channels(&self) -> usize {
+        self.channels.get()
+    }
+}
+
+/// A channel's kept publications, oldest first, seqs consecutive, counted
+/// on the shard's [`Meter`] for as long as they are kept.
+#[derive(Debug)]
+pub struct History {
+    entries: VecDeque<Arc<Publication>>,
+    bytes: usize,
+    meter: Rc<Meter>,
+}
+
+impl Deref for History {
+    type Target = VecDeque<Arc<Publication>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.entries
+    }
+}
+
+impl History {
+    pub fn new(meter: Rc<Meter>) -> History {
+        History {
+            entries: VecDeque::new(),
+            bytes: 0,
+            meter,
+        }
+    }
+
+    /// The bytes this history is counted for.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn counted(&mut self, added: usize, removed: usize, was_empty: bool) {
+        self.bytes = self.bytes + added - removed;
+        let meter = &self.meter;
+        let mut total = meter.bytes.get() + added - removed;
+        match (was_empty, self.entries.is_empty()) {
+            (true, false) => {
+                total += CHANNEL_OVERHEAD;
+                meter.channels.set(meter.channels.get() + 1);
+            }
+            (false, true) => {
+                total -= CHANNEL_OVERHEAD;
+                meter.channels.set(meter.channels.get() - 1);
+            }
+            _ => {}
+        }
+        meter.bytes.set(total);
+    }
+
+    pub fn push_back(&mut self, publication: Arc<Publication>) {
+        let was_empty = self.entries.is_empty();
+        let added = cost(&publication);
+        self.entries.push_back(publication);
+        self.counted(added, 0, was_empty);
+    }
+
+    pub fn push_front(&mut self, publication: Arc<Publication>) {
+        let was_empty = self.entries.is_empty();
+        let added = cost(&publication);
+        self.entries.push_front(publication);
+        self.counted(added, 0, was_empty);
+    }
+
+    pub fn pop_front(&mut self) -> Option<Arc<Publication>> {
+        let popped = self.entries.pop_front()?;
+        self.counted(0, cost(&popped), false);
+        Some(popped)
+    }
+
+    /// Forgets everything, and the buffer with it (idle channels are many).
+    pub fn clear(&mut self) {
+        let was_empty = self.entries.is_empty();
+        self.entries = VecDeque::new();
+        let removed = self.bytes;
+        self.counted(0, removed, was_empty);
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// One shard's share of the node's history budget.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub bytes: usize,
+    pub channels: usize,
+}
+
+impl Budget {
+    pub fn share(config: &crate::config::Config, shards: usize) -> Budget {
+        Budget {
+            bytes: config.history_memory / shards,
+            channels: (config.history_channels / shards).max(1),
+        }
+    }
+
+    pub fn exceeded_by(&self, meter: &Meter) -> bool {
+        meter.bytes() > self.bytes || meter.channels() > self.channels
+    }
+}
+
+/// Brings the histories metered by `meter` back under 7/8 of `budget` (so
+/// that a budget reached by a flood is not enforced again at every
+/// publication): first, past the channel cap, the whole histories of the
+/// channels published to least recently; then, past the byte budget, the
+/// oldest publications of the shard, whichever channel they belong to.
+/// Returns how many publications were forgotten.
+pub fn evict(histories: &mut [&mut History], meter: &Meter, budget: Budget) -> usize {
+    use std::cmp::Reverse;
+    let channels_goal = budget.channels - budget.channels / 8;
+    let bytes_goal = budget.bytes - budget.bytes / 8;
+    let mut forgotten = 0;
+    if meter.channels() > channels_goal {
+        let mut order: Vec<(Instant, usize)> = histories
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| Some((h.back()?.at, i)))
+            .collect();
+        order.sort_unstable();
+        for (_, i) in order {
+            if meter.channels() <= channels_goal {
+                break;
+            }
+            forgotten += histories[i].len();
+            histories[i].clear();
+        }
+    }
+    if meter.bytes() > bytes_goal {
+        let mut oldest: std::collections::BinaryHeap<Reverse<(Instant, usize)>> = histories
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| Some(Reverse((h.front()?.at, i))))
+            .collect();
+        while meter.bytes() > bytes_goal {
+            let Some(Reverse((_, i))) = oldest.pop() else {
+                break;
+            };
+            histories[i].pop_front();
+            forgotten += 1;
+            if let Some(next) = histories[i].front() {
+                oldest.push(Reverse((next.at, i)));
+            }
+        }
+    }
+    forgotten
+}
+
 pub struct OwnedChannel {
     /// The seq of the last publication (0: none yet).
     pub seq: u64,
@@ -27,23 +221,23 @@ pub struct OwnedChannel {
     /// created again restarts at seq 1 under a new epoch.
     pub epoch: Arc<str>,
     /// The newest publications, oldest first, seqs consecutive.
-    pub history: VecDeque<Arc<Publication>>,
+    pub history: History,
     /// Shards with at least one subscriber.
     pub interested: ShardSet,
 }
 
 impl OwnedChannel {
-    pub fn new(epoch: Arc<str>) -> Self {
+    pub fn new(epoch: Arc<str>, meter: Rc<Meter>) -> Self {
         OwnedChannel {
             seq: 0,
             epoch,
-            history: VecDeque::new(),
+            history: History::new(meter),
             interested: 0,
         }
     }
 
-    pub fn remember(&mut self, publication: &Arc<Publication>, history_size: usize) {
-        remember(&mut self.history, publication, history_size);
+    pub fn remember(&mut self, publication: &Arc<Publication>, limits: Limits) {
+        remember(&mut self.history, publication, limits);
     }
 
     /// Forgets publications older than `ttl`.
@@ -54,36 +248,43 @@ impl OwnedChannel {
     /// What a subscriber that last saw `since` (in `epoch`) missed, if
     /// history still holds all of it.
     pub fn replay_after(&self, since: u64, epoch: Option<&str>) -> Replay {
-        replay_from(&[], &self.history, since, epoch, &self.epoch, self.seq)
+        replay_from(
+            &[],
+            self.history.deref(),
+            since,
+            epoch,
+            &self.epoch,
+            self.seq,
+        )
     }
 }
 
-/// Appends to a bounded history, dropping the oldest past `history_size`.
-pub fn remember(
-    history: &mut VecDeque<Arc<Publication>>,
-    publication: &Arc<Publication>,
-    history_size: usize,
-) {
-    if history_size == 0 {
+/// Appends to a bounded history, dropping the oldest past `limits`. A
+/// publication larger than the byte limit cannot be kept, and since kept
+/// seqs must be consecutive, the history is emptied instead.
+pub fn remember(history: &mut History, publication: &Arc<Publication>, limits: Limits) {
+    if limits.size == 0 {
         return;
     }
-    if history.len() >= history_size {
-        history.pop_front();
+    if cost(publication) > limits.bytes {
+        return history.clear();
     }
     history.push_back(publication.clone());
+    while history.len() > limits.size || history.bytes() > limits.bytes {
+        history.pop_front();
+    }
 }
 
-/// Forgets publications older than `ttl` (and the buffer, once empty: idle
-/// channels are many).
-pub fn expire(history: &mut VecDeque<Arc<Publication>>, now: Instant, ttl: Duration) {
+/// Forgets publications older than `ttl` (and the buffer, once empty).
+pub fn expire(history: &mut History, now: Instant, ttl: Duration) {
     while history
         .front()
         .is_some_and(|p| now.saturating_duration_since(p.at) > ttl)
     {
         history.pop_front();
     }
-    if history.is_empty() && history.capacity() > 0 {
-        *history = VecDeque::new();
+    if history.is_empty() && history.entries.capacity() > 0 {
+        history.clear();
     }
 }
 
@@ -131,6 +332,23 @@ mod tests {
         })
     }
 
+    fn sized(seq: u64, at: Instant, bytes: usize) -> Arc<Publication> {
+        Arc::new(Publication {
+            channel: "c".into(),
+            seq: Some(seq),
+            at,
+            json: vec![b'j'; bytes].into(),
+            msgpack: Box::new([]),
+        })
+    }
+
+    fn count(size: usize) -> Limits {
+        Limits {
+            size,
+            bytes: usize::MAX,
+        }
+    }
+
     fn seqs(r: Replay) -> Option<Vec<u64>> {
         match r {
             Replay::Recovered(v) => Some(v.iter().map(|p| p.seq.unwrap()).collect()),
@@ -147,11 +365,11 @@ mod tests {
 
     #[test]
     fn replays_exactly_what_was_missed_while_in_history() {
-        let mut ch = OwnedChannel::new("e".into());
+        let mut ch = OwnedChannel::new("e".into(), Rc::default());
         let now = Instant::now();
         for s in 1..=10 {
             ch.seq = s;
-            ch.remember(&publication(s, now), 5);
+            ch.remember(&publication(s, now), count(5));
         }
         assert_eq!(seqs(ch.replay_after(7, Some("e"))), Some(vec![8, 9, 10]));
         assert_eq!(seqs(ch.replay_after(5, None)), Some(vec![6, 7, 8, 9, 10]));
@@ -169,14 +387,118 @@ mod tests {
 
     #[test]
     fn expiry_drops_old_messages_and_breaks_recovery() {
-        let mut ch = OwnedChannel::new("e".into());
+        let mut ch = OwnedChannel::new("e".into(), Rc::default());
         let t0 = Instant::now();
         ch.seq = 2;
-        ch.remember(&publication(1, t0), 10);
-        ch.remember(&publication(2, t0 + Duration::from_secs(10)), 10);
+        ch.remember(&publication(1, t0), count(10));
+        ch.remember(&publication(2, t0 + Duration::from_secs(10)), count(10));
         ch.expire(t0 + Duration::from_secs(12), Duration::from_secs(5));
         assert_eq!(ch.history.len(), 1);
         assert!(seqs(ch.replay_after(0, None)).is_none());
         assert_eq!(seqs(ch.replay_after(1, None)), Some(vec![2]));
+    }
+
+    #[test]
+    fn a_history_is_bounded_in_bytes_as_well_as_in_count() {
+        let meter = Rc::new(Meter::default());
+        let mut ch = OwnedChannel::new("e".into(), meter.clone());
+        let now = Instant::now();
+        let one = cost(&sized(1, now, 1000));
+        let limits = Limits {
+            size: 100,
+            bytes: 3 * one,
+        };
+        for s in 1..=10 {
+            ch.seq = s;
+            ch.remember(&sized(s, now, 1000), limits);
+        }
+        assert_eq!(ch.history.len(), 3);
+        assert_eq!(seqs(ch.replay_after(7, None)), Some(vec![8, 9, 10]));
+        assert!(
+            seqs(ch.replay_after(6, None)).is_none(),
+            "7 was dropped for its bytes"
+        );
+        assert_eq!(meter.bytes(), 3 * one + CHANNEL_OVERHEAD);
+        assert_eq!(meter.channels(), 1);
+        // Too big to keep: the history empties rather than skip a seq.
+        ch.seq = 11;
+        ch.remember(&sized(11, now, 4000), limits);
+        assert!(ch.history.is_empty());
+        assert!(seqs(ch.replay_after(10, None)).is_none());
+        assert_eq!((meter.bytes(), meter.channels()), (0, 0));
+    }
+
+    #[test]
+    fn the_meter_counts_every_history_until_it_is_dropped() {
+        let meter = Rc::new(Meter::default());
+        let now = Instant::now();
+        let mut a = History::new(meter.clone());
+        let mut b = History::new(meter.clone());
+        a.push_back(sized(1, now, 10));
+        a.push_back(sized(2, now, 20));
+        b.push_front(sized(5, now, 30));
+        let held = cost(&sized(0, now, 60)) + 2 * ENTRY_OVERHEAD + 2 * CHANNEL_OVERHEAD;
+        assert_eq!(meter.bytes(), held);
+        assert_eq!(meter.channels(), 2);
+        a.pop_front();
+        drop(b);
+        assert_eq!(meter.bytes(), a.bytes() + CHANNEL_OVERHEAD);
+        assert_eq!(meter.channels(), 1);
+        a.clear();
+        assert_eq!((meter.bytes(), meter.channels()), (0, 0));
+    }
+
+    #[test]
+    fn past_the_byte_budget_the_oldest_publications_of_the_shard_go_first() {
+        let meter = Rc::new(Meter::default());
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        let mut a = History::new(meter.clone());
+        let mut b = History::new(meter.clone());
+        // Interleaved in time: a has 1, 3, 5, 7; b has 2, 4, 6, 8.
+        for s in 1..=8 {
+            let h = if s % 2 == 1 { &mut a } else { &mut b };
+            h.push_back(sized(s, at(s), 1000));
+        }
+        let one = cost(&sized(0, t0, 1000));
+        let budget = Budget {
+            bytes: 4 * one + 2 * CHANNEL_OVERHEAD,
+            channels: 10,
+        };
+        assert!(budget.exceeded_by(&meter));
+        let forgotten = evict(&mut [&mut a, &mut b], &meter, budget);
+        // 7/8 of the budget leaves room for 3 publications: 6, 7, 8.
+        assert_eq!(forgotten, 5);
+        assert_eq!(
+            a.iter().map(|p| p.seq.unwrap()).collect::<Vec<_>>(),
+            vec![7]
+        );
+        assert_eq!(
+            b.iter().map(|p| p.seq.unwrap()).collect::<Vec<_>>(),
+            vec![6, 8]
+        );
+        assert!(!budget.exceeded_by(&meter));
+    }
+
+    #[test]
+    fn past_the_channel_cap_the_least_recently_published_channels_go() {
+        let meter = Rc::new(Meter::default());
+        let t0 = Instant::now();
+        let mut histories: Vec<History> = (0..10).map(|_| History::new(meter.clone())).collect();
+        for (i, h) in histories.iter_mut().enumerate() {
+            // Channel i was last published to at i ms, channel 0 longest ago.
+            h.push_back(sized(1, t0, 10));
+            h.push_back(sized(2, t0 + Duration::from_millis(i as u64), 10));
+        }
+        let budget = Budget {
+            bytes: usize::MAX,
+            channels: 8,
+        };
+        assert!(budget.exceeded_by(&meter));
+        let mut refs: Vec<&mut History> = histories.iter_mut().collect();
+        assert_eq!(evict(&mut refs, &meter, budget), 6);
+        assert_eq!(meter.channels(), 7);
+        let emptied: Vec<usize> = (0..10).filter(|&i| histories[i].is_empty()).collect();
+        assert_eq!(emptied, vec![0, 1, 2]);
     }
 }

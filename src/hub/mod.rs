@@ -29,7 +29,7 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::{
     encode_event, Action, Data, ErrorCode, Event, Format, Id, Request, RequestError,
 };
-use history::OwnedChannel;
+use history::{Budget as HistoryBudget, Limits, Meter, OwnedChannel};
 pub use outbox::{Answer, CloseRequest, Conn, Out, Pushed, ReplySlot, SharedPublication};
 use remote::{Effect, RemoteChannel, Snapshot, Waiter};
 
@@ -238,6 +238,11 @@ pub struct Shard {
     /// Set when Redis is the backplane.
     redis: Option<RedisHandle>,
     state: RefCell<State>,
+    /// What this shard's histories hold, against `history_budget`.
+    history_meter: Rc<Meter>,
+    history_limits: Limits,
+    /// This shard's share of --history-memory and --history-channels.
+    history_budget: HistoryBudget,
     /// Heartbeat clock: whole seconds since the shard started.
     pub now: Cell<u32>,
     started: Instant,
@@ -251,6 +256,11 @@ impl Shard {
         mesh: Mesh,
         redis: Option<RedisHandle>,
     ) -> Shard {
+        let history_limits = Limits {
+            size: config.history_size,
+            bytes: config.history_channel_bytes,
+        };
+        let history_budget = HistoryBudget::share(&config, mesh.shards());
         Shard {
             id,
             config,
@@ -259,6 +269,9 @@ impl Shard {
             mesh,
             redis,
             state: RefCell::new(State::default()),
+            history_meter: Rc::default(),
+            history_limits,
+            history_budget,
             now: Cell::new(0),
             started: Instant::now(),
         }
@@ -663,7 +676,9 @@ impl Shard {
     fn owned_channel<'a>(&self, st: &'a mut State, channel: &Arc<str>) -> &'a mut OwnedChannel {
         if !st.owned.contains_key(channel) {
             let epoch = self.new_epoch(st);
-            st.owned.insert(channel.clone(), OwnedChannel::new(epoch));
+            let meter = self.history_meter.clone();
+            st.owned
+                .insert(channel.clone(), OwnedChannel::new(epoch, meter));
         }
         st.owned.get_mut(channel).expect("inserted above")
     }
@@ -673,7 +688,7 @@ impl Shard {
         self.metrics.publications.increment(1);
         let (publication, shards) = {
             let mut st = self.state.borrow_mut();
-            let history_size = self.config.history_size;
+            let limits = self.history_limits;
             let ch = self.owned_channel(&mut st, &channel);
             ch.seq += 1;
             let seq = ch.seq;
@@ -685,7 +700,7 @@ impl Shard {
                 json: json.into_boxed_slice(),
                 msgpack: msgpack.into_boxed_slice(),
             });
-            ch.remember(&publication, history_size);
+            ch.remember(&publication, limits);
             let shards = ch.interested;
             if shards == 0 && ch.history.is_empty() {
                 st.owned.remove(&channel);
@@ -693,6 +708,7 @@ impl Shard {
             (publication, shards)
         };
         let seq = publication.seq.unwrap_or_default();
+        self.enforce_history_budget();
         self.fan_out(publication, shards);
         if let Some(token) = token {
             if from == self.id {
@@ -795,7 +811,11 @@ impl Shard {
                     None
                 } else {
                     st.joins += 1;
-                    let ch = RemoteChannel::new(st.joins, self.config.history_size);
+                    let ch = RemoteChannel::new(
+                        st.joins,
+                        self.history_limits,
+                        self.history_meter.clone(),
+                    );
                     st.remote.insert(channel.clone(), ch);
                     Some(st.joins)
                 }
@@ -858,6 +878,7 @@ impl Shard {
             step(ch, &mut fx);
             ch.interested
         };
+        self.enforce_history_budget();
         for effect in fx {
             match effect {
                 Effect::Deliver(publication) => {
@@ -1086,6 +1107,27 @@ impl Shard {
         }
     }
 
+    /// Keeps this shard's histories within its share of --history-memory
+    /// and --history-channels; owned channels left with neither history
+    /// nor subscribers are forgotten.
+    fn enforce_history_budget(&self) {
+        if !self.history_budget.exceeded_by(&self.history_meter) {
+            return;
+        }
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        let mut histories: Vec<&mut history::History> = st
+            .owned
+            .values_mut()
+            .map(|ch| &mut ch.history)
+            .chain(st.remote.values_mut().map(|ch| &mut ch.history))
+            .collect();
+        let forgotten = history::evict(&mut histories, &self.history_meter, self.history_budget);
+        st.owned
+            .retain(|_, ch| ch.interested != 0 || !ch.history.is_empty());
+        self.metrics.history_evicted.increment(forgotten as u64);
+    }
+
     /// Once a second: heartbeats, close deadlines, history expiry, metrics.
     pub fn tick(&self) {
         let now = self.started.elapsed().as_secs() as u32;
@@ -1138,6 +1180,9 @@ impl Shard {
             }
         }
         self.metrics.history_messages.set(kept as f64);
+        self.metrics
+            .history_bytes
+            .set(self.history_meter.bytes() as f64);
         self.metrics
             .channels_owned
             .set((st.owned.len() + st.remote.len()) as f64);

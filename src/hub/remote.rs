@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::history::{self, replay_from, ShardSet};
+use super::history::{self, replay_from, History, Limits, Meter, ShardSet};
 use crate::backplane::{Publication, Replay};
 
 /// A subscribe waiting for the owner's answer.
@@ -90,12 +90,12 @@ pub struct RemoteChannel {
     /// The seq of the last publication delivered (or of the snapshot).
     pub seq: u64,
     /// Recent publications, seqs consecutive, ending at `seq`.
-    pub history: VecDeque<Arc<Publication>>,
+    pub history: History,
     pub interested: ShardSet,
     /// Names this subscription of the node to the channel, so an answer to
     /// an earlier one is not taken for it.
     pub join: u64,
-    history_size: usize,
+    limits: Limits,
     phase: Phase,
     /// Set once the first snapshot arrived: later snapshots catch up the
     /// node's subscribers instead of only seeding history.
@@ -106,14 +106,14 @@ pub struct RemoteChannel {
 }
 
 impl RemoteChannel {
-    pub fn new(join: u64, history_size: usize) -> RemoteChannel {
+    pub fn new(join: u64, limits: Limits, meter: std::rc::Rc<Meter>) -> RemoteChannel {
         RemoteChannel {
             epoch: "".into(),
             seq: 0,
-            history: VecDeque::new(),
+            history: History::new(meter),
             interested: 0,
             join,
-            history_size,
+            limits,
             phase: Phase::Joining,
             delivering: false,
             waiting: Vec::new(),
@@ -142,7 +142,7 @@ impl RemoteChannel {
             Some((since, epoch)) => {
                 let replay = replay_from(
                     &[],
-                    &self.history,
+                    &*self.history,
                     *since,
                     epoch.as_deref(),
                     &self.epoch,
@@ -151,7 +151,7 @@ impl RemoteChannel {
                 let older_than_kept = matches!(replay, Replay::NotRecovered)
                     && epoch.as_deref().is_none_or(|e| e == &*self.epoch)
                     && *since < self.seq;
-                if older_than_kept && self.history_size > 0 {
+                if older_than_kept && self.limits.size > 0 {
                     // Redis may still hold it.
                     waiter.covered = false;
                     self.waiting.push(waiter);
@@ -245,7 +245,7 @@ impl RemoteChannel {
             self.history.clear();
         }
         self.seq = seq;
-        history::remember(&mut self.history, &publication, self.history_size);
+        history::remember(&mut self.history, &publication, self.limits);
         fx.push(Effect::Deliver(publication));
     }
 
@@ -286,7 +286,9 @@ impl RemoteChannel {
             self.history.clear();
             for p in snap.entries.iter().rev() {
                 let expected = self.seq - self.history.len() as u64;
-                if p.seq != Some(expected) || self.history.len() == self.history_size {
+                let full = self.history.len() == self.limits.size
+                    || self.history.bytes() + history::cost(p) > self.limits.bytes;
+                if p.seq != Some(expected) || full {
                     break;
                 }
                 self.history.push_front(p.clone());
@@ -307,7 +309,7 @@ impl RemoteChannel {
                 None => Replay::NotAsked,
                 Some((since, epoch)) => replay_from(
                     older,
-                    &self.history,
+                    &*self.history,
                     *since,
                     epoch.as_deref(),
                     &self.epoch,
@@ -369,6 +371,13 @@ mod tests {
         })
     }
 
+    fn count(size: usize) -> Limits {
+        Limits {
+            size,
+            bytes: usize::MAX,
+        }
+    }
+
     fn raw() -> Arc<Publication> {
         Arc::new(Publication {
             channel: "c".into(),
@@ -428,7 +437,7 @@ mod tests {
 
     /// A channel joined and live at seq 10 of epoch "e" (history 5).
     fn live() -> RemoteChannel {
-        let mut ch = RemoteChannel::new(1, 5);
+        let mut ch = RemoteChannel::new(1, count(5), Default::default());
         let mut fx = Vec::new();
         ch.subscribe(Waiter::new(0, 1, None), &mut fx);
         ch.joined(1, &mut fx);
@@ -443,7 +452,7 @@ mod tests {
 
     #[test]
     fn join_acks_waiters_with_replay_from_the_snapshot() {
-        let mut ch = RemoteChannel::new(7, 100);
+        let mut ch = RemoteChannel::new(7, count(100), Default::default());
         let mut fx = Vec::new();
         ch.subscribe(Waiter::new(0, 1, Some((3, None))), &mut fx);
         ch.subscribe(Waiter::new(1, 2, Some((9, Some("other".into())))), &mut fx);
@@ -563,7 +572,7 @@ mod tests {
 
     #[test]
     fn a_failed_fetch_is_retried_and_a_stale_answer_ignored() {
-        let mut ch = RemoteChannel::new(1, 5);
+        let mut ch = RemoteChannel::new(1, count(5), Default::default());
         let mut fx = Vec::new();
         ch.joined(1, &mut fx);
         let (first, _) = fetch_of(&fx);

@@ -451,7 +451,7 @@ impl Link {
     fn issue_publish(&mut self, call: CallBuilder) {
         self.epoch_counter += 1;
         let history_size = self.config.history_size;
-        let mut args: Vec<Value> = Vec::with_capacity(5 + 2 * call.channels.len() + call.items);
+        let mut args: Vec<Value> = Vec::with_capacity(6 + 2 * call.channels.len() + call.items);
         args.push(Value::Integer(history_size as i64));
         args.push(Value::Integer((self.config.history_ttl * 1000) as i64));
         args.push(Value::Integer((self.config.redis_state_ttl * 1000) as i64));
@@ -465,6 +465,7 @@ impl Link {
         } else {
             "PUBLISH"
         }));
+        args.push(Value::Integer(self.config.history_channel_bytes as i64));
         let mut keys: Vec<String> = Vec::with_capacity(3 * call.channels.len());
         let mut waiters = Vec::with_capacity(call.channels.len());
         for (k, items) in call.channels {

@@ -14,26 +14,53 @@ use std::sync::OnceLock;
 ///
 /// KEYS: per channel `seq`, `epoch`, `hist`.
 /// ARGV: history size, history TTL ms, state TTL ms, epoch candidate,
-/// publish command (`PUBLISH`/`SPUBLISH`), then per channel: the pub/sub
-/// channel, the item count n, n items.
+/// publish command (`PUBLISH`/`SPUBLISH`), history bytes per channel, then
+/// per channel: the pub/sub channel, the item count n, n items.
 /// Returns per channel: epoch, first seq.
 ///
 /// Seq, epoch and history exist together or not at all: when the counter
 /// restarts (new channel, or state lost), the epoch is replaced and the old
 /// history deleted, so no client can take a new seq for an old one.
+///
+/// History is bounded in count (`MAXLEN`) and in bytes: each entry carries
+/// `o`, the item bytes the channel's history has taken in up to and
+/// including it, so the bytes from any entry to the newest are a
+/// subtraction, and the oldest entries go while more than the limit is
+/// held (all of them when the newest alone is larger). Entries written by
+/// an earlier ringcast carry no `o`; the byte bound starts after them.
 pub const PUBLISH: &str = r#"
 local hsize = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local state_ttl = tonumber(ARGV[3])
 local cand = ARGV[4]
 local cmd = ARGV[5]
+local hbytes = tonumber(ARGV[6])
+local function offset(f)
+  if f[5] == 'o' then return tonumber(f[6]) end
+end
+local function trim_to_bytes(key, total)
+  while true do
+    local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 16)
+    if #oldest == 0 then return end
+    for _, e in ipairs(oldest) do
+      local o = offset(e[2])
+      if not o then return end
+      if total - o + #e[2][2] <= hbytes then
+        redis.call('XTRIM', key, 'MINID', e[1])
+        return
+      end
+    end
+    local last = tonumber(string.match(oldest[#oldest][1], '^(%d+)'))
+    redis.call('XTRIM', key, 'MINID', tostring(last + 1) .. '-0')
+  end
+end
 local now = 0
 if hsize > 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local out = {}
-local a = 6
+local a = 7
 for c = 1, #KEYS / 3 do
   local kseq, kepoch, khist = KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c]
   local name = ARGV[a]
@@ -50,16 +77,25 @@ for c = 1, #KEYS / 3 do
   end
   local first = last - n + 1
   local parts = {'\0rc1\n', epoch, '\n', tostring(first), '\n'}
+  local taken = 0
+  if hsize > 0 then
+    local newest = redis.call('XREVRANGE', khist, '+', '-', 'COUNT', 1)
+    if newest[1] then
+      taken = offset(newest[1][2]) or 0
+    end
+  end
   for i = 0, n - 1 do
     local item = ARGV[a + i]
     if hsize > 0 then
-      redis.call('XADD', khist, 'MAXLEN', hsize, tostring(first + i) .. '-0', 'd', item, 't', now)
+      taken = taken + #item
+      redis.call('XADD', khist, 'MAXLEN', hsize, tostring(first + i) .. '-0', 'd', item, 't', now, 'o', taken)
     end
     parts[#parts + 1] = tostring(#item) .. '\n'
     parts[#parts + 1] = item
   end
   a = a + n
   if hsize > 0 then
+    trim_to_bytes(khist, taken)
     redis.call('PEXPIRE', khist, ttl)
   end
   redis.call('PEXPIRE', kseq, state_ttl)
