@@ -142,7 +142,7 @@ impl RemoteChannel {
             Some((since, epoch)) => {
                 let replay = replay_from(
                     &[],
-                    &*self.history,
+                    &self.history,
                     *since,
                     epoch.as_deref(),
                     &self.epoch,
@@ -309,7 +309,7 @@ impl RemoteChannel {
                 None => Replay::NotAsked,
                 Some((since, epoch)) => replay_from(
                     older,
-                    &*self.history,
+                    &self.history,
                     *since,
                     epoch.as_deref(),
                     &self.epoch,
