@@ -100,6 +100,17 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
     pub max_subscriptions: usize,
 
+    /// Most subscriptions this node holds, all connections together;
+    /// beyond it, subscribe gets error `unavailable`. One subscription to a
+    /// channel nobody else here wants costs about 360 bytes, one to a
+    /// channel others already receive about 40.
+    #[arg(
+        long,
+        env = "RINGCAST_MAX_SUBSCRIPTIONS_TOTAL",
+        default_value_t = 4_000_000
+    )]
+    pub max_subscriptions_total: usize,
+
     /// Bound on one connection's queued output, in bytes (replies and live
     /// messages; a `since` replay is shared with history and not counted).
     /// At least 4 x --max-message-bytes, so a burst of large messages that
@@ -208,6 +219,12 @@ pub struct Config {
     /// per one-second tick); beyond, publish gets error `rate_limited`. 0: no limit.
     #[arg(long, env = "RINGCAST_MAX_PUBLISH_RATE", default_value_t = 1000)]
     pub max_publish_rate: u32,
+
+    /// Subscribes and unsubscribes one WebSocket connection may make per
+    /// second (counted per one-second tick); beyond, they get error
+    /// `rate_limited`. 0: no limit.
+    #[arg(long, env = "RINGCAST_MAX_SUBSCRIBE_RATE", default_value_t = 2000)]
+    pub max_subscribe_rate: u32,
 
     /// Use one Redis (or Sentinel) as the backplane between nodes, e.g.
     /// `redis://127.0.0.1:6379/0` or

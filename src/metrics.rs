@@ -68,6 +68,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "Bytes the shard's histories are counted for against its share of --history-memory.",
     ),
     (
+        "ringcast_inbox_depth",
+        Kind::Gauge,
+        "Messages from other shards waiting in the shard's inbox after its last burst.",
+    ),
+    (
         "ringcast_history_evicted_total",
         Kind::Counter,
         "Kept messages forgotten to stay within --history-memory or --history-channels.",
@@ -420,6 +425,7 @@ pub struct ShardMetrics {
     pub connections: Gauge,
     pub history_messages: Gauge,
     pub history_bytes: Gauge,
+    pub inbox_depth: Gauge,
     pub history_evicted: Counter,
     pub channels_owned: Gauge,
     pub handshakes_ok: Counter,
@@ -455,6 +461,7 @@ impl ShardMetrics {
             connections: gauge!("ringcast_connections", "shard" => s.clone()),
             history_messages: gauge!("ringcast_history_messages", "shard" => s.clone()),
             history_bytes: gauge!("ringcast_history_bytes", "shard" => s.clone()),
+            inbox_depth: gauge!("ringcast_inbox_depth", "shard" => s.clone()),
             history_evicted: counter!("ringcast_history_evicted_total", "shard" => s.clone()),
             channels_owned: gauge!("ringcast_channels_owned", "shard" => s.clone()),
             handshakes_ok: counter!("ringcast_handshakes_total", "shard" => s.clone(), "result" => "ok"),

@@ -416,3 +416,133 @@ async fn history_stays_within_its_node_budget_and_since_says_what_was_lost() {
     let subscribed = late.expect_type("subscribed").await;
     assert_eq!(subscribed["recovered"], true, "{subscribed}");
 }
+
+/// The shard a connection opened now landed on: the one whose
+/// `ringcast_connections` gauge grew past `before`.
+async fn connection_counts(relay: &Relay) -> Vec<f64> {
+    let mut counts = Vec::new();
+    for shard in 0..relay.workers {
+        let label = format!("shard=\"{shard}\"");
+        counts.push(relay.metric("ringcast_connections", &[&label]).await);
+    }
+    counts
+}
+
+async fn shard_of_last(relay: &Relay, before: &[f64]) -> usize {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let now = connection_counts(relay).await;
+        if let Some(s) = (0..now.len()).find(|&s| now[s] > before[s]) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no shard counted the connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Raw WebSocket connections on `shard`, `n` of them (others are closed).
+async fn raw_ws_on_shard(relay: &Relay, shard: usize, n: usize) -> Vec<TcpStream> {
+    let mut on_shard = Vec::new();
+    while on_shard.len() < n {
+        let before = connection_counts(relay).await;
+        let s = raw_ws(relay).await;
+        if shard_of_last(relay, &before).await == shard {
+            on_shard.push(s);
+        } else {
+            drop(s);
+            relay
+                .wait_metric("ringcast_connections", &[], |v| {
+                    v == before.iter().sum::<f64>()
+                })
+                .await;
+        }
+    }
+    on_shard
+}
+
+#[tokio::test]
+async fn subscribe_churn_is_rate_limited_and_costs_others_nothing() {
+    let relay = Relay::start(&["--workers", "2", "--max-subscribe-rate", "500"]);
+    let before = connection_counts(&relay).await;
+    let mut canary = Client::connect(&relay, Fmt::Json).await;
+    canary.subscribe("canary").await;
+    let shard = shard_of_last(&relay, &before).await;
+    let mut attackers = raw_ws_on_shard(&relay, shard, 3).await;
+    let rss_before = relay.rss();
+    // Each frame: 250 subscribes and 250 unsubscribes, to channels owned by
+    // both shards; 60 frames per attacker, never reading a reply.
+    let mut frames = Vec::new();
+    for round in 0..60 {
+        let mut batch = Vec::new();
+        for i in 0..250 {
+            let channel = format!("churn.{round}.{i}");
+            batch.push(serde_json::json!({"action": "subscribe", "channel": channel}));
+            batch.push(serde_json::json!({"action": "unsubscribe", "channel": channel}));
+        }
+        let text = serde_json::to_vec(&batch).unwrap();
+        frames.push(common::frame(true, 0x1, &text, common::MASK));
+    }
+    for frame in &frames {
+        for a in attackers.iter_mut() {
+            // A connection the relay dropped for not reading ends its attack.
+            let _ = a.write_all(frame).await;
+        }
+    }
+    others_are_unharmed(&relay, &mut canary, 1).await;
+    let limited = relay
+        .metric("ringcast_errors_total", &["code=\"rate_limited\""])
+        .await;
+    assert!(limited > 0.0, "no subscribe was rate limited");
+    let growth = relay.rss().saturating_sub(rss_before);
+    assert!(
+        growth < 64 << 20,
+        "relay memory grew by {growth} bytes during the churn"
+    );
+    drop(attackers);
+    relay
+        .wait_metric("ringcast_connections", &[], |v| v == 1.0)
+        .await;
+    assert_eq!(relay.metric("ringcast_inbox_depth", &[]).await, 0.0);
+    others_are_unharmed(&relay, &mut canary, 2).await;
+}
+
+#[tokio::test]
+async fn subscriptions_are_capped_per_node() {
+    let relay = Relay::start(&["--workers", "2", "--max-subscriptions-total", "50"]);
+    let mut a = Client::connect(&relay, Fmt::Json).await;
+    let mut b = Client::connect(&relay, Fmt::Json).await;
+    for i in 0..30 {
+        a.subscribe(&format!("a.{i}")).await;
+    }
+    for i in 0..20 {
+        b.subscribe(&format!("b.{i}")).await;
+    }
+    b.send(serde_json::json!({"action": "subscribe", "channel": "b.full", "id": 1}))
+        .await;
+    let refused = b.expect_error("unavailable", 1).await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("most subscriptions (50)"),
+        "{refused}"
+    );
+    // Unsubscribing, and leaving, give subscriptions back.
+    a.send(serde_json::json!({"action": "unsubscribe", "channel": "a.0", "id": 2}))
+        .await;
+    a.expect_type("unsubscribed").await;
+    b.subscribe("b.again").await;
+    drop(a);
+    relay
+        .wait_metric("ringcast_connections", &[], |v| v == 1.0)
+        .await;
+    for i in 0..29 {
+        b.subscribe(&format!("b.more.{i}")).await;
+    }
+    b.send(serde_json::json!({"action": "subscribe", "channel": "b.over", "id": 3}))
+        .await;
+    b.expect_error("unavailable", 3).await;
+}

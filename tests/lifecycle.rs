@@ -90,10 +90,7 @@ async fn past_max_connections_handshakes_get_503_with_retry_after() {
     assert_eq!(status, 503);
     assert!(head.contains("Retry-After: "), "{head}");
     drop(held.pop());
-    relay
-        .wait_metric("ringcast_connections", &[], |v| v == 2.0)
-        .await;
-    Client::connect(&relay, Fmt::Json).await;
+    Client::connect_when_admitted(&relay, Fmt::Json).await;
 }
 
 #[tokio::test]

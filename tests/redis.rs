@@ -491,6 +491,8 @@ async fn a_subscribe_storm_of_ten_thousand_channels_is_one_redis_subscription_ea
     let extra = [
         "--max-subscriptions",
         "10000",
+        "--max-subscribe-rate",
+        "0",
         "--max-batch-requests",
         "1000",
         "--max-pending-bytes",
@@ -783,6 +785,8 @@ async fn on_a_cluster_a_subscribe_storm_is_one_shard_subscription_per_node() {
     let extra = [
         "--max-subscriptions",
         "10000",
+        "--max-subscribe-rate",
+        "0",
         "--max-batch-requests",
         "1000",
         "--max-pending-bytes",

@@ -122,6 +122,11 @@ pub struct FanoutArgs {
 pub struct IdleArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
+    /// Channels each connection joins: conn i takes (i*K + j) % C for
+    /// j < K (so K must not exceed --channels), to measure what a
+    /// subscription costs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub subs_per_conn: u32,
     /// Seconds to hold the connections open before the final sample.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub hold: u64,

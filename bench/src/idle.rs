@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use indicatif::ProgressBar;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -26,7 +26,21 @@ pub async fn run_idle(
     report: &mut Report,
 ) -> Result<()> {
     report.hold = Some(args.hold);
-    run(ctx, &args.conn, Some(args.hold), server_pid, report).await
+    let per_conn = args.subs_per_conn as usize;
+    ensure!(
+        per_conn <= args.conn.channels as usize,
+        "--subs-per-conn ({per_conn}) cannot exceed --channels ({}): a connection joins distinct channels",
+        args.conn.channels
+    );
+    run(
+        ctx,
+        &args.conn,
+        per_conn,
+        Some(args.hold),
+        server_pid,
+        report,
+    )
+    .await
 }
 
 pub async fn run_connect(
@@ -38,7 +52,7 @@ pub async fn run_connect(
     if args.storm {
         return run_storm(ctx, &args.conn, server_pid, report).await;
     }
-    run(ctx, &args.conn, None, server_pid, report).await
+    run(ctx, &args.conn, 1, None, server_pid, report).await
 }
 
 /// Sets every connection up (paced by --concurrency), drops them all at
@@ -99,19 +113,20 @@ async fn run_storm(
     Ok(())
 }
 
-/// Connection i subscribes to channel i % C. With `hold`, the connections
+/// Connection i subscribes to channels (i*K + j) % C for j < K (`per_conn`). With `hold`, the connections
 /// stay open that many seconds and the memory figures are taken at the end
 /// of it; without, they are closed as soon as the last one is subscribed.
 async fn run(
     ctx: Arc<Ctx>,
     args: &ConnArgs,
+    per_conn: usize,
     hold: Option<u64>,
     server_pid: Option<u32>,
     report: &mut Report,
 ) -> Result<()> {
     report.connections = args.connections;
     report.channels = args.channels;
-    report.subs_per_conn = 1;
+    report.subs_per_conn = per_conn as u32;
 
     let mut sampler = server_pid.map(ServerSampler::start).transpose()?;
     let kernel_before = KernelMem::now();
@@ -121,7 +136,11 @@ async fn run(
         &ctx,
         args.connections,
         args.concurrency,
-        |i| vec![i % channels],
+        |i| {
+            (0..per_conn)
+                .map(|j| (i * per_conn + j) % channels)
+                .collect()
+        },
         &stop_rx,
         &mut sampler,
     )

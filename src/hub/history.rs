@@ -217,9 +217,11 @@ pub fn evict(histories: &mut [&mut History], meter: &Meter, budget: Budget) -> u
 pub struct OwnedChannel {
     /// The seq of the last publication (0: none yet).
     pub seq: u64,
-    /// Names this incarnation of the channel: a channel forgotten and
-    /// created again restarts at seq 1 under a new epoch.
-    pub epoch: Arc<str>,
+    /// Numbers this incarnation of the channel on its shard: a channel
+    /// forgotten and created again restarts at seq 1 under a new epoch,
+    /// the name the shard makes of this number (kept as a number: a
+    /// string per channel would cost more than the rest of its state).
+    pub incarnation: u64,
     /// The newest publications, oldest first, seqs consecutive.
     pub history: History,
     /// Shards with at least one subscriber.
@@ -227,10 +229,10 @@ pub struct OwnedChannel {
 }
 
 impl OwnedChannel {
-    pub fn new(epoch: Arc<str>, meter: Rc<Meter>) -> Self {
+    pub fn new(incarnation: u64, meter: Rc<Meter>) -> Self {
         OwnedChannel {
             seq: 0,
-            epoch,
+            incarnation,
             history: History::new(meter),
             interested: 0,
         }
@@ -246,16 +248,9 @@ impl OwnedChannel {
     }
 
     /// What a subscriber that last saw `since` (in `epoch`) missed, if
-    /// history still holds all of it.
-    pub fn replay_after(&self, since: u64, epoch: Option<&str>) -> Replay {
-        replay_from(
-            &[],
-            self.history.deref(),
-            since,
-            epoch,
-            &self.epoch,
-            self.seq,
-        )
+    /// history still holds all of it; `current` is this incarnation's epoch.
+    pub fn replay_after(&self, since: u64, epoch: Option<&str>, current: &str) -> Replay {
+        replay_from(&[], &self.history, since, epoch, current, self.seq)
     }
 }
 
@@ -365,43 +360,52 @@ mod tests {
 
     #[test]
     fn replays_exactly_what_was_missed_while_in_history() {
-        let mut ch = OwnedChannel::new("e".into(), Rc::default());
+        let mut ch = OwnedChannel::new(1, Rc::default());
         let now = Instant::now();
         for s in 1..=10 {
             ch.seq = s;
             ch.remember(&publication(s, now), count(5));
         }
-        assert_eq!(seqs(ch.replay_after(7, Some("e"))), Some(vec![8, 9, 10]));
-        assert_eq!(seqs(ch.replay_after(5, None)), Some(vec![6, 7, 8, 9, 10]));
-        assert_eq!(seqs(ch.replay_after(10, None)), Some(vec![]));
+        assert_eq!(
+            seqs(ch.replay_after(7, Some("e"), "e")),
+            Some(vec![8, 9, 10])
+        );
+        assert_eq!(
+            seqs(ch.replay_after(5, None, "e")),
+            Some(vec![6, 7, 8, 9, 10])
+        );
+        assert_eq!(seqs(ch.replay_after(10, None, "e")), Some(vec![]));
         assert!(
-            seqs(ch.replay_after(4, None)).is_none(),
+            seqs(ch.replay_after(4, None, "e")).is_none(),
             "6 is the oldest kept"
         );
-        assert!(seqs(ch.replay_after(11, None)).is_none(), "from the future");
         assert!(
-            seqs(ch.replay_after(8, Some("other"))).is_none(),
+            seqs(ch.replay_after(11, None, "e")).is_none(),
+            "from the future"
+        );
+        assert!(
+            seqs(ch.replay_after(8, Some("other"), "e")).is_none(),
             "other epoch"
         );
     }
 
     #[test]
     fn expiry_drops_old_messages_and_breaks_recovery() {
-        let mut ch = OwnedChannel::new("e".into(), Rc::default());
+        let mut ch = OwnedChannel::new(1, Rc::default());
         let t0 = Instant::now();
         ch.seq = 2;
         ch.remember(&publication(1, t0), count(10));
         ch.remember(&publication(2, t0 + Duration::from_secs(10)), count(10));
         ch.expire(t0 + Duration::from_secs(12), Duration::from_secs(5));
         assert_eq!(ch.history.len(), 1);
-        assert!(seqs(ch.replay_after(0, None)).is_none());
-        assert_eq!(seqs(ch.replay_after(1, None)), Some(vec![2]));
+        assert!(seqs(ch.replay_after(0, None, "e")).is_none());
+        assert_eq!(seqs(ch.replay_after(1, None, "e")), Some(vec![2]));
     }
 
     #[test]
     fn a_history_is_bounded_in_bytes_as_well_as_in_count() {
         let meter = Rc::new(Meter::default());
-        let mut ch = OwnedChannel::new("e".into(), meter.clone());
+        let mut ch = OwnedChannel::new(1, meter.clone());
         let now = Instant::now();
         let one = cost(&sized(1, now, 1000));
         let limits = Limits {
@@ -413,9 +417,9 @@ mod tests {
             ch.remember(&sized(s, now, 1000), limits);
         }
         assert_eq!(ch.history.len(), 3);
-        assert_eq!(seqs(ch.replay_after(7, None)), Some(vec![8, 9, 10]));
+        assert_eq!(seqs(ch.replay_after(7, None, "e")), Some(vec![8, 9, 10]));
         assert!(
-            seqs(ch.replay_after(6, None)).is_none(),
+            seqs(ch.replay_after(6, None, "e")).is_none(),
             "7 was dropped for its bytes"
         );
         assert_eq!(meter.bytes(), 3 * one + CHANNEL_OVERHEAD);
@@ -424,7 +428,7 @@ mod tests {
         ch.seq = 11;
         ch.remember(&sized(11, now, 4000), limits);
         assert!(ch.history.is_empty());
-        assert!(seqs(ch.replay_after(10, None)).is_none());
+        assert!(seqs(ch.replay_after(10, None, "e")).is_none());
         assert_eq!((meter.bytes(), meter.channels()), (0, 0));
     }
 

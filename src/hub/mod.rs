@@ -45,6 +45,8 @@ pub struct NodeState {
     sockets: AtomicUsize,
     /// Sockets accepted past `--max-connections` only to be told so.
     overflow: AtomicUsize,
+    /// Subscriptions held (or waiting for their ack) on every shard.
+    subscriptions: AtomicUsize,
     /// Random per process: epochs of an in-process backplane cannot outlive it.
     pub epoch_nonce: u32,
 }
@@ -86,6 +88,7 @@ impl NodeState {
             connections: AtomicUsize::new(0),
             sockets: AtomicUsize::new(0),
             overflow: AtomicUsize::new(0),
+            subscriptions: AtomicUsize::new(0),
             epoch_nonce: fastrand::u32(..),
         }
     }
@@ -111,6 +114,23 @@ impl NodeState {
         } else {
             Admit::Dropped
         }
+    }
+
+    /// Counts one more subscription, unless `max` are held.
+    fn take_subscription(&self, max: usize) -> bool {
+        self.subscriptions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn forget_subscriptions(&self, n: usize) {
+        self.subscriptions.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub fn subscriptions(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
     }
 
     /// Client sockets open now (overflow excluded).
@@ -139,18 +159,27 @@ impl Default for NodeState {
 }
 
 /// Where a connection's subscription to one local channel stands.
+/// Indexes are `u32` (a node holds at most --max-subscriptions-total
+/// subscriptions): an entry is 12 bytes, not 24.
 #[derive(Clone, Copy)]
 enum SubState {
     /// Waiting for the owner's ack (token into `pending_subs`).
-    Pending(usize),
+    Pending(u32),
     /// Receiving; the slot in the channel's subscriber slab.
-    Active(usize),
+    Active(u32),
+}
+
+/// One subscription of a connection: its local channel and state.
+#[derive(Clone, Copy)]
+struct Sub {
+    chan: u32,
+    state: SubState,
 }
 
 struct ConnEntry {
     conn: Rc<Conn>,
-    /// (local channel index, state), one per channel.
-    subs: Vec<(usize, SubState)>,
+    /// One per channel.
+    subs: Vec<Sub>,
 }
 
 struct LocalChannel {
@@ -228,6 +257,43 @@ struct State {
     joins: u64,
 }
 
+impl State {
+    /// Shrinks tables a burst left mostly empty (subscription churn,
+    /// storms of subscribes or publishes in flight), so memory taken in
+    /// a burst is given back after it.
+    fn give_back_memory(&mut self) {
+        shrink_map(&mut self.local_index);
+        shrink_map(&mut self.owned);
+        shrink_map(&mut self.remote);
+        // Slab keys must stay put while any entry lives: only an emptied
+        // slab can be replaced.
+        if self.pending_subs.is_empty() && self.pending_subs.capacity() > SHRINK_FROM {
+            self.pending_subs = Slab::new();
+        }
+        if self.pending_pubs.is_empty() && self.pending_pubs.capacity() > SHRINK_FROM {
+            self.pending_pubs = Slab::new();
+        }
+        if self.local.is_empty() && self.local.capacity() > SHRINK_FROM {
+            self.local = Slab::new();
+        }
+        for (_, entry) in self.conns.iter_mut() {
+            let subs = &mut entry.subs;
+            if subs.capacity() > 2 * subs.len() + 4 {
+                subs.shrink_to_fit();
+            }
+        }
+    }
+}
+
+/// Tables smaller than this are left as they are.
+const SHRINK_FROM: usize = 64;
+
+fn shrink_map<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > SHRINK_FROM && map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
+    }
+}
+
 /// One worker core's share of the relay.
 pub struct Shard {
     pub id: usize,
@@ -296,15 +362,17 @@ impl Shard {
             let entry = st.conns.remove(key);
             entry.conn.gone.set(true);
             let mut emptied = Vec::new();
-            for &(chan, sub) in &entry.subs {
-                match sub {
+            for sub in &entry.subs {
+                let chan = sub.chan as usize;
+                match sub.state {
                     SubState::Active(slot) => {
-                        st.local[chan].subscribers.remove(slot);
+                        st.local[chan].subscribers.remove(slot as usize);
                     }
-                    SubState::Pending(token) => st.pending_subs[token].cancelled = true,
+                    SubState::Pending(token) => st.pending_subs[token as usize].cancelled = true,
                 }
                 emptied.push(chan);
             }
+            self.node.forget_subscriptions(entry.subs.len());
             self.metrics.connections.set(st.conns.len() as f64);
             (entry, emptied)
         };
@@ -322,6 +390,33 @@ impl Shard {
             channel,
             action,
         } = req;
+        let (counter, limit, what) = match action {
+            Action::Publish { .. } => (
+                &conn.publishes_this_tick,
+                self.config.max_publish_rate,
+                "publications",
+            ),
+            _ => (
+                &conn.subscribes_this_tick,
+                self.config.max_subscribe_rate,
+                "subscribes and unsubscribes",
+            ),
+        };
+        if limit > 0 {
+            let n = counter.get();
+            if n >= limit {
+                let message = format!("at most {limit} {what} per second per connection");
+                return self.reply_error(
+                    &conn,
+                    RequestError {
+                        id,
+                        channel: Some(channel),
+                        ..RequestError::new(ErrorCode::RateLimited, message)
+                    },
+                );
+            }
+            counter.set(n + 1);
+        }
         match action {
             Action::Subscribe { since, epoch } => {
                 self.subscribe(key, &conn, channel, id, since, epoch)
@@ -340,22 +435,6 @@ impl Shard {
                             )
                         },
                     );
-                }
-                let limit = self.config.max_publish_rate;
-                if limit > 0 {
-                    let n = conn.publishes_this_tick.get();
-                    if n >= limit {
-                        let msg = format!("at most {limit} publications per second per connection");
-                        return self.reply_error(
-                            &conn,
-                            RequestError {
-                                id,
-                                channel: Some(channel),
-                                ..RequestError::new(ErrorCode::RateLimited, msg)
-                            },
-                        );
-                    }
-                    conn.publishes_this_tick.set(n + 1);
                 }
                 let channel: Arc<str> = channel.into();
                 // Behind Redis a publication can fail, and the client must
@@ -521,8 +600,25 @@ impl Shard {
             );
             return Err((ErrorCode::TooLarge, msg));
         }
-        let chan = match st.local_index.get(channel) {
-            Some(&c) => c,
+        let known = st.local_index.get(channel).copied();
+        if known.is_some_and(|c| st.conns[key].subs.iter().any(|sub| sub.chan as usize == c)) {
+            return Err((
+                ErrorCode::BadRequest,
+                "already subscribed to this channel".into(),
+            ));
+        }
+        if !self
+            .node
+            .take_subscription(self.config.max_subscriptions_total)
+        {
+            let msg = format!(
+                "this node holds its most subscriptions ({}); retry later or on another node",
+                self.config.max_subscriptions_total
+            );
+            return Err((ErrorCode::Unavailable, msg));
+        }
+        let chan = match known {
+            Some(c) => c,
             None => {
                 let name: Arc<str> = channel.into();
                 let c = st.local.insert(LocalChannel {
@@ -534,12 +630,6 @@ impl Shard {
                 c
             }
         };
-        if st.conns[key].subs.iter().any(|(c, _)| *c == chan) {
-            return Err((
-                ErrorCode::BadRequest,
-                "already subscribed to this channel".into(),
-            ));
-        }
         let token = st.pending_subs.insert(PendingSub {
             conn_key: key,
             conn: conn.clone(),
@@ -556,7 +646,10 @@ impl Shard {
         if subs.capacity() == 0 {
             subs.reserve_exact(1);
         }
-        subs.push((chan, SubState::Pending(token)));
+        subs.push(Sub {
+            chan: chan as u32,
+            state: SubState::Pending(token as u32),
+        });
         Ok((st.local[chan].name.clone(), token))
     }
 
@@ -567,17 +660,26 @@ impl Shard {
             let found = st.local_index.get(channel).copied().and_then(|chan| {
                 let subs = &mut st.conns[key].subs;
                 subs.iter()
-                    .position(|(c, _)| *c == chan)
+                    .position(|sub| sub.chan as usize == chan)
                     .map(|i| subs.swap_remove(i))
             });
+            if found.is_some() {
+                self.node.forget_subscriptions(1);
+            }
             match found {
-                Some((chan, SubState::Active(slot))) => {
-                    st.local[chan].subscribers.remove(slot);
-                    Some(chan)
+                Some(Sub {
+                    chan,
+                    state: SubState::Active(slot),
+                }) => {
+                    st.local[chan as usize].subscribers.remove(slot as usize);
+                    Some(chan as usize)
                 }
-                Some((chan, SubState::Pending(token))) => {
-                    st.pending_subs[token].cancelled = true;
-                    Some(chan)
+                Some(Sub {
+                    chan,
+                    state: SubState::Pending(token),
+                }) => {
+                    st.pending_subs[token as usize].cancelled = true;
+                    Some(chan as usize)
                 }
                 None => None,
             }
@@ -664,21 +766,21 @@ impl Shard {
         }
     }
 
-    fn new_epoch(&self, st: &mut State) -> Arc<str> {
-        st.incarnations += 1;
+    /// The epoch of an owned channel's `incarnation`: unique to this
+    /// process (the nonce), shard and incarnation.
+    fn epoch_name(&self, incarnation: u64) -> Arc<str> {
         format!(
             "{:08x}{:02x}{:x}",
-            self.node.epoch_nonce, self.id, st.incarnations
+            self.node.epoch_nonce, self.id, incarnation
         )
         .into()
     }
 
     fn owned_channel<'a>(&self, st: &'a mut State, channel: &Arc<str>) -> &'a mut OwnedChannel {
         if !st.owned.contains_key(channel) {
-            let epoch = self.new_epoch(st);
-            let meter = self.history_meter.clone();
-            st.owned
-                .insert(channel.clone(), OwnedChannel::new(epoch, meter));
+            st.incarnations += 1;
+            let channel_state = OwnedChannel::new(st.incarnations, self.history_meter.clone());
+            st.owned.insert(channel.clone(), channel_state);
         }
         st.owned.get_mut(channel).expect("inserted above")
     }
@@ -837,11 +939,12 @@ impl Shard {
             let ch = self.owned_channel(&mut st, channel);
             ch.interested |= 1 << from;
             ch.expire(Instant::now(), ttl);
+            let current = self.epoch_name(ch.incarnation);
             let replay = match since {
                 None => Replay::NotAsked,
-                Some((since, epoch)) => ch.replay_after(since, epoch.as_deref()),
+                Some((since, epoch)) => ch.replay_after(since, epoch.as_deref(), &current),
             };
-            (ch.seq, ch.epoch.clone(), replay)
+            (ch.seq, current, replay)
         };
         self.send_subscribe_ack(from, token, seq, epoch, replay);
     }
@@ -1035,12 +1138,12 @@ impl Shard {
             st.local[p.chan].pending -= 1;
             if !p.cancelled {
                 let slot = st.local[p.chan].subscribers.insert(p.conn.clone());
-                if let Some(s) = st.conns[p.conn_key]
+                if let Some(sub) = st.conns[p.conn_key]
                     .subs
                     .iter_mut()
-                    .find(|(c, _)| *c == p.chan)
+                    .find(|sub| sub.chan as usize == p.chan)
                 {
-                    s.1 = SubState::Active(slot);
+                    sub.state = SubState::Active(slot as u32);
                 }
             }
             let name = st.local[p.chan].name.clone();
@@ -1139,6 +1242,7 @@ impl Shard {
             for (_, entry) in &st.conns {
                 let conn = &entry.conn;
                 conn.publishes_this_tick.set(0);
+                conn.subscribes_this_tick.set(0);
                 if let Ok(mut out) = conn.out.try_borrow_mut() {
                     out.release_if_empty();
                 }
@@ -1171,6 +1275,7 @@ impl Shard {
             kept += ch.history.len();
             ch.interested != 0 || !ch.history.is_empty()
         });
+        st.give_back_memory();
         let mut retries = Vec::new();
         for (name, ch) in st.remote.iter_mut() {
             ch.expire(at, ttl);

@@ -146,6 +146,8 @@ pub struct Conn {
     pub closing_since: Cell<Option<u32>>,
     /// Publications this second, for `--max-publish-rate`.
     pub publishes_this_tick: Cell<u32>,
+    /// Subscribes and unsubscribes this second, for `--max-subscribe-rate`.
+    pub subscribes_this_tick: Cell<u32>,
 }
 
 impl Conn {
@@ -160,6 +162,7 @@ impl Conn {
             ping_sent: Cell::new(None),
             closing_since: Cell::new(None),
             publishes_this_tick: Cell::new(0),
+            subscribes_this_tick: Cell::new(0),
         }
     }
 
@@ -220,6 +223,12 @@ impl Conn {
 
     /// Takes the place of a reply that will be known later; everything
     /// queued after it waits until [`Conn::fill_reply`] fills it.
+    /// Replies this connection waits for from another shard or Redis
+    /// (its requests in flight there).
+    pub fn replies_awaited(&self) -> u32 {
+        self.out.borrow().slots
+    }
+
     pub fn reserve_reply(&self) -> Rc<ReplySlot> {
         let slot = Rc::new(ReplySlot::default());
         if self.close.get().is_none() && !self.abort.get() {

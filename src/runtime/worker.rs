@@ -228,19 +228,47 @@ impl Stop {
     }
 }
 
-/// Handles messages from other shards, in bursts.
+/// Messages from other shards handled before the inbox lets the shard's
+/// other tasks (accepts, connections) run.
+const INBOX_BURST: usize = 1024;
+
+/// Handles messages from other shards, in bursts of at most
+/// [`INBOX_BURST`], so a flood from other shards delays this shard's
+/// clients by one burst at most, never by the whole backlog.
 async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<ShardMsg>, stop: Rc<Stop>) {
     while let Ok(msg) = inbox.recv_async().await {
         let mut next = Some(msg);
+        let mut handled = 0;
         while let Some(msg) = next {
             if matches!(msg, ShardMsg::Drain) {
                 monoio::spawn(drain(shard.clone(), stop.clone()));
             } else {
                 shard.handle_msg(msg);
             }
+            handled += 1;
+            if handled == INBOX_BURST {
+                yield_now().await;
+                handled = 0;
+            }
             next = inbox.try_recv().ok();
         }
+        shard.metrics.inbox_depth.set(inbox.len() as f64);
     }
+}
+
+/// Lets the runtime's other ready tasks run once.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 async fn ticker(shard: Rc<Shard>) {

@@ -28,6 +28,11 @@ use crate::runtime::io::{with_read_buf, write_all};
 /// Reads per poll before the task yields, so a flooding client cannot starve
 /// the others on its core.
 const READ_BUDGET: usize = 4;
+/// Replies a connection may await from other shards or Redis before its
+/// input is read no further: its requests in flight stay bounded (by
+/// this plus what one read holds), so a client cannot fill the queues
+/// between shards faster than they drain. TCP holds the rest back.
+const MAX_REPLIES_AWAITED: u32 = 64;
 /// Most publications coalesced into one batch frame.
 const MAX_BATCH_ITEMS: usize = 256;
 /// Slices handed to one `writev`.
@@ -156,7 +161,12 @@ impl ConnTask {
         if self.conn.abort.get() {
             return Poll::Ready(());
         }
-        let read = self.poll_reads(cx);
+        let held_back = self.conn.replies_awaited() >= MAX_REPLIES_AWAITED;
+        let read = if held_back {
+            ReadState::Pending
+        } else {
+            self.poll_reads(cx)
+        };
         if matches!(read, ReadState::Ended) {
             return Poll::Ready(());
         }
@@ -166,7 +176,10 @@ impl ConnTask {
             Ok(false) => {}
         }
         self.conn.out.borrow_mut().set_waker(cx.waker());
-        if matches!(read, ReadState::Yield) {
+        // Replies that arrive wake the task through the outbox; once they
+        // are written, reading resumes on the next turn.
+        let resume = held_back && self.conn.replies_awaited() < MAX_REPLIES_AWAITED;
+        if matches!(read, ReadState::Yield) || resume {
             cx.waker().wake_by_ref();
         }
         Poll::Pending

@@ -177,7 +177,11 @@ impl Relay {
 
     /// The Prometheus text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
-        let (status, body) = http(self.metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let (status, body) = http(
+            self.metrics,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         assert_eq!(status, 200);
         body
     }
@@ -298,6 +302,32 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(relay: &Relay, fmt: Fmt) -> Client {
+        Client::try_connect(relay, fmt)
+            .await
+            .expect("WebSocket handshake")
+    }
+
+    /// Connects once a node that was full has noticed a connection leave
+    /// (a socket counts until the relay has closed it): retries while the
+    /// answer is 503.
+    pub async fn connect_when_admitted(relay: &Relay, fmt: Fmt) -> Client {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match Client::try_connect(relay, fmt).await {
+                Ok(client) => return client,
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503 => {
+                    assert!(tokio::time::Instant::now() < deadline, "still full");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("WebSocket handshake: {e}"),
+            }
+        }
+    }
+
+    async fn try_connect(
+        relay: &Relay,
+        fmt: Fmt,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         let mut req = relay.url().into_client_request().unwrap();
         let proto = match fmt {
             Fmt::Json => "ringcast.v1.json",
@@ -305,16 +335,14 @@ impl Client {
         };
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", proto.parse().unwrap());
-        let (ws, resp) = tokio_tungstenite::connect_async(req)
-            .await
-            .expect("WebSocket handshake");
+        let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
         assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), proto);
-        Client {
+        Ok(Client {
             ws,
             fmt,
             pending: Default::default(),
             batch_frames: 0,
-        }
+        })
     }
 
     /// Sends one request (or an array of them) in this client's format.
