@@ -53,7 +53,7 @@ async fn ended_within(
 }
 
 #[tokio::test]
-async fn pings_from_a_client_that_never_reads_hold_one_pong() {
+async fn pings_from_a_client_that_never_reads_hold_one_pong_and_slow_it_down() {
     let relay = Relay::start(&["--workers", "1"]);
     let mut canary = Client::connect(&relay, Fmt::Json).await;
     canary.subscribe("canary").await;
@@ -66,18 +66,34 @@ async fn pings_from_a_client_that_never_reads_hold_one_pong() {
         .take(ping.len() * 2000)
         .collect();
     let rss_before = relay.rss();
-    // 400,000 pings, 52 MB of pong if each were answered, never read.
-    for _ in 0..200 {
-        if attacker.write_all(&burst).await.is_err() {
-            break;
+    let frames_before = relay.metric("ringcast_frames_in_total", &[]).await;
+    let started = std::time::Instant::now();
+    // 400,000 pings, 52 MB of pong if each were answered, never read: the
+    // relay answers the latest and, past its allowance, stops reading, so
+    // the writes block on a full TCP window.
+    let flood = tokio::spawn(async move {
+        for _ in 0..200 {
+            if attacker.write_all(&burst).await.is_err() {
+                break;
+            }
         }
-    }
+    });
     others_are_unharmed(&relay, &mut canary, 1).await;
     let growth = relay.rss().saturating_sub(rss_before);
     assert!(
         growth < 16 << 20,
         "relay memory grew by {growth} bytes for pings never read"
     );
+    // What one read turn takes in past the allowance (4 reads of 64 KiB of
+    // pings), once a second at most.
+    let per_second = 64.0 + 4.0 * 65536.0 / 131.0;
+    let read = relay.metric("ringcast_frames_in_total", &[]).await - frames_before;
+    let allowed = per_second * (started.elapsed().as_secs_f64().ceil() + 1.0);
+    assert!(
+        read <= allowed,
+        "the relay read {read} pings, more than {allowed} in the time taken"
+    );
+    flood.abort();
 }
 
 #[tokio::test]

@@ -453,6 +453,16 @@ impl Shard {
         }
     }
 
+    /// True while `conn` has used up a per-second request allowance: its
+    /// input is then read no further until the next tick (which wakes
+    /// it), so a flood costs the shard no parsing, only what TCP holds.
+    pub fn over_request_rate(&self, conn: &Conn) -> bool {
+        let over = |count: &Cell<u32>, limit: u32| limit > 0 && count.get() >= limit;
+        over(&conn.publishes_this_tick, self.config.max_publish_rate)
+            || over(&conn.subscribes_this_tick, self.config.max_subscribe_rate)
+            || conn.pings_this_tick.get() >= outbox::PINGS_PER_SECOND
+    }
+
     /// Publishes for an HTTP request; await the returned wait for the seq.
     pub fn publish_http(&self, channel: &str, data: Data) -> Rc<PublishWait> {
         let wait = Rc::new(PublishWait::default());
@@ -1241,8 +1251,13 @@ impl Shard {
             let st = self.state.borrow();
             for (_, entry) in &st.conns {
                 let conn = &entry.conn;
+                let paused = self.over_request_rate(conn);
                 conn.publishes_this_tick.set(0);
                 conn.subscribes_this_tick.set(0);
+                conn.pings_this_tick.set(0);
+                if paused {
+                    conn.wake();
+                }
                 if let Ok(mut out) = conn.out.try_borrow_mut() {
                     out.release_if_empty();
                 }

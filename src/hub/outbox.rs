@@ -148,7 +148,13 @@ pub struct Conn {
     pub publishes_this_tick: Cell<u32>,
     /// Subscribes and unsubscribes this second, for `--max-subscribe-rate`.
     pub subscribes_this_tick: Cell<u32>,
+    /// Pings this second: past [`PINGS_PER_SECOND`], input waits.
+    pub pings_this_tick: Cell<u16>,
 }
+
+/// Pings a connection is answered per second before its input waits for
+/// the next second: answering is cheap, reading a flood of them is not.
+pub const PINGS_PER_SECOND: u16 = 64;
 
 impl Conn {
     pub fn new(format: Format, now: u32) -> Conn {
@@ -163,6 +169,7 @@ impl Conn {
             closing_since: Cell::new(None),
             publishes_this_tick: Cell::new(0),
             subscribes_this_tick: Cell::new(0),
+            pings_this_tick: Cell::new(0),
         }
     }
 
@@ -227,6 +234,19 @@ impl Conn {
     /// (its requests in flight there).
     pub fn replies_awaited(&self) -> u32 {
         self.out.borrow().slots
+    }
+
+    /// Wakes the connection's task (to read again, say).
+    pub fn wake(&self) {
+        if let Ok(mut out) = self.out.try_borrow_mut() {
+            out.wake();
+        }
+    }
+
+    /// A control frame (a pong, say) is still unwritten: the client is not
+    /// reading what it asked for.
+    pub fn control_unwritten(&self) -> bool {
+        !self.out.borrow().control.is_empty()
     }
 
     pub fn reserve_reply(&self) -> Rc<ReplySlot> {
@@ -297,6 +317,8 @@ impl Conn {
     /// lets a pong answer only the latest ping), so a client that pings
     /// and never reads holds one pong here, not one per ping.
     pub fn push_pong(&self, payload: &[u8]) {
+        self.pings_this_tick
+            .set(self.pings_this_tick.get().saturating_add(1));
         let mut out = self.out.borrow_mut();
         if out.pong_at > 0 {
             let start = usize::from(out.pong_at - 1);

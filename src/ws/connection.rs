@@ -96,6 +96,7 @@ pub async fn upgrade(
         close_queued: false,
         discarding: false,
         shut: false,
+        lingered: 0,
     };
     if !leftover.is_empty() {
         task.on_bytes(&mut leftover);
@@ -130,7 +131,13 @@ pub struct ConnTask {
     discarding: bool,
     /// Our side of TCP is shut down after the close frame went out.
     shut: bool,
+    /// Bytes read and dropped since then, bounded by [`LINGER_BYTES`].
+    lingered: u32,
 }
+
+/// Input read and dropped after our close frame went out, looking for the
+/// client's close, before the connection is ended without it.
+const LINGER_BYTES: u32 = 256 * 1024;
 
 enum ReadState {
     /// Waiting for readiness.
@@ -161,7 +168,7 @@ impl ConnTask {
         if self.conn.abort.get() {
             return Poll::Ready(());
         }
-        let held_back = self.conn.replies_awaited() >= MAX_REPLIES_AWAITED;
+        let held_back = self.holds_back_input();
         let read = if held_back {
             ReadState::Pending
         } else {
@@ -176,13 +183,27 @@ impl ConnTask {
             Ok(false) => {}
         }
         self.conn.out.borrow_mut().set_waker(cx.waker());
-        // Replies that arrive wake the task through the outbox; once they
-        // are written, reading resumes on the next turn.
-        let resume = held_back && self.conn.replies_awaited() < MAX_REPLIES_AWAITED;
+        // Replies that arrive, and the next tick, wake the task through the
+        // outbox; once what held input back is gone, reading resumes.
+        let resume = held_back && !self.holds_back_input();
         if matches!(read, ReadState::Yield) || resume {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
+    }
+
+    /// Whether the client's input waits: while it has many requests in
+    /// flight on other shards, has not read the pong it asked for, has
+    /// used up its request or ping allowance for this second, or while we
+    /// close. A client that reads
+    /// and keeps to its limits never waits; one that does not is slowed
+    /// by TCP instead of costing the shard parsing and queue space.
+    fn holds_back_input(&self) -> bool {
+        self.conn.replies_awaited() >= MAX_REPLIES_AWAITED
+            || self.conn.control_unwritten()
+            || self.shard.over_request_rate(&self.conn)
+            // Closing: nothing more is read until our close frame is out.
+            || (self.conn.close.get().is_some() && !self.shut)
     }
 
     fn poll_reads(&mut self, cx: &mut Context<'_>) -> ReadState {
@@ -215,6 +236,12 @@ impl ConnTask {
         let metrics = &self.shard.metrics;
         metrics.bytes_in.add(data.len() as u64);
         if self.discarding {
+            if self.shut {
+                self.lingered = self.lingered.saturating_add(data.len() as u32);
+                if self.lingered > LINGER_BYTES {
+                    self.conn.request_abort();
+                }
+            }
             return;
         }
         let mut reader = self.reader.take().map_or_else(WsReader::default, |r| *r);
