@@ -172,7 +172,7 @@ async fn history_flood(addr: SocketAddr, who: usize, until: Instant, tally: Arc<
 /// Half the tricklers send a WebSocket frame a byte a second (never
 /// answering pings), half an HTTP body; each ends when the relay does.
 async fn trickle(addr: SocketAddr, which: usize, until: Instant, tally: Arc<Tally>) {
-    let (mut s, bytes) = if which % 2 == 0 {
+    let (mut s, bytes) = if which.is_multiple_of(2) {
         let Ok(s) = upgraded(addr).await else {
             tally.refused.fetch_add(1, Ordering::Relaxed);
             return;
