@@ -205,11 +205,21 @@ pub async fn send(
 /// phase, the handshake's allocations interleaved with the connections'
 /// long-lived ones and the freed space fragmented, about a kilobyte of
 /// resident memory per idle connection.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStreamPoll, admission: Admission) {
-    if let Some(connection) = Box::pin(serve_http(shard, stream, false)).await {
-        connection.await;
+///
+/// Not an `async fn`: its arguments would stay in the task for the
+/// connection's whole life. The task holds only the boxed HTTP phase, then
+/// the connection.
+pub fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStreamPoll,
+    admission: Admission,
+) -> impl std::future::Future<Output = ()> {
+    let http = Box::pin(serve_http(shard, stream, admission, false));
+    async move {
+        if let Some(connection) = http.await {
+            connection.await;
+        }
     }
-    drop(admission);
 }
 
 /// Serves a connection accepted past `--max-connections`: one request,
@@ -217,19 +227,20 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStreamPoll, admission: Admission
 /// as usual, so probes and scrapes see a full node as it is; anything
 /// else gets 503 with `Retry-After`.
 pub async fn serve_full(shard: Rc<Shard>, stream: TcpStreamPoll, admission: Admission) {
-    let upgraded = Box::pin(serve_http(shard, stream, true)).await;
+    let upgraded = Box::pin(serve_http(shard, stream, admission, true)).await;
     debug_assert!(upgraded.is_none(), "a full node upgrades nothing");
-    drop(admission);
 }
 
 /// How long a connection turned away has to send its request.
 const FULL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The HTTP phase of a connection; the WebSocket connection when it
-/// upgraded. `full`: the node is full, see [`serve_full`].
+/// upgraded (which then holds the socket's count in place of
+/// `admission`). `full`: the node is full, see [`serve_full`].
 async fn serve_http(
     shard: Rc<Shard>,
     mut stream: TcpStreamPoll,
+    admission: Admission,
     full: bool,
 ) -> Option<crate::ws::connection::ConnTask> {
     let mut buf = Vec::new();
@@ -278,7 +289,9 @@ async fn serve_http(
         }
         if head.route() == "/ws" && head.header("upgrade").is_some() {
             buf.drain(..head_len);
-            return crate::ws::connection::upgrade(shard, stream, head, buf).await;
+            let connection = crate::ws::connection::upgrade(shard, stream, head, buf).await?;
+            admission.hand_to_connection();
+            return Some(connection);
         }
         let keep_alive = head.keep_alive();
         let mut response = match route(&shard, &mut stream, &head, &mut buf, head_len).await {
@@ -677,6 +690,18 @@ mod tests {
 
     fn head(text: &str) -> Head {
         Head::parse(text.as_bytes()).unwrap().unwrap().0
+    }
+
+    fn future_size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle connection is one task holding this future: a few bytes
+    /// more can move it into jemalloc's next size class (384, then 448).
+    #[test]
+    fn a_connections_task_stays_within_384_bytes() {
+        let size = future_size(serve);
+        assert!(size <= 384, "the connection's future is {size} bytes");
     }
 
     #[test]

@@ -30,7 +30,9 @@ use crate::protocol::{
     encode_event, Action, Data, ErrorCode, Event, Format, Id, Request, RequestError,
 };
 use history::{Budget as HistoryBudget, Limits, Meter, OwnedChannel};
-pub use outbox::{Answer, CloseRequest, Conn, Out, Pushed, ReplySlot, SharedPublication};
+pub use outbox::{
+    Answer, CloseRequest, Conn, Out, Pushed, ReplySlot, SharedPublication, MAX_REPLIES_AWAITED,
+};
 use remote::{Effect, RemoteChannel, Snapshot, Waiter};
 
 /// State shared by every shard of the node (atomics only).
@@ -52,20 +54,33 @@ pub struct NodeState {
 }
 
 /// A client socket counted against `--max-connections` (or against the
-/// overflow allowance) for as long as it is held.
+/// overflow allowance) for as long as it is held, or until it is handed
+/// to the WebSocket connection the socket becomes, which gives the count
+/// back when it ends ([`NodeState::release_socket`]): a long-lived
+/// connection carries no guard of its own.
 pub struct Admission {
-    node: Arc<NodeState>,
+    node: Option<Arc<NodeState>>,
     overflow: bool,
+}
+
+impl Admission {
+    /// The socket became a WebSocket connection, which releases it.
+    pub fn hand_to_connection(mut self) {
+        debug_assert!(!self.overflow, "a full node upgrades nothing");
+        self.node = None;
+    }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let count = if self.overflow {
-            &self.node.overflow
-        } else {
-            &self.node.sockets
-        };
-        count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(node) = &self.node {
+            let count = if self.overflow {
+                &node.overflow
+            } else {
+                &node.sockets
+            };
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -104,7 +119,7 @@ impl NodeState {
                 .is_ok()
         };
         let admission = |overflow| Admission {
-            node: self.clone(),
+            node: Some(self.clone()),
             overflow,
         };
         if take(&self.sockets, max) {
@@ -131,6 +146,12 @@ impl NodeState {
 
     pub fn subscriptions(&self) -> usize {
         self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Gives back the count of a socket whose [`Admission`] was handed to
+    /// its WebSocket connection, as that connection ends.
+    pub fn release_socket(&self) {
+        self.sockets.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Client sockets open now (overflow excluded).
@@ -1269,7 +1290,12 @@ impl Shard {
                         conn.request_abort();
                     }
                 } else if let Some(sent) = conn.ping_sent.get() {
-                    if now.saturating_sub(sent) > pong_timeout {
+                    // Input held back for answers this node owes is not
+                    // read, pongs included: that silence is not the client's.
+                    let owed = conn.replies_awaited() >= MAX_REPLIES_AWAITED;
+                    if owed {
+                        conn.ping_sent.set(Some(now));
+                    } else if now.saturating_sub(sent) > pong_timeout {
                         self.metrics.heartbeat_timeouts.increment(1);
                         conn.request_abort();
                     }

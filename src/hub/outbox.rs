@@ -152,6 +152,12 @@ pub struct Conn {
     pub pings_this_tick: Cell<u16>,
 }
 
+/// Replies a connection may await from other shards or Redis before its
+/// input is read no further: its requests in flight stay bounded (by
+/// this plus what one read holds), so a client cannot fill the queues
+/// between shards faster than they drain. TCP holds the rest back.
+pub const MAX_REPLIES_AWAITED: u32 = 64;
+
 /// Pings a connection is answered per second before its input waits for
 /// the next second: answering is cheap, reading a flood of them is not.
 pub const PINGS_PER_SECOND: u16 = 64;
@@ -243,10 +249,13 @@ impl Conn {
         }
     }
 
-    /// A control frame (a pong, say) is still unwritten: the client is not
-    /// reading what it asked for.
-    pub fn control_unwritten(&self) -> bool {
-        !self.out.borrow().control.is_empty()
+    /// Whether what waits in the outbox holds the client's input back: a
+    /// control frame (a pong, say) still unwritten, so the client is not
+    /// reading what it asked for, or `max_awaited` replies still owed by
+    /// other shards or Redis.
+    pub fn output_holds_back_input(&self, max_awaited: u32) -> bool {
+        let out = self.out.borrow();
+        !out.control.is_empty() || out.slots >= max_awaited
     }
 
     pub fn reserve_reply(&self) -> Rc<ReplySlot> {

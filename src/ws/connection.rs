@@ -21,18 +21,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::frame::{self, Incoming, WsReader, MAX_HEADER};
 use super::handshake;
 use crate::http::{send, Head, Response};
-use crate::hub::{CloseRequest, Conn, Out, Shard};
+use crate::hub::{CloseRequest, Conn, Out, Shard, MAX_REPLIES_AWAITED};
 use crate::protocol::{decode_requests, Format};
 use crate::runtime::io::{with_read_buf, write_all};
 
 /// Reads per poll before the task yields, so a flooding client cannot starve
 /// the others on its core.
 const READ_BUDGET: usize = 4;
-/// Replies a connection may await from other shards or Redis before its
-/// input is read no further: its requests in flight stay bounded (by
-/// this plus what one read holds), so a client cannot fill the queues
-/// between shards faster than they drain. TCP holds the rest back.
-const MAX_REPLIES_AWAITED: u32 = 64;
 /// Most publications coalesced into one batch frame.
 const MAX_BATCH_ITEMS: usize = 256;
 /// Slices handed to one `writev`.
@@ -160,6 +155,7 @@ impl Drop for ConnTask {
     fn drop(&mut self) {
         self.shard.unregister(self.key);
         self.shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+        self.shard.node.release_socket();
     }
 }
 
@@ -199,8 +195,7 @@ impl ConnTask {
     /// and keeps to its limits never waits; one that does not is slowed
     /// by TCP instead of costing the shard parsing and queue space.
     fn holds_back_input(&self) -> bool {
-        self.conn.replies_awaited() >= MAX_REPLIES_AWAITED
-            || self.conn.control_unwritten()
+        self.conn.output_holds_back_input(MAX_REPLIES_AWAITED)
             || self.shard.over_request_rate(&self.conn)
             // Closing: nothing more is read until our close frame is out.
             || (self.conn.close.get().is_some() && !self.shut)

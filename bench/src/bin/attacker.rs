@@ -18,7 +18,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 #[derive(Parser, Debug)]
-#[command(about = "Bounded hostile load against a ringcast relay (loopback only)")]
+#[command(
+    about = "Bounded hostile load against a ringcast relay (loopback only)",
+    args_override_self = true
+)]
 struct Args {
     /// The relay's address.
     #[arg(long, default_value = "127.0.0.1:8080")]
