@@ -126,6 +126,11 @@ pub struct Config {
     #[arg(skip)]
     pub max_pending_bytes: usize,
 
+    /// The backplane --redis / --redis-cluster name, checked (set by
+    /// `load_from`).
+    #[arg(skip)]
+    pub backplane: Backplane,
+
     /// Options whose value came from their environment variable, so that
     /// errors name the variable (set by `load_from`).
     #[arg(skip)]
@@ -264,6 +269,67 @@ pub struct Config {
     pub log: Option<String>,
 }
 
+/// The backplane between the shards of this node and other nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Backplane {
+    /// In-process: this node is the whole relay.
+    #[default]
+    Embedded,
+    /// One Redis, or a Sentinel group, by URL (`redis://`,
+    /// `redis-sentinel://`).
+    Redis { url: String },
+    /// A Redis Cluster, by its seed nodes.
+    RedisCluster { seeds: Vec<(String, u16)> },
+}
+
+/// Refuses, with a sentence an operator can act on, URLs the Redis client
+/// would misread: no scheme, or a TLS scheme. The client is built without
+/// TLS, and with `rediss://` it would connect in plain text after a mere
+/// warning, so TLS URLs stop start-up instead.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Err("the URL is empty; give one like redis://127.0.0.1:6379/0".into());
+    }
+    let Some((scheme, _)) = url.split_once("://") else {
+        return Err(
+            "not a Redis URL: give one like redis://127.0.0.1:6379/0 or \
+             redis-sentinel://host:26379/0?sentinelServiceName=mymaster"
+                .into(),
+        );
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "redis" | "redis-sentinel" => {}
+        "rediss" | "rediss-sentinel" => {
+            return Err(format!(
+                "{scheme}:// (TLS) is not supported by this build; it would connect in plain \
+                 text, so it is refused. Use redis:// over a private network or a TLS tunnel"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "unknown scheme `{other}://`; use redis:// or redis-sentinel://"
+            ))
+        }
+    }
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a valid URL: {e}"))?;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("the URL names no host".into());
+    }
+    Ok(())
+}
+
+/// One `host:port` seed of --redis-cluster (`[::1]:7000` for IPv6).
+fn parse_seed(node: &str) -> Result<(String, u16), String> {
+    let (host, port) = node
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{node}` is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{node}` has no valid port"))?;
+    Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
 /// Why configuration could not be loaded.
 #[derive(Debug)]
 pub enum ConfigError {
@@ -332,6 +398,7 @@ impl Config {
         config.max_connections = config
             .max_connections_given
             .unwrap_or_else(|| connections_within(open_file_limit()));
+        config.backplane = config.choose_backplane().map_err(ConfigError::Invalid)?;
         config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
     }
@@ -436,24 +503,11 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(url) = &self.redis {
-            let source = self.shown("redis");
-            crate::backplane::redis::client_config(self)
-                .map_err(|e| format!("invalid configuration: {source} `{url}`: {e}"))?;
-        }
         let (filter, source) = self.log_filter();
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&filter) {
             return fail(format!(
                 "{source} `{filter}` is not a valid log filter: {e}"
             ));
-        }
-        if !self.redis_cluster.is_empty() {
-            crate::backplane::redis::client_config(self).map_err(|e| {
-                format!(
-                    "invalid configuration: --redis-cluster {}: {e}",
-                    self.redis_cluster.join(",")
-                )
-            })?;
         }
         if self
             .redis_prefix
@@ -478,7 +532,34 @@ impl Config {
 
     /// True when a Redis (standalone, Sentinel or Cluster) backplane is configured.
     pub fn uses_redis(&self) -> bool {
-        self.redis.is_some() || !self.redis_cluster.is_empty()
+        self.backplane != Backplane::Embedded
+    }
+
+    /// The backplane the options name, or why they name none.
+    fn choose_backplane(&self) -> Result<Backplane, String> {
+        if let Some(url) = &self.redis {
+            let source = self.shown("redis");
+            check_redis_url(url)
+                .map_err(|e| format!("invalid configuration: {source} `{url}`: {e}"))?;
+            return Ok(Backplane::Redis {
+                url: url.trim().to_string(),
+            });
+        }
+        if self.redis_cluster.is_empty() {
+            return Ok(Backplane::Embedded);
+        }
+        let seeds = self
+            .redis_cluster
+            .iter()
+            .map(|node| parse_seed(node))
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                format!(
+                    "invalid configuration: --redis-cluster {}: {e}",
+                    self.redis_cluster.join(",")
+                )
+            })?;
+        Ok(Backplane::RedisCluster { seeds })
     }
 
     pub fn handshake_timeout(&self) -> Duration {

@@ -4,7 +4,8 @@
 //! (plain HTTP routes on the same port), `ws` (handshake, framing and the
 //! connection loop), `protocol` (sans-IO requests and events), `hub`
 //! (per-shard channels, seq, history, fan-out), `backplane` (how shards and
-//! nodes reach each other), `config`, `metrics`, `error`.
+//! nodes reach each other), `node` (what the shards of a process share),
+//! `config`, `metrics`, `error`.
 
 pub mod backplane;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod node;
 pub mod protocol;
 pub mod runtime;
 pub mod ws;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 
-use crate::hub::{Admission, Shard};
+use crate::hub::Shard;
+use crate::node::Admission;
 use crate::protocol::{validate_channel, Data};
 use crate::runtime::io::{read_shared, read_some, write_all};
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::backplane::Mesh;
 use crate::config::{Config, DriverChoice};
 use crate::error::{Context, Error, Result};
-use crate::hub::NodeState;
+use crate::node::NodeState;
 
 /// The I/O driver the workers actually run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

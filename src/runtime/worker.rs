@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use crate::backplane::{Mesh, ShardMsg};
 use crate::config::Config;
 use crate::error::{Context, Result};
-use crate::hub::{Admit, CloseRequest, NodeState, Shard};
+use crate::hub::{CloseRequest, Shard};
+use crate::node::{Admit, NodeState};
 use crate::runtime::Driver;
 use crate::ws::close;
 

@@ -21,7 +21,7 @@ use super::scripts::{self, ChannelKeys};
 use super::{FetchReply, RedisCmd};
 use crate::backplane::{owner_of, Mesh, ShardMsg};
 use crate::config::Config as RelayConfig;
-use crate::hub::NodeState;
+use crate::node::NodeState;
 
 /// Most publications in one script call, and most item bytes: a call runs
 /// atomically inside Redis, so it must stay short.
@@ -195,7 +195,10 @@ impl Link {
         let (internal, internal_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Link {
             builder,
-            clustered: !config.redis_cluster.is_empty(),
+            clustered: matches!(
+                config.backplane,
+                crate::config::Backplane::RedisCluster { .. }
+            ),
             fence_prefix: format!("{}$fence:{node_tag}:", config.redis_prefix),
             probes: vec![Probe {
                 channel: format!("{}$probe:{node_tag}", config.redis_prefix),

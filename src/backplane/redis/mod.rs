@@ -17,9 +17,9 @@ pub mod scripts;
 use std::sync::Arc;
 
 use crate::backplane::Mesh;
-use crate::config::Config;
+use crate::config::{Backplane, Config};
 use crate::error::{Context, Result};
-use crate::hub::NodeState;
+use crate::node::NodeState;
 
 /// Commands from shards to the Redis thread.
 #[derive(Debug)]
@@ -85,27 +85,20 @@ impl RedisHandle {
     }
 }
 
-/// The fred configuration for `--redis` / `--redis-cluster`.
-pub fn client_config(config: &Config) -> std::result::Result<fred::prelude::Config, String> {
+/// The fred configuration for a Redis backplane (the URL or seeds were
+/// checked with the configuration; fred may still refuse what it cannot
+/// read).
+pub fn client_config(backplane: &Backplane) -> std::result::Result<fred::prelude::Config, String> {
     use fred::prelude::{Config as FredConfig, ServerConfig};
-    let mut fred_config = if let Some(url) = &config.redis {
-        check_redis_url(url)?;
-        FredConfig::from_url(url).map_err(|e| e.details().to_string())?
-    } else {
-        let mut hosts = Vec::new();
-        for node in &config.redis_cluster {
-            let (host, port) = node
-                .rsplit_once(':')
-                .ok_or_else(|| format!("`{node}` is not host:port"))?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| format!("`{node}` has no valid port"))?;
-            hosts.push((host.trim_matches(['[', ']']).to_string(), port));
+    let mut fred_config = match backplane {
+        Backplane::Redis { url } => {
+            FredConfig::from_url(url).map_err(|e| format!("--redis `{url}`: {}", e.details()))?
         }
-        FredConfig {
-            server: ServerConfig::new_clustered(hosts),
+        Backplane::RedisCluster { seeds } => FredConfig {
+            server: ServerConfig::new_clustered(seeds.clone()),
             ..FredConfig::default()
-        }
+        },
+        Backplane::Embedded => return Err("the embedded backplane needs no Redis client".into()),
     };
     // Keep retrying in the background: a relay starts (not ready) while
     // Redis is unreachable.
@@ -113,37 +106,9 @@ pub fn client_config(config: &Config) -> std::result::Result<fred::prelude::Conf
     Ok(fred_config)
 }
 
-/// Refuses, with a sentence an operator can act on, URLs the Redis client
-/// would misread: no scheme, or a TLS scheme. The client is built without
-/// TLS, and with `rediss://` it would connect in plain text after a mere
-/// warning, so TLS URLs stop start-up instead.
-fn check_redis_url(url: &str) -> std::result::Result<(), String> {
-    let url = url.trim();
-    if url.is_empty() {
-        return Err("the URL is empty; give one like redis://127.0.0.1:6379/0".into());
-    }
-    let Some((scheme, _)) = url.split_once("://") else {
-        return Err(
-            "not a Redis URL: give one like redis://127.0.0.1:6379/0 or \
-             redis-sentinel://host:26379/0?sentinelServiceName=mymaster"
-                .into(),
-        );
-    };
-    match scheme.to_ascii_lowercase().as_str() {
-        "redis" | "redis-sentinel" => Ok(()),
-        "rediss" | "rediss-sentinel" => Err(format!(
-            "{scheme}:// (TLS) is not supported by this build; it would connect in plain \
-             text, so it is refused. Use redis:// over a private network or a TLS tunnel"
-        )),
-        other => Err(format!(
-            "unknown scheme `{other}://`; use redis:// or redis-sentinel://"
-        )),
-    }
-}
-
 /// Starts the Redis thread; it runs for the life of the process.
 pub fn start(config: Arc<Config>, mesh: Mesh, node: Arc<NodeState>) -> Result<RedisHandle> {
-    let fred_config = client_config(&config).map_err(crate::error::Error::msg)?;
+    let fred_config = client_config(&config.backplane).map_err(crate::error::Error::msg)?;
     crate::metrics::register_redis();
     let (publications, publications_rx) = flume::bounded(PUBLISH_QUEUE_CAPACITY);
     let (control, control_rx) = flume::unbounded();

@@ -1,0 +1,152 @@
+//! What every shard of one relay process shares: a handful of atomics
+//! (draining, backplane readiness, counts of connections, sockets and
+//! subscriptions) and the admission of accepted sockets against
+//! `--max-connections`. It sits below the hub and the backplanes, which
+//! both read it.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// State shared by every shard of the node (atomics only).
+pub struct NodeState {
+    pub draining: AtomicBool,
+    /// The backplane can sequence and deliver (always, when embedded).
+    backplane_ready: AtomicBool,
+    /// Open WebSocket connections (after their handshake).
+    pub connections: AtomicUsize,
+    /// Accepted client sockets of any kind, before or after a handshake,
+    /// bounded by `--max-connections`.
+    sockets: AtomicUsize,
+    /// Sockets accepted past `--max-connections` only to be told so.
+    overflow: AtomicUsize,
+    /// Subscriptions held (or waiting for their ack) on every shard.
+    subscriptions: AtomicUsize,
+    /// Random per process: epochs of an in-process backplane cannot outlive it.
+    pub epoch_nonce: u32,
+}
+
+/// A client socket counted against `--max-connections` (or against the
+/// overflow allowance) for as long as it is held, or until it is handed
+/// to the WebSocket connection the socket becomes, which gives the count
+/// back when it ends ([`NodeState::release_socket`]): a long-lived
+/// connection carries no guard of its own.
+pub struct Admission {
+    node: Option<Arc<NodeState>>,
+    overflow: bool,
+}
+
+impl Admission {
+    /// The socket became a WebSocket connection, which releases it.
+    pub fn hand_to_connection(mut self) {
+        debug_assert!(!self.overflow, "a full node upgrades nothing");
+        self.node = None;
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(node) = &self.node {
+            let count = if self.overflow {
+                &node.overflow
+            } else {
+                &node.sockets
+            };
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How an accepted socket is admitted.
+pub enum Admit {
+    /// Within `--max-connections`: served.
+    Served(Admission),
+    /// The node is full: the socket is answered 503 (or `/healthz`) and closed.
+    Full(Admission),
+    /// Full, and so many are being told so already that the socket is
+    /// closed at once.
+    Dropped,
+}
+
+impl NodeState {
+    pub fn new() -> Self {
+        NodeState {
+            draining: AtomicBool::new(false),
+            backplane_ready: AtomicBool::new(true),
+            connections: AtomicUsize::new(0),
+            sockets: AtomicUsize::new(0),
+            overflow: AtomicUsize::new(0),
+            subscriptions: AtomicUsize::new(0),
+            epoch_nonce: fastrand::u32(..),
+        }
+    }
+
+    /// Counts an accepted socket against `max` (and the overflow
+    /// allowance past it).
+    pub fn admit(self: &Arc<Self>, max: usize, overflow_max: usize) -> Admit {
+        let take = |count: &AtomicUsize, limit: usize| {
+            count
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < limit).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        let admission = |overflow| Admission {
+            node: Some(self.clone()),
+            overflow,
+        };
+        if take(&self.sockets, max) {
+            Admit::Served(admission(false))
+        } else if take(&self.overflow, overflow_max) {
+            Admit::Full(admission(true))
+        } else {
+            Admit::Dropped
+        }
+    }
+
+    /// Counts one more subscription, unless `max` are held.
+    pub fn take_subscription(&self, max: usize) -> bool {
+        self.subscriptions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn forget_subscriptions(&self, n: usize) {
+        self.subscriptions.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub fn subscriptions(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Gives back the count of a socket whose [`Admission`] was handed to
+    /// its WebSocket connection, as that connection ends.
+    pub fn release_socket(&self) {
+        self.sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Client sockets open now (overflow excluded).
+    pub fn sockets(&self) -> usize {
+        self.sockets.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn backplane_ready(&self) -> bool {
+        self.backplane_ready.load(Ordering::Relaxed)
+    }
+
+    /// Sets readiness; true when it changed.
+    pub fn set_backplane_ready(&self, ready: bool) -> bool {
+        self.backplane_ready.swap(ready, Ordering::Relaxed) != ready
+    }
+}
+
+impl Default for NodeState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
