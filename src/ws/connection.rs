@@ -19,11 +19,9 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::frame::{self, Incoming, WsReader, MAX_HEADER};
-use super::handshake;
-use crate::http::{send, Head, Response};
 use crate::hub::{CloseRequest, Conn, Out, Shard, MAX_REPLIES_AWAITED};
 use crate::protocol::{decode_requests, Format};
-use crate::runtime::io::{with_read_buf, write_all};
+use crate::runtime::io::with_read_buf;
 
 /// Reads per poll before the task yields, so a flooding client cannot starve
 /// the others on its core.
@@ -33,70 +31,36 @@ const MAX_BATCH_ITEMS: usize = 256;
 /// Slices handed to one `writev`.
 const MAX_IOV: usize = 128;
 
-/// Completes the handshake; the connection, to be run until it ends, or
-/// `None` when the upgrade was refused (the refusal is already sent).
-pub async fn upgrade(
-    shard: Rc<Shard>,
-    mut stream: TcpStreamPoll,
-    head: Head,
-    mut leftover: Vec<u8>,
-) -> Option<ConnTask> {
-    let up = match handshake::check(&head) {
-        Ok(up) => up,
-        Err(refusal) => {
-            shard.metrics.handshakes_rejected.increment(1);
-            shard.metrics.http_request("/ws", refusal.status);
-            let mut r = Response::text(refusal.status, refusal.message);
-            if refusal.status == 426 {
-                r.extra = "Sec-WebSocket-Version: 13\r\n";
-            }
-            let _ = send(&mut stream, &r, false).await;
-            return None;
-        }
-    };
-    // Nothing of the request is needed past this point; an idle connection
-    // must not keep its headers.
-    drop(head);
-    let node = shard.node.clone();
-    if node.is_draining() {
-        shard.metrics.handshakes_rejected.increment(1);
-        shard.metrics.http_request("/ws", 503);
-        let r = Response {
-            extra: "Retry-After: 5\r\n",
-            ..Response::text(503, "draining: connect to another node")
+impl ConnTask {
+    /// A WebSocket connection whose 101 is sent: registered with the
+    /// shard's hub, fed the bytes that followed the handshake, to be run
+    /// until it ends.
+    pub fn start(
+        shard: Rc<Shard>,
+        stream: TcpStreamPoll,
+        format: Format,
+        mut leftover: Vec<u8>,
+    ) -> ConnTask {
+        shard.node.connections.fetch_add(1, Ordering::Relaxed);
+        let (key, conn) = shard.register(format);
+        let mut task = ConnTask {
+            shard,
+            key,
+            conn,
+            stream,
+            reader: None,
+            frame: None,
+            peer_closed: false,
+            close_queued: false,
+            discarding: false,
+            shut: false,
+            lingered: 0,
         };
-        let _ = send(&mut stream, &r, false).await;
-        return None;
+        if !leftover.is_empty() {
+            task.on_bytes(&mut leftover);
+        }
+        task
     }
-    node.connections.fetch_add(1, Ordering::Relaxed);
-    let format = up.format;
-    let response = handshake::response(&up);
-    drop(up);
-    if write_all(&mut stream, response.as_bytes()).await.is_err() {
-        node.connections.fetch_sub(1, Ordering::Relaxed);
-        return None;
-    }
-    drop(response);
-    shard.metrics.handshakes_ok.increment(1);
-    shard.metrics.http_request("/ws", 101);
-    let (key, conn) = shard.register(format);
-    let mut task = ConnTask {
-        shard: shard.clone(),
-        key,
-        conn,
-        stream,
-        reader: None,
-        frame: None,
-        peer_closed: false,
-        close_queued: false,
-        discarding: false,
-        shut: false,
-        lingered: 0,
-    };
-    if !leftover.is_empty() {
-        task.on_bytes(&mut leftover);
-    }
-    Some(task)
 }
 
 /// A data frame being written: the first `items` queued outputs, framed.

@@ -5,7 +5,7 @@
 use base64::Engine;
 use sha1::{Digest, Sha1};
 
-use crate::http::Head;
+use crate::http::message::Head;
 use crate::protocol::Format;
 
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
