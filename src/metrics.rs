@@ -241,23 +241,67 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
 
 /// Counters of the Redis backplane without labels: registered when it
 /// starts, so they read 0 before their first event.
-const REDIS_COUNTERS: &[&str] = &[
-    "ringcast_redis_reconnects_total",
-    "ringcast_redis_deaf_total",
-    "ringcast_redis_probe_timeouts_total",
-    "ringcast_redis_gaps_total",
-    "ringcast_redis_lagged_total",
-    "ringcast_redis_raw_messages_total",
-    "ringcast_redis_bad_envelopes_total",
-    "ringcast_redis_script_reloads_total",
-    "ringcast_redis_publish_failures_total",
-];
+/// The Redis backplane's metric handles: made once (every counter then
+/// shows 0 before its first event), used by the Redis thread and, for
+/// what arrives from Redis, by the channels' owners.
+pub struct RedisMetrics {
+    pub reconnects: Counter,
+    pub deaf: Counter,
+    pub probe_timeouts: Counter,
+    pub gaps: Counter,
+    pub lagged: Counter,
+    pub raw_messages: Counter,
+    pub bad_envelopes: Counter,
+    pub script_reloads: Counter,
+    pub publish_failures: Counter,
+    pub subscriptions: Gauge,
+    pub ready: Gauge,
+    pub pipeline_depth: Gauge,
+    pub commands_up: Gauge,
+    pub pubsub_up: Gauge,
+    pub publish_batch_messages: Histogram,
+    pub rtt: Histogram,
+    pub probe_rtt: Histogram,
+}
+
+impl RedisMetrics {
+    fn new() -> RedisMetrics {
+        let counter = |name: &'static str| {
+            let c = counter!(name);
+            c.absolute(0);
+            c
+        };
+        RedisMetrics {
+            reconnects: counter("ringcast_redis_reconnects_total"),
+            deaf: counter("ringcast_redis_deaf_total"),
+            probe_timeouts: counter("ringcast_redis_probe_timeouts_total"),
+            gaps: counter("ringcast_redis_gaps_total"),
+            lagged: counter("ringcast_redis_lagged_total"),
+            raw_messages: counter("ringcast_redis_raw_messages_total"),
+            bad_envelopes: counter("ringcast_redis_bad_envelopes_total"),
+            script_reloads: counter("ringcast_redis_script_reloads_total"),
+            publish_failures: counter("ringcast_redis_publish_failures_total"),
+            subscriptions: gauge!("ringcast_redis_subscriptions"),
+            ready: gauge!("ringcast_redis_ready"),
+            pipeline_depth: gauge!("ringcast_redis_pipeline_depth"),
+            commands_up: gauge!("ringcast_redis_up", "role" => "commands"),
+            pubsub_up: gauge!("ringcast_redis_up", "role" => "pubsub"),
+            publish_batch_messages: histogram!("ringcast_redis_publish_batch_messages"),
+            rtt: histogram!("ringcast_redis_rtt_seconds"),
+            probe_rtt: histogram!("ringcast_redis_probe_rtt_seconds"),
+        }
+    }
+}
+
+/// The Redis backplane's metrics, made on first use (after [`install`]).
+pub fn redis() -> &'static RedisMetrics {
+    static REDIS: std::sync::OnceLock<RedisMetrics> = std::sync::OnceLock::new();
+    REDIS.get_or_init(RedisMetrics::new)
+}
 
 /// Makes the Redis backplane's counters visible at 0.
 pub fn register_redis() {
-    for name in REDIS_COUNTERS {
-        counter!(*name).absolute(0);
-    }
+    redis();
 }
 
 /// Buckets for histograms of seconds.

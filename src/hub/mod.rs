@@ -897,7 +897,7 @@ impl Shard {
                 }
                 Effect::Gap(lost) => {
                     tracing::warn!(%channel, lost, "publications lost beyond Redis history");
-                    metrics::counter!("ringcast_redis_gaps_total").increment(1);
+                    crate::metrics::redis().gaps.increment(1);
                 }
             }
         }
@@ -946,7 +946,7 @@ impl Shard {
         let at = Instant::now();
         match envelope::decode_message(payload) {
             Ok(Incoming::Raw(raw)) => {
-                metrics::counter!("ringcast_redis_raw_messages_total").increment(1);
+                crate::metrics::redis().raw_messages.increment(1);
                 let publication = self.publication(&channel, None, &envelope::raw_data(raw), at);
                 self.with_remote(&channel, |ch, fx| ch.message(None, publication, fx));
             }
@@ -966,7 +966,7 @@ impl Shard {
                             at,
                         )),
                         Err(e) => {
-                            metrics::counter!("ringcast_redis_bad_envelopes_total").increment(1);
+                            crate::metrics::redis().bad_envelopes.increment(1);
                             tracing::warn!(%channel, error = %e, "undecodable publication skipped");
                         }
                     }
@@ -978,7 +978,7 @@ impl Shard {
                 });
             }
             Err(e) => {
-                metrics::counter!("ringcast_redis_bad_envelopes_total").increment(1);
+                crate::metrics::redis().bad_envelopes.increment(1);
                 tracing::warn!(%channel, error = e, "message with a malformed envelope dropped");
             }
         }

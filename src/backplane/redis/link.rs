@@ -256,7 +256,7 @@ impl Link {
                     Ok(msg) => self.on_message(msg),
                     Err(RecvError::Lagged(n)) => {
                         tracing::warn!(lost = n, "Redis pub/sub reader lagged; resyncing every channel");
-                        metrics::counter!("ringcast_redis_lagged_total").increment(1);
+                        crate::metrics::redis().lagged.increment(1);
                         self.announce_all();
                     }
                     Err(RecvError::Closed) => return,
@@ -265,7 +265,7 @@ impl Link {
                     if let Ok(server) = server {
                         tracing::info!(%server, "Redis pub/sub connected; resubscribing");
                     }
-                    metrics::counter!("ringcast_redis_reconnects_total").increment(1);
+                    crate::metrics::redis().reconnects.increment(1);
                     self.set_synced(false);
                     self.resync_due = true;
                 }
@@ -404,7 +404,9 @@ impl Link {
                 });
             }
         }
-        metrics::gauge!("ringcast_redis_subscriptions").set(self.desired.len() as f64);
+        crate::metrics::redis()
+            .subscriptions
+            .set(self.desired.len() as f64);
     }
 
     /// Issues the publish script for the queued publications: one call for
@@ -484,7 +486,9 @@ impl Link {
             }
             waiters.push(acks);
         }
-        metrics::histogram!("ringcast_redis_publish_batch_messages").record(call.items as f64);
+        crate::metrics::redis()
+            .publish_batch_messages
+            .record(call.items as f64);
         let client = self.commands.clone();
         let mesh = self.mesh.clone();
         let sha = self.publish_sha.clone();
@@ -501,7 +505,7 @@ impl Link {
             };
             let result = run_script(&client, &options, &sha, scripts::PUBLISH, keys, args).await;
             in_flight.fetch_sub(1, Ordering::Relaxed);
-            metrics::histogram!("ringcast_redis_rtt_seconds").record(started.elapsed());
+            crate::metrics::redis().rtt.record(started.elapsed());
             let firsts = result.ok().and_then(|v| publish_reply(v, waiters.len()));
             match firsts {
                 Some(firsts) => {
@@ -513,7 +517,7 @@ impl Link {
                     }
                 }
                 None => {
-                    metrics::counter!("ringcast_redis_publish_failures_total").increment(1);
+                    crate::metrics::redis().publish_failures.increment(1);
                     for (from, token) in waiters.into_iter().flatten() {
                         mesh.send(from, ShardMsg::PublishFailed { token });
                     }
@@ -795,7 +799,7 @@ impl Link {
             if probe.pending {
                 probe.pending = false;
                 if let Some(sent) = self.probe_round {
-                    metrics::histogram!("ringcast_redis_probe_rtt_seconds").record(now - sent);
+                    crate::metrics::redis().probe_rtt.record(now - sent);
                 }
             }
             probe.back = Some(now);
@@ -868,7 +872,9 @@ impl Link {
                 tracing::warn!("Redis backplane not ready");
             }
         }
-        metrics::gauge!("ringcast_redis_ready").set(if ready { 1.0 } else { 0.0 });
+        crate::metrics::redis()
+            .ready
+            .set(if ready { 1.0 } else { 0.0 });
     }
 
     fn send_probes(&mut self) {
@@ -920,7 +926,9 @@ impl Link {
             let due = self.probe_round.is_none_or(|s| now - s >= interval);
             if due {
                 let late = self.probes.iter().filter(|p| p.pending).count();
-                metrics::counter!("ringcast_redis_probe_timeouts_total").increment(late as u64);
+                crate::metrics::redis()
+                    .probe_timeouts
+                    .increment(late as u64);
                 self.send_probes();
             }
             let quiet_for = now - self.quiet_since();
@@ -932,7 +940,7 @@ impl Link {
                     silent_ms = quiet_for.as_millis() as u64,
                     "no probe came back through Redis pub/sub; reconnecting it"
                 );
-                metrics::counter!("ringcast_redis_deaf_total").increment(1);
+                crate::metrics::redis().deaf.increment(1);
                 self.last_forced_reconnect = Some(now);
                 self.set_synced(false);
                 replaced = self.replace_pubsub();
@@ -940,15 +948,16 @@ impl Link {
         }
         self.update_readiness();
         let depth = self.in_flight.load(Ordering::Relaxed) + self.commands.command_queue_len();
-        metrics::gauge!("ringcast_redis_pipeline_depth").set(depth as f64);
-        metrics::gauge!("ringcast_redis_up", "role" => "commands").set(
-            if self.commands.is_connected() {
+        crate::metrics::redis().pipeline_depth.set(depth as f64);
+        crate::metrics::redis()
+            .commands_up
+            .set(if self.commands.is_connected() {
                 1.0
             } else {
                 0.0
-            },
-        );
-        metrics::gauge!("ringcast_redis_up", "role" => "pubsub")
+            });
+        crate::metrics::redis()
+            .pubsub_up
             .set(if self.pubsub.is_connected() { 1.0 } else { 0.0 });
         replaced
     }
@@ -995,7 +1004,7 @@ async fn run_script(
         .await
     {
         Err(e) if e.details().contains("NOSCRIPT") => {
-            metrics::counter!("ringcast_redis_script_reloads_total").increment(1);
+            crate::metrics::redis().script_reloads.increment(1);
             with.eval::<Value, _, _, _>(script, keys, args).await
         }
         other => other,
