@@ -1156,10 +1156,7 @@ impl Shard {
                         conn.request_abort();
                     }
                 } else if now.saturating_sub(conn.last_read.get()) >= ping_interval {
-                    conn.ping_sent.set(Some(now));
-                    conn.push_control(|out| {
-                        crate::ws::frame::push_control(out, crate::ws::frame::OP_PING, b"")
-                    });
+                    conn.request_ping(now);
                 }
             }
         }

@@ -140,8 +140,10 @@ pub struct Conn {
     pub gone: Cell<bool>,
     /// Heartbeat clock (shard ticks, seconds) of the last bytes read.
     pub last_read: Cell<u32>,
-    /// Tick when a heartbeat ping was sent and not yet answered.
+    /// Tick when a heartbeat ping was asked for and not yet answered.
     pub ping_sent: Cell<Option<u32>>,
+    /// A heartbeat ping is asked for and not yet queued.
+    pub ping_due: Cell<bool>,
     /// Tick when closing started, to bound how long a close may take.
     pub closing_since: Cell<Option<u32>>,
     /// Publications this second, for `--max-publish-rate`.
@@ -172,6 +174,7 @@ impl Conn {
             gone: Cell::new(false),
             last_read: Cell::new(now),
             ping_sent: Cell::new(None),
+            ping_due: Cell::new(false),
             closing_since: Cell::new(None),
             publishes_this_tick: Cell::new(0),
             subscribes_this_tick: Cell::new(0),
@@ -307,25 +310,29 @@ impl Conn {
     fn disconnect_slow(&self) -> Pushed {
         self.out.borrow_mut().discard_queued(self.format);
         self.request_close(CloseRequest {
-            code: crate::ws::close::SLOW_CONSUMER,
+            code: crate::protocol::close::SLOW_CONSUMER,
             reason: "slow consumer",
             flush: false,
         });
         Pushed::Disconnected
     }
 
-    /// Queues a control frame (already encoded).
-    pub fn push_control(&self, frame: impl FnOnce(&mut Vec<u8>)) {
-        let mut out = self.out.borrow_mut();
-        out.append_control(frame);
-        out.wake();
+    /// Asks for a heartbeat ping (the connection's task writes it) and
+    /// notes when, for the pong deadline.
+    pub fn request_ping(&self, now: u32) {
+        self.ping_sent.set(Some(now));
+        self.ping_due.set(true);
+        if let Ok(mut out) = self.out.try_borrow_mut() {
+            out.wake();
+        }
     }
 
-    /// Queues the pong answering a ping. A pong still wholly unsent at the
-    /// end of the queue is replaced rather than followed (RFC 6455 5.5.3
-    /// lets a pong answer only the latest ping), so a client that pings
-    /// and never reads holds one pong here, not one per ping.
-    pub fn push_pong(&self, payload: &[u8]) {
+    /// Queues the pong answering a ping, as `frame` writes it. A pong
+    /// still wholly unsent at the end of the queue is replaced rather than
+    /// followed (RFC 6455 5.5.3 lets a pong answer only the latest ping),
+    /// so a client that pings and never reads holds one pong here, not one
+    /// per ping.
+    pub fn push_pong(&self, frame: impl FnOnce(&mut Vec<u8>)) {
         self.pings_this_tick
             .set(self.pings_this_tick.get().saturating_add(1));
         let mut out = self.out.borrow_mut();
@@ -334,7 +341,7 @@ impl Conn {
             out.control.truncate(start);
         }
         let start = out.control.len();
-        crate::ws::frame::push_control(&mut out.control, crate::ws::frame::OP_PONG, payload);
+        frame(&mut out.control);
         out.pong_at = u16::try_from(start + 1).unwrap_or(0);
         out.wake();
     }
@@ -571,24 +578,31 @@ mod tests {
     #[test]
     fn an_unsent_pong_is_replaced_by_the_next_one() {
         let c = conn();
+        // An RFC 6455 pong as ws writes one, for a payload under 126 bytes.
+        let pong = |c: &Conn, payload: &[u8]| {
+            c.push_pong(|out| {
+                out.extend_from_slice(&[0x8a, payload.len() as u8]);
+                out.extend_from_slice(payload);
+            })
+        };
         for i in 0..1000u32 {
-            c.push_pong(&i.to_be_bytes());
+            pong(&c, &i.to_be_bytes());
         }
         assert_eq!(c.out.borrow().control, [0x8a, 4, 0, 0, 0x03, 0xe7]);
         // Something after it: the next pong follows instead.
-        c.push_control(|out| out.push(0x89));
-        c.push_pong(b"a");
-        c.push_pong(b"b");
+        c.out.borrow_mut().append_control(|out| out.push(0x89));
+        pong(&c, b"a");
+        pong(&c, b"b");
         assert_eq!(
             c.out.borrow().control,
             [0x8a, 4, 0, 0, 0x03, 0xe7, 0x89, 0x8a, 1, b'b']
         );
         // Partly written: what is left keeps its pong, the next replaces it.
         c.out.borrow_mut().control_written(7);
-        c.push_pong(b"c");
+        pong(&c, b"c");
         assert_eq!(c.out.borrow().control, [0x8a, 1, b'c']);
         c.out.borrow_mut().control_written(1);
-        c.push_pong(b"d");
+        pong(&c, b"d");
         assert_eq!(c.out.borrow().control, [1, b'c', 0x8a, 1, b'd']);
     }
 

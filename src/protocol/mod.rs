@@ -8,6 +8,14 @@ mod event;
 mod request;
 
 pub use channel::validate_channel;
+
+/// Close codes of ringcast's own (RFC 6455 leaves 4000-4999 to
+/// applications).
+pub mod close {
+    /// The client could not keep up and the slow-consumer policy
+    /// disconnected it.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
 pub use data::Data;
 pub use event::{encode_event, encode_message, Event};
 pub use request::{decode_requests, Action, Id, Request, RequestError};

@@ -238,7 +238,7 @@ impl ConnTask {
                     true
                 }
                 Incoming::Ping(payload) => {
-                    conn.push_pong(payload);
+                    conn.push_pong(|out| frame::push_control(out, frame::OP_PONG, payload));
                     true
                 }
                 Incoming::Pong => true,
@@ -275,6 +275,9 @@ impl ConnTask {
         loop {
             if self.frame.is_none() {
                 let mut out = self.conn.out.borrow_mut();
+                if self.conn.ping_due.take() {
+                    out.append_control(|c| frame::push_control(c, frame::OP_PING, b""));
+                }
                 if !out.control.is_empty() {
                     match Pin::new(&mut self.stream).poll_write(cx, &out.control) {
                         Poll::Pending => return Ok(false),

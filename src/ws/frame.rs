@@ -14,7 +14,7 @@ pub mod close {
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const SERVICE_RESTART: u16 = 1012;
-    pub const SLOW_CONSUMER: u16 = 4008;
+    pub use crate::protocol::close::SLOW_CONSUMER;
 }
 
 pub const OP_CONTINUATION: u8 = 0x0;
