@@ -10,6 +10,8 @@
 mod history;
 pub mod outbox;
 mod remote;
+#[cfg(test)]
+mod tests;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -1120,7 +1122,12 @@ impl Shard {
 
     /// Once a second: heartbeats, close deadlines, history expiry, metrics.
     pub fn tick(&self) {
-        let now = self.started.elapsed().as_secs() as u32;
+        self.tick_at(self.started.elapsed().as_secs() as u32, Instant::now());
+    }
+
+    /// [`tick`](Self::tick) at a time given: `now` in whole seconds of the
+    /// shard's clock (heartbeats), `at` for history ages.
+    pub fn tick_at(&self, now: u32, at: Instant) {
         self.now.set(now);
         let ping_interval = self.config.ping_interval as u32;
         let pong_timeout = self.config.pong_timeout as u32;
@@ -1162,7 +1169,6 @@ impl Shard {
         }
         let mut st = self.state.borrow_mut();
         let ttl = self.config.history_ttl();
-        let at = Instant::now();
         let mut kept = 0usize;
         st.owned.retain(|_, ch| {
             ch.expire(at, ttl);

@@ -1,0 +1,333 @@
+//! The hub without sockets: several shards on an in-memory mesh, driven by
+//! hand. Requests go in through `Shard::handle_request`, messages between
+//! shards are delivered by `Cluster::settle` until none is left, and what
+//! each client would receive is read from its outbox. Time is whatever the
+//! test passes to `Shard::tick_at`. Nothing here waits on a clock.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::{Conn, Shard};
+use crate::backplane::{owner_of, Mesh, ShardMsg};
+use crate::config::Config;
+use crate::node::NodeState;
+use crate::protocol::{decode_requests, Format};
+
+struct Cluster {
+    shards: Vec<Shard>,
+    inboxes: Vec<flume::Receiver<ShardMsg>>,
+}
+
+/// A client of one shard: its key there and its outbox.
+struct Client {
+    shard: usize,
+    key: usize,
+    conn: Rc<Conn>,
+}
+
+impl Cluster {
+    /// `n` shards of one node configured with `args` (flags as on the
+    /// command line).
+    fn new(n: usize, args: &[&str]) -> Cluster {
+        let mut argv: Vec<std::ffi::OsString> = vec!["ringcast".into()];
+        argv.extend(args.iter().map(Into::into));
+        let config = Arc::new(Config::load_from(argv).expect("a valid configuration"));
+        let node = Arc::new(NodeState::new());
+        let (mesh, inboxes) = Mesh::new(n);
+        let shards = (0..n)
+            .map(|id| Shard::new(id, config.clone(), node.clone(), mesh.clone(), None))
+            .collect();
+        Cluster { shards, inboxes }
+    }
+
+    fn connect(&self, shard: usize) -> Client {
+        let (key, conn) = self.shards[shard].register(Format::Json);
+        Client { shard, key, conn }
+    }
+
+    /// Handles one frame of `client` (a request or an array of them).
+    fn send(&self, client: &Client, frame: Value) {
+        let shard = &self.shards[client.shard];
+        let bytes = frame.to_string().into_bytes();
+        // As the connection's task does: a request that cannot be read is
+        // answered in its place.
+        for request in decode_requests(Format::Json, &bytes, 1000).expect("a valid frame") {
+            match request {
+                Ok(request) => shard.handle_request(client.key, request),
+                Err(e) => shard.reply_error(&client.conn, e),
+            }
+        }
+    }
+
+    /// Delivers messages between shards until every inbox is empty;
+    /// returns how many there were.
+    fn settle(&self) -> usize {
+        let mut delivered = 0;
+        loop {
+            let mut moved = false;
+            for (shard, inbox) in self.shards.iter().zip(&self.inboxes) {
+                while let Ok(msg) = inbox.try_recv() {
+                    shard.handle_msg(msg);
+                    delivered += 1;
+                    moved = true;
+                }
+            }
+            if !moved {
+                return delivered;
+            }
+        }
+    }
+
+    /// A channel name the owner of which is `shard`.
+    fn channel_owned_by(&self, shard: usize, prefix: &str) -> String {
+        (0..)
+            .map(|i| format!("{prefix}.{i}"))
+            .find(|name| owner_of(name, self.shards.len()) == shard)
+            .expect("some name hashes to every shard")
+    }
+}
+
+impl Client {
+    /// Everything the client would read now, in order (a batch frame's
+    /// events one by one), taken out of its outbox.
+    fn events(&self) -> Vec<Value> {
+        let mut out = self.conn.out.borrow_mut();
+        let mut events = Vec::new();
+        while out.open_front(usize::MAX) {
+            let ready = out
+                .items
+                .iter()
+                .take_while(|item| !matches!(item, super::Out::Awaiting(_)))
+                .count();
+            for item in out.items.iter().take(ready) {
+                let text = item.bytes(Format::Json);
+                events.push(serde_json::from_slice(text).expect("events are JSON"));
+            }
+            out.pop_written(ready, Format::Json);
+        }
+        events
+    }
+
+    fn messages(&self) -> Vec<u64> {
+        self.events()
+            .iter()
+            .filter(|e| e["type"] == "message")
+            .map(|e| e["seq"].as_u64().expect("a sequenced message"))
+            .collect()
+    }
+}
+
+#[test]
+fn concurrent_publishers_on_every_shard_share_one_gap_free_seq() {
+    let cluster = Cluster::new(3, &["--max-publish-rate", "0"]);
+    let channel = cluster.channel_owned_by(1, "prices");
+    let subscribers: Vec<Client> = (0..3).map(|s| cluster.connect(s)).collect();
+    for s in &subscribers {
+        cluster.send(s, json!({"action": "subscribe", "channel": channel}));
+    }
+    cluster.settle();
+    for s in &subscribers {
+        let events = s.events();
+        assert_eq!(events[0]["type"], "subscribed", "{events:?}");
+    }
+    let publishers: Vec<Client> = (0..3).map(|s| cluster.connect(s)).collect();
+    // Interleaved: each round, every shard publishes before any message moves.
+    for round in 0..20 {
+        for (p, publisher) in publishers.iter().enumerate() {
+            cluster.send(
+                publisher,
+                json!({"action": "publish", "channel": channel, "data": [p, round], "id": round}),
+            );
+        }
+        if round % 3 == 0 {
+            cluster.settle();
+        }
+    }
+    cluster.settle();
+    let expected: Vec<u64> = (1..=60).collect();
+    for s in &subscribers {
+        assert_eq!(s.messages(), expected, "shard {}", s.shard);
+    }
+    let mut acked: Vec<u64> = publishers
+        .iter()
+        .flat_map(|p| p.events())
+        .filter(|e| e["type"] == "published")
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    acked.sort_unstable();
+    assert_eq!(acked, expected, "every publication acked with its own seq");
+}
+
+#[test]
+fn since_recovers_exactly_at_every_boundary_of_history() {
+    let cluster = Cluster::new(2, &["--history-size", "5", "--max-publish-rate", "0"]);
+    let channel = cluster.channel_owned_by(1, "feed");
+    let publisher = cluster.connect(0);
+    for i in 1..=12 {
+        cluster.send(
+            &publisher,
+            json!({"action": "publish", "channel": channel, "data": i}),
+        );
+    }
+    cluster.settle();
+    // Seqs 8..=12 are kept.
+    let probe = cluster.connect(0);
+    cluster.send(&probe, json!({"action": "subscribe", "channel": channel}));
+    cluster.settle();
+    let epoch = probe.events()[0]["epoch"].clone();
+    let cases: [(u64, Option<Value>, Option<Vec<u64>>); 6] = [
+        (12, None, Some(vec![])),
+        (11, Some(epoch.clone()), Some(vec![12])),
+        (7, Some(epoch.clone()), Some((8..=12).collect())),
+        (6, Some(epoch.clone()), None),
+        (13, None, None),
+        (11, Some(json!("another-epoch")), None),
+    ];
+    let mut late_ones = Vec::new();
+    for (since, epoch, replay) in cases {
+        let late = cluster.connect(0);
+        let mut request = json!({"action": "subscribe", "channel": channel, "since": since});
+        if let Some(epoch) = epoch {
+            request["epoch"] = epoch;
+        }
+        cluster.send(&late, request);
+        cluster.settle();
+        let events = late.events();
+        let (replayed, ack) = events.split_at(events.len() - 1);
+        let seqs: Vec<u64> = replayed
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ack[0]["type"], "subscribed");
+        assert_eq!(ack[0]["seq"], 12);
+        match replay {
+            Some(want) => {
+                assert_eq!(seqs, want, "since {since}");
+                assert_eq!(ack[0]["recovered"], true, "since {since}");
+            }
+            None => {
+                assert!(seqs.is_empty(), "since {since}: {seqs:?}");
+                assert_eq!(ack[0]["recovered"], false, "since {since}");
+            }
+        }
+        late_ones.push(late);
+    }
+    // Then live, with no gap and no duplicate, for every one of them.
+    cluster.send(
+        &publisher,
+        json!({"action": "publish", "channel": channel, "data": 0}),
+    );
+    cluster.settle();
+    for late in &late_ones {
+        assert_eq!(late.messages(), [13]);
+    }
+}
+
+#[test]
+fn answers_to_an_array_across_shards_keep_the_requests_order() {
+    let cluster = Cluster::new(3, &[]);
+    let client = cluster.connect(0);
+    let far = cluster.channel_owned_by(2, "far");
+    let near = cluster.channel_owned_by(0, "near");
+    cluster.send(
+        &client,
+        json!([
+            {"action": "subscribe", "channel": far, "id": 1},
+            {"action": "unsubscribe", "channel": far, "id": 2},
+            {"action": "subscribe", "channel": near, "id": 3},
+            {"action": "publish", "channel": far, "data": 1, "id": 4},
+            {"action": "subscribe", "channel": "bad channel!", "id": 5},
+        ]),
+    );
+    // Before the other shards answer, only what precedes the first
+    // answer still owed may be read: nothing.
+    assert!(client.events().is_empty());
+    cluster.settle();
+    let ids: Vec<i64> = client
+        .events()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn slow_consumers_are_disconnected_or_lose_their_oldest_and_readers_are_not() {
+    for (policy, disconnected) in [("disconnect", true), ("drop-oldest", false)] {
+        let cluster = Cluster::new(
+            1,
+            &[
+                "--max-message-bytes",
+                "1024",
+                "--max-pending-bytes",
+                "8192",
+                "--slow-consumer",
+                policy,
+                "--max-publish-rate",
+                "0",
+            ],
+        );
+        let publisher = cluster.connect(0);
+        let slow = cluster.connect(0);
+        let reader = cluster.connect(0);
+        for c in [&slow, &reader] {
+            cluster.send(c, json!({"action": "subscribe", "channel": "t"}));
+            c.events();
+        }
+        let body = "x".repeat(900);
+        let mut read = Vec::new();
+        for _ in 0..40 {
+            cluster.send(
+                &publisher,
+                json!({"action": "publish", "channel": "t", "data": body}),
+            );
+            read.extend(reader.messages());
+        }
+        assert_eq!(
+            read,
+            (1..=40).collect::<Vec<u64>>(),
+            "{policy}: the reader got all"
+        );
+        let close = slow.conn.close.get();
+        if disconnected {
+            assert_eq!(close.map(|c| c.code), Some(4008), "{policy}");
+            assert!(slow.events().is_empty(), "{policy}: nothing queued is kept");
+        } else {
+            assert!(close.is_none(), "{policy}");
+            let kept = slow.messages();
+            assert!(
+                kept.len() < 40 && kept.last() == Some(&40),
+                "{policy}: {kept:?}"
+            );
+            assert!(
+                kept.windows(2).all(|w| w[1] == w[0] + 1),
+                "{policy}: the newest are kept, in order: {kept:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_silent_client_is_pinged_then_dropped_and_a_pong_keeps_it() {
+    let cluster = Cluster::new(1, &["--ping-interval", "30", "--pong-timeout", "10"]);
+    let shard = &cluster.shards[0];
+    let silent = cluster.connect(0);
+    let answering = cluster.connect(0);
+    let at = Instant::now();
+    shard.tick_at(29, at);
+    assert!(!silent.conn.ping_due.get(), "not silent long enough yet");
+    shard.tick_at(30, at);
+    assert!(silent.conn.ping_due.get() && answering.conn.ping_due.get());
+    // The answering client's pong arrives (the connection task records it
+    // as it reads a whole control frame).
+    answering.conn.ping_sent.set(None);
+    answering.conn.last_read.set(35);
+    shard.tick_at(40, at);
+    assert!(!silent.conn.abort.get(), "the deadline is not passed");
+    shard.tick_at(41, at);
+    assert!(silent.conn.abort.get(), "dropped past --pong-timeout");
+    assert!(!answering.conn.abort.get(), "a pong keeps a client");
+}
