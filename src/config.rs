@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 
 /// What to do with a connection whose pending output passes `--max-pending-bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -37,6 +37,11 @@ const MIN_PENDING_MESSAGES: usize = 4;
 /// Highest --max-message-bytes accepted.
 const MAX_MESSAGE_LIMIT: usize = 64 << 20;
 
+/// The relay's configuration: flags, environment and file merged, then
+/// checked once by [`Config::load_from`], so the rest of the code trusts
+/// it. Options live in sections (server, limits, heartbeat, history,
+/// access, Redis), one per concern, which also head `--help`; flag names
+/// do not depend on them.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "ringcast",
@@ -50,6 +55,48 @@ const MAX_MESSAGE_LIMIT: usize = 64 << 20;
     allow_negative_numbers = true
 )]
 pub struct Config {
+    /// Optional TOML file with any of these options (long names as keys).
+    #[arg(long, env = "RINGCAST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ringcast=debug`.
+    /// Unset: `RUST_LOG` when that is set, else `info`.
+    #[arg(long, env = "RINGCAST_LOG")]
+    pub log: Option<String>,
+
+    #[command(flatten)]
+    pub server: Server,
+
+    #[command(flatten)]
+    pub limits: Limits,
+
+    #[command(flatten)]
+    pub heartbeat: Heartbeat,
+
+    #[command(flatten)]
+    pub history: HistoryOptions,
+
+    #[command(flatten)]
+    pub access: Access,
+
+    #[command(flatten)]
+    pub redis: RedisOptions,
+
+    /// The backplane --redis / --redis-cluster name, checked (set by
+    /// `load_from`).
+    #[arg(skip)]
+    pub backplane: Backplane,
+
+    /// Options whose value came from their environment variable, so that
+    /// errors name the variable (set by `load_from`).
+    #[arg(skip)]
+    from_env: Vec<(String, String)>,
+}
+
+/// The process: addresses, workers, shutdown.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Server")]
+pub struct Server {
     /// Address for WebSocket and HTTP (every worker binds it with SO_REUSEPORT).
     /// Port 0 picks a free port; the chosen address is printed at start.
     #[arg(long, env = "RINGCAST_LISTEN", default_value = "0.0.0.0:8080")]
@@ -83,6 +130,15 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_PIN_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub pin_workers: bool,
 
+    /// On SIGTERM/SIGINT, clients are closed with 1012 spread over this many seconds.
+    #[arg(long, env = "RINGCAST_DRAIN_SECONDS", default_value_t = 10)]
+    pub drain_seconds: u64,
+}
+
+/// What one client, and the node, may use.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Limits")]
+pub struct Limits {
     /// Largest WebSocket message (after reassembly of fragments) or HTTP
     /// publish body, in bytes. Bigger frames are closed with 1009.
     #[arg(long, env = "RINGCAST_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
@@ -126,16 +182,6 @@ pub struct Config {
     #[arg(skip)]
     pub max_pending_bytes: usize,
 
-    /// The backplane --redis / --redis-cluster name, checked (set by
-    /// `load_from`).
-    #[arg(skip)]
-    pub backplane: Backplane,
-
-    /// Options whose value came from their environment variable, so that
-    /// errors name the variable (set by `load_from`).
-    #[arg(skip)]
-    from_env: Vec<(String, String)>,
-
     /// What happens past --max-pending-bytes: disconnect (close 4008) or drop-oldest.
     #[arg(long, env = "RINGCAST_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumerPolicy::Disconnect)]
     pub slow_consumer: SlowConsumerPolicy,
@@ -144,53 +190,10 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_MAX_BATCH_BYTES", default_value_t = 64 * 1024)]
     pub max_batch_bytes: usize,
 
-    /// Messages kept per channel for `since` recovery.
-    #[arg(long, env = "RINGCAST_HISTORY_SIZE", default_value_t = 100)]
-    pub history_size: usize,
-
-    /// Most bytes of history one channel keeps (a message's two encodings
-    /// and about 90 bytes of bookkeeping each); the oldest go first. Default:
-    /// 1 MiB, or 4 x --max-message-bytes when that is more.
-    #[arg(
-        long = "history-channel-bytes",
-        env = "RINGCAST_HISTORY_CHANNEL_BYTES",
-        value_name = "HISTORY_CHANNEL_BYTES"
-    )]
-    history_channel_bytes_given: Option<usize>,
-
-    /// --history-channel-bytes as given, or its default (set by `load_from`).
-    #[arg(skip)]
-    pub history_channel_bytes: usize,
-
-    /// Most bytes all the node's histories hold together (counted as for
-    /// --history-channel-bytes, plus 256 per channel), split evenly between
-    /// the workers; past it, the oldest messages of the node go first, and
-    /// a `since` that needed them gets `recovered: false`.
-    #[arg(long, env = "RINGCAST_HISTORY_MEMORY", default_value_t = 256 << 20)]
-    pub history_memory: usize,
-
-    /// Most channels that keep history on this node (split evenly between
-    /// the workers); past it, the histories of the channels published to
-    /// least recently are forgotten first.
-    #[arg(long, env = "RINGCAST_HISTORY_CHANNELS", default_value_t = 100_000)]
-    pub history_channels: usize,
-
-    /// Oldest age of a kept message, in seconds.
-    #[arg(long, env = "RINGCAST_HISTORY_TTL", default_value_t = 300)]
-    pub history_ttl: u64,
-
     /// Seconds a client has to send a whole request head, and then a whole
     /// request body: one deadline each, however the bytes trickle in.
     #[arg(long, env = "RINGCAST_HANDSHAKE_TIMEOUT", default_value_t = 10)]
     pub handshake_timeout: u64,
-
-    /// Seconds of silence from a client before the server pings it.
-    #[arg(long, env = "RINGCAST_PING_INTERVAL", default_value_t = 30)]
-    pub ping_interval: u64,
-
-    /// Seconds a client has to answer a ping before it is dropped.
-    #[arg(long, env = "RINGCAST_PONG_TIMEOUT", default_value_t = 10)]
-    pub pong_timeout: u64,
 
     /// Client connections this node holds open, of every kind (WebSocket,
     /// HTTP, handshakes under way); beyond it, a new connection is answered
@@ -208,18 +211,6 @@ pub struct Config {
     #[arg(skip)]
     pub max_connections: usize,
 
-    /// On SIGTERM/SIGINT, clients are closed with 1012 spread over this many seconds.
-    #[arg(long, env = "RINGCAST_DRAIN_SECONDS", default_value_t = 10)]
-    pub drain_seconds: u64,
-
-    /// API key required by POST /publish (as `Authorization: Bearer KEY`). Unset: open.
-    #[arg(long, env = "RINGCAST_PUBLISH_KEY")]
-    pub publish_key: Option<String>,
-
-    /// Let WebSocket clients publish. When false, publish gets error `forbidden`.
-    #[arg(long, env = "RINGCAST_ALLOW_CLIENT_PUBLISH", default_value_t = true, action = clap::ArgAction::Set)]
-    pub allow_client_publish: bool,
-
     /// Publications one WebSocket connection may make per second (counted
     /// per one-second tick); beyond, publish gets error `rate_limited`. 0: no limit.
     #[arg(long, env = "RINGCAST_MAX_PUBLISH_RATE", default_value_t = 1000)]
@@ -230,43 +221,133 @@ pub struct Config {
     /// `rate_limited`. 0: no limit.
     #[arg(long, env = "RINGCAST_MAX_SUBSCRIBE_RATE", default_value_t = 2000)]
     pub max_subscribe_rate: u32,
+}
 
+/// Liveness of WebSocket clients.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Heartbeat")]
+pub struct Heartbeat {
+    /// Seconds of silence from a client before the server pings it.
+    #[arg(long, env = "RINGCAST_PING_INTERVAL", default_value_t = 30)]
+    pub ping_interval: u64,
+
+    /// Seconds a client has to answer a ping before it is dropped.
+    #[arg(long, env = "RINGCAST_PONG_TIMEOUT", default_value_t = 10)]
+    pub pong_timeout: u64,
+}
+
+/// History kept for since recovery.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "History")]
+pub struct HistoryOptions {
+    /// Messages kept per channel for `since` recovery.
+    #[arg(
+        long = "history-size",
+        env = "RINGCAST_HISTORY_SIZE",
+        default_value_t = 100
+    )]
+    pub size: usize,
+
+    /// Most bytes of history one channel keeps (a message's two encodings
+    /// and about 90 bytes of bookkeeping each); the oldest go first. Default:
+    /// 1 MiB, or 4 x --max-message-bytes when that is more.
+    #[arg(
+        long = "history-channel-bytes",
+        env = "RINGCAST_HISTORY_CHANNEL_BYTES",
+        value_name = "HISTORY_CHANNEL_BYTES"
+    )]
+    channel_bytes_given: Option<usize>,
+
+    /// --history-channel-bytes as given, or its default (set by `load_from`).
+    #[arg(skip)]
+    pub channel_bytes: usize,
+
+    /// Most bytes all the node's histories hold together (counted as for
+    /// --history-channel-bytes, plus 256 per channel), split evenly between
+    /// the workers; past it, the oldest messages of the node go first, and
+    /// a `since` that needed them gets `recovered: false`.
+    #[arg(long = "history-memory", env = "RINGCAST_HISTORY_MEMORY", default_value_t = 256 << 20)]
+    pub memory: usize,
+
+    /// Most channels that keep history on this node (split evenly between
+    /// the workers); past it, the histories of the channels published to
+    /// least recently are forgotten first.
+    #[arg(
+        long = "history-channels",
+        env = "RINGCAST_HISTORY_CHANNELS",
+        default_value_t = 100_000
+    )]
+    pub channels: usize,
+
+    /// Oldest age of a kept message, in seconds.
+    #[arg(
+        long = "history-ttl",
+        env = "RINGCAST_HISTORY_TTL",
+        default_value_t = 300
+    )]
+    pub ttl: u64,
+}
+
+/// Who may publish.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Access")]
+pub struct Access {
+    /// API key required by POST /publish (as `Authorization: Bearer KEY`). Unset: open.
+    #[arg(long, env = "RINGCAST_PUBLISH_KEY")]
+    pub publish_key: Option<String>,
+
+    /// Let WebSocket clients publish. When false, publish gets error `forbidden`.
+    #[arg(long, env = "RINGCAST_ALLOW_CLIENT_PUBLISH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_client_publish: bool,
+}
+
+/// The Redis backplane.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Redis backplane")]
+pub struct RedisOptions {
     /// Use one Redis (or Sentinel) as the backplane between nodes, e.g.
     /// `redis://127.0.0.1:6379/0` or
     /// `redis-sentinel://host:26379/0?sentinelServiceName=mymaster`
     /// (TLS, `rediss://`, is refused: this build has no TLS to Redis).
     /// Unset (and no --redis-cluster): the embedded, single-node backplane.
-    #[arg(long, env = "RINGCAST_REDIS", conflicts_with = "redis_cluster")]
-    pub redis: Option<String>,
+    #[arg(long = "redis", env = "RINGCAST_REDIS", conflicts_with = "cluster")]
+    pub url: Option<String>,
 
     /// Use a Redis Cluster as the backplane: comma-separated seed nodes
     /// (`host:port,host:port`; the rest of the cluster is discovered).
     /// Needs Redis 7 (sharded pub/sub).
-    #[arg(long, env = "RINGCAST_REDIS_CLUSTER", value_delimiter = ',')]
-    pub redis_cluster: Vec<String>,
+    #[arg(
+        long = "redis-cluster",
+        env = "RINGCAST_REDIS_CLUSTER",
+        value_delimiter = ','
+    )]
+    pub cluster: Vec<String>,
 
     /// Prefix of every Redis key and pub/sub channel ringcast uses.
-    #[arg(long, env = "RINGCAST_REDIS_PREFIX", default_value = "ringcast:")]
-    pub redis_prefix: String,
+    #[arg(
+        long = "redis-prefix",
+        env = "RINGCAST_REDIS_PREFIX",
+        default_value = "ringcast:"
+    )]
+    pub prefix: String,
 
     /// Seconds between the probe messages a node publishes to itself through
     /// Redis; three missed in a row mark the pub/sub link deaf (reconnect).
-    #[arg(long, env = "RINGCAST_REDIS_PROBE_INTERVAL", default_value_t = 1.0)]
-    pub redis_probe_interval: f64,
+    #[arg(
+        long = "redis-probe-interval",
+        env = "RINGCAST_REDIS_PROBE_INTERVAL",
+        default_value_t = 1.0
+    )]
+    pub probe_interval: f64,
 
     /// Seconds a quiet channel's seq and epoch stay in Redis after its last
     /// publication (then it starts again at 1 under a new epoch).
-    #[arg(long, env = "RINGCAST_REDIS_STATE_TTL", default_value_t = 86_400)]
-    pub redis_state_ttl: u64,
-
-    /// Optional TOML file with any of these options (long names as keys).
-    #[arg(long, env = "RINGCAST_CONFIG")]
-    pub config: Option<std::path::PathBuf>,
-
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ringcast=debug`.
-    /// Unset: `RUST_LOG` when that is set, else `info`.
-    #[arg(long, env = "RINGCAST_LOG")]
-    pub log: Option<String>,
+    #[arg(
+        long = "redis-state-ttl",
+        env = "RINGCAST_REDIS_STATE_TTL",
+        default_value_t = 86_400
+    )]
+    pub state_ttl: u64,
 }
 
 /// The backplane between the shards of this node and other nodes.
@@ -389,13 +470,16 @@ impl Config {
         };
         let mut config = config;
         config.from_env = from_environment(&args);
-        config.max_pending_bytes = config
+        config.limits.max_pending_bytes = config
+            .limits
             .max_pending_bytes_given
-            .unwrap_or(DEFAULT_PENDING_MESSAGES.saturating_mul(config.max_message_bytes));
-        config.history_channel_bytes = config
-            .history_channel_bytes_given
-            .unwrap_or((1 << 20).max(config.max_message_bytes.saturating_mul(4)));
-        config.max_connections = config
+            .unwrap_or(DEFAULT_PENDING_MESSAGES.saturating_mul(config.limits.max_message_bytes));
+        config.history.channel_bytes = config
+            .history
+            .channel_bytes_given
+            .unwrap_or((1 << 20).max(config.limits.max_message_bytes.saturating_mul(4)));
+        config.limits.max_connections = config
+            .limits
             .max_connections_given
             .unwrap_or_else(|| connections_within(open_file_limit()));
         config.backplane = config.choose_backplane().map_err(ConfigError::Invalid)?;
@@ -414,13 +498,13 @@ impl Config {
     pub fn file_limit_warning(&self) -> Option<String> {
         let limit = open_file_limit();
         let fits = connections_within(limit);
-        (self.max_connections > fits).then(|| {
+        (self.limits.max_connections > fits).then(|| {
             format!(
                 "{} {} is more than the open-file limit ({limit}) allows with its reserve \
                  ({fits}); past that, new clients get 503 from a reserve descriptor. Raise \
                  LimitNOFILE (systemd) or `ulimit -n`",
                 self.shown("max-connections"),
-                self.max_connections
+                self.limits.max_connections
             )
         })
     }
@@ -447,56 +531,59 @@ impl Config {
     /// Checks relations between values once, so the rest of the code can trust them.
     pub fn validate(&self) -> Result<(), String> {
         let fail = |m: String| Err(format!("invalid configuration: {m}"));
-        if !(128..=MAX_MESSAGE_LIMIT).contains(&self.max_message_bytes) {
+        if !(128..=MAX_MESSAGE_LIMIT).contains(&self.limits.max_message_bytes) {
             return fail(format!(
                 "--max-message-bytes must be between 128 and {MAX_MESSAGE_LIMIT} (64 MiB)"
             ));
         }
-        if self.max_connections == 0 {
+        if self.limits.max_connections == 0 {
             return fail(format!(
                 "{} must be at least 1",
                 self.shown("max-connections")
             ));
         }
-        if self.max_batch_requests == 0 {
+        if self.limits.max_batch_requests == 0 {
             return fail("--max-batch-requests must be at least 1".into());
         }
-        let least = MIN_PENDING_MESSAGES * self.max_message_bytes;
-        if self.max_pending_bytes < least {
+        let least = MIN_PENDING_MESSAGES * self.limits.max_message_bytes;
+        if self.limits.max_pending_bytes < least {
             return fail(format!(
                 "--max-pending-bytes ({}) must be at least {MIN_PENDING_MESSAGES} x --max-message-bytes ({least}), \
                  so a burst of the largest messages does not disconnect a client that reads",
-                self.max_pending_bytes
+                self.limits.max_pending_bytes
             ));
         }
-        if self.max_batch_bytes < 1024 {
+        if self.limits.max_batch_bytes < 1024 {
             return fail("--max-batch-bytes must be at least 1024".into());
         }
-        if self.handshake_timeout == 0 {
+        if self.limits.handshake_timeout == 0 {
             return fail("--handshake-timeout must be at least 1 second".into());
         }
-        if self.ping_interval == 0 || self.pong_timeout == 0 {
+        if self.heartbeat.ping_interval == 0 || self.heartbeat.pong_timeout == 0 {
             return fail("--ping-interval and --pong-timeout must be at least 1 second".into());
         }
-        if self.history_memory < 1 << 20 {
+        if self.history.memory < 1 << 20 {
             return fail(format!(
                 "{} must be at least 1048576 (1 MiB)",
                 self.shown("history-memory")
             ));
         }
-        if self.history_channels == 0 {
+        if self.history.channels == 0 {
             return fail(format!(
                 "{} must be at least 1",
                 self.shown("history-channels")
             ));
         }
-        if self.history_ttl == 0 && self.history_size > 0 {
+        if self.history.ttl == 0 && self.history.size > 0 {
             return fail("--history-ttl must be at least 1 second when history is kept".into());
         }
-        if self.workers > 128 {
-            return fail(format!("--workers {} is more than 128", self.workers));
+        if self.server.workers > 128 {
+            return fail(format!(
+                "--workers {} is more than 128",
+                self.server.workers
+            ));
         }
-        if self.listen.port() != 0 && Some(self.listen) == self.metrics_addr {
+        if self.server.listen.port() != 0 && Some(self.server.listen) == self.server.metrics_addr {
             return fail(
                 "--listen and --metrics-addr must differ (leave --metrics-addr unset to serve \
                  /metrics on --listen to loopback clients)"
@@ -510,19 +597,20 @@ impl Config {
             ));
         }
         if self
-            .redis_prefix
+            .redis
+            .prefix
             .bytes()
             .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
         {
             return fail("--redis-prefix must not contain whitespace or control characters".into());
         }
-        if !(0.05..=60.0).contains(&self.redis_probe_interval) {
+        if !(0.05..=60.0).contains(&self.redis.probe_interval) {
             return fail("--redis-probe-interval must be between 0.05 and 60 seconds".into());
         }
-        if self.redis_state_ttl < self.history_ttl {
+        if self.redis.state_ttl < self.history.ttl {
             return fail("--redis-state-ttl must be at least --history-ttl".into());
         }
-        if let Some(key) = &self.publish_key {
+        if let Some(key) = &self.access.publish_key {
             if key.is_empty() {
                 return fail("--publish-key must not be empty".into());
             }
@@ -537,7 +625,7 @@ impl Config {
 
     /// The backplane the options name, or why they name none.
     fn choose_backplane(&self) -> Result<Backplane, String> {
-        if let Some(url) = &self.redis {
+        if let Some(url) = &self.redis.url {
             let source = self.shown("redis");
             check_redis_url(url)
                 .map_err(|e| format!("invalid configuration: {source} `{url}`: {e}"))?;
@@ -545,29 +633,30 @@ impl Config {
                 url: url.trim().to_string(),
             });
         }
-        if self.redis_cluster.is_empty() {
+        if self.redis.cluster.is_empty() {
             return Ok(Backplane::Embedded);
         }
         let seeds = self
-            .redis_cluster
+            .redis
+            .cluster
             .iter()
             .map(|node| parse_seed(node))
             .collect::<Result<_, _>>()
             .map_err(|e| {
                 format!(
                     "invalid configuration: --redis-cluster {}: {e}",
-                    self.redis_cluster.join(",")
+                    self.redis.cluster.join(",")
                 )
             })?;
         Ok(Backplane::RedisCluster { seeds })
     }
 
     pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_secs(self.handshake_timeout)
+        Duration::from_secs(self.limits.handshake_timeout)
     }
 
     pub fn history_ttl(&self) -> Duration {
-        Duration::from_secs(self.history_ttl)
+        Duration::from_secs(self.history.ttl)
     }
 }
 
@@ -718,11 +807,11 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.max_message_bytes, 65536);
-        assert_eq!(c.history_size, 100);
-        assert_eq!(c.slow_consumer, SlowConsumerPolicy::Disconnect);
-        assert_eq!(c.max_batch_requests, 1000);
-        assert_eq!(c.max_pending_bytes, 16 * 65536);
+        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.history.size, 100);
+        assert_eq!(c.limits.slow_consumer, SlowConsumerPolicy::Disconnect);
+        assert_eq!(c.limits.max_batch_requests, 1000);
+        assert_eq!(c.limits.max_pending_bytes, 16 * 65536);
     }
 
     #[test]
@@ -744,9 +833,15 @@ mod tests {
         assert_eq!(connections_within(1 << 20), (1 << 20) - 4096);
         assert_eq!(connections_within(10), 1);
         let c = parse(&[]).unwrap();
-        assert_eq!(c.max_connections, connections_within(open_file_limit()));
         assert_eq!(
-            parse(&["--max-connections", "7"]).unwrap().max_connections,
+            c.limits.max_connections,
+            connections_within(open_file_limit())
+        );
+        assert_eq!(
+            parse(&["--max-connections", "7"])
+                .unwrap()
+                .limits
+                .max_connections,
             7
         );
         let e = parse(&["--max-connections", "0"]).unwrap_err();
@@ -756,7 +851,7 @@ mod tests {
     #[test]
     fn the_pending_bound_follows_the_message_limit() {
         let c = parse(&["--max-message-bytes", "1048576"]).unwrap();
-        assert_eq!(c.max_pending_bytes, 16 << 20);
+        assert_eq!(c.limits.max_pending_bytes, 16 << 20);
         let c = parse(&[
             "--max-message-bytes",
             "16384",
@@ -764,7 +859,7 @@ mod tests {
             "65536",
         ])
         .unwrap();
-        assert_eq!(c.max_pending_bytes, 65536);
+        assert_eq!(c.limits.max_pending_bytes, 65536);
         assert!(parse(&["--max-pending-bytes", "262144"]).is_ok());
         let e = parse(&["--max-message-bytes", "4611686018427387904"]).unwrap_err();
         assert!(e.contains("between 128 and"), "{e}");
@@ -838,9 +933,9 @@ mod tests {
         .unwrap();
         let p = path.to_str().unwrap();
         let c = parse(&["--config", p, "--max-batch-requests", "3"]).unwrap();
-        assert_eq!(c.history_size, 7);
-        assert_eq!(c.slow_consumer, SlowConsumerPolicy::DropOldest);
-        assert_eq!(c.max_batch_requests, 3);
+        assert_eq!(c.history.size, 7);
+        assert_eq!(c.limits.slow_consumer, SlowConsumerPolicy::DropOldest);
+        assert_eq!(c.limits.max_batch_requests, 3);
         std::fs::write(&path, "no-such-option = 1\n").unwrap();
         let e = parse(&["--config", p]).unwrap_err();
         assert!(e.contains("unknown key `no-such-option`"), "{e}");

@@ -306,7 +306,7 @@ async fn route(
         "/readyz" if get => {
             if shard.node.is_draining() {
                 Response::text(503, "draining")
-            } else if shard.node.sockets() >= shard.config.max_connections {
+            } else if shard.node.sockets() >= shard.config.limits.max_connections {
                 Response::text(503, "full")
             } else if !shard.node.backplane_ready() {
                 Response::text(503, "backplane unavailable")
@@ -314,7 +314,9 @@ async fn route(
                 Response::text(200, "ready")
             }
         }
-        "/metrics" if get && shard.config.metrics_addr.is_none() && peer_is_local(stream) => {
+        "/metrics"
+            if get && shard.config.server.metrics_addr.is_none() && peer_is_local(stream) =>
+        {
             match crate::metrics::render() {
                 Some(text) => Response {
                     status: 200,
@@ -364,11 +366,14 @@ async fn read_body(
             "Content-Length is required",
         ));
     };
-    if len > shard.config.max_message_bytes {
+    if len > shard.config.limits.max_message_bytes {
         return Err(Response::error(
             413,
             "too_large",
-            &format!("body exceeds {} bytes", shard.config.max_message_bytes),
+            &format!(
+                "body exceeds {} bytes",
+                shard.config.limits.max_message_bytes
+            ),
         ));
     }
     if head
@@ -416,7 +421,7 @@ async fn read_body(
 /// Refuses a publish whose API key is missing or wrong, before its body
 /// is read: an unauthenticated client gets no buffer and no wait.
 fn check_publish_key(shard: &Shard, head: &Head) -> Result<(), Response> {
-    let Some(key) = &shard.config.publish_key else {
+    let Some(key) = &shard.config.access.publish_key else {
         return Ok(());
     };
     let given = head.header("authorization").and_then(bearer_token);

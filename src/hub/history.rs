@@ -158,8 +158,8 @@ pub struct Budget {
 impl Budget {
     pub fn share(config: &crate::config::Config, shards: usize) -> Budget {
         Budget {
-            bytes: config.history_memory / shards,
-            channels: (config.history_channels / shards).max(1),
+            bytes: config.history.memory / shards,
+            channels: (config.history.channels / shards).max(1),
         }
     }
 

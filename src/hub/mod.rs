@@ -202,8 +202,8 @@ impl Shard {
         redis: Option<RedisHandle>,
     ) -> Shard {
         let history_limits = Limits {
-            size: config.history_size,
-            bytes: config.history_channel_bytes,
+            size: config.history.size,
+            bytes: config.history.channel_bytes,
         };
         let history_budget = HistoryBudget::share(&config, mesh.shards());
         Shard {
@@ -272,12 +272,12 @@ impl Shard {
         let (counter, limit, what) = match action {
             Action::Publish { .. } => (
                 &conn.publishes_this_tick,
-                self.config.max_publish_rate,
+                self.config.limits.max_publish_rate,
                 "publications",
             ),
             _ => (
                 &conn.subscribes_this_tick,
-                self.config.max_subscribe_rate,
+                self.config.limits.max_subscribe_rate,
                 "subscribes and unsubscribes",
             ),
         };
@@ -302,7 +302,7 @@ impl Shard {
             }
             Action::Unsubscribe => self.unsubscribe(key, &conn, &channel, id),
             Action::Publish { data } => {
-                if !self.config.allow_client_publish {
+                if !self.config.access.allow_client_publish {
                     return self.reply_error(
                         &conn,
                         RequestError {
@@ -337,9 +337,13 @@ impl Shard {
     /// it), so a flood costs the shard no parsing, only what TCP holds.
     pub fn over_request_rate(&self, conn: &Conn) -> bool {
         let over = |count: &Cell<u32>, limit: u32| limit > 0 && count.get() >= limit;
-        over(&conn.publishes_this_tick, self.config.max_publish_rate)
-            || over(&conn.subscribes_this_tick, self.config.max_subscribe_rate)
-            || conn.pings_this_tick.get() >= outbox::PINGS_PER_SECOND
+        over(
+            &conn.publishes_this_tick,
+            self.config.limits.max_publish_rate,
+        ) || over(
+            &conn.subscribes_this_tick,
+            self.config.limits.max_subscribe_rate,
+        ) || conn.pings_this_tick.get() >= outbox::PINGS_PER_SECOND
     }
 
     /// Publishes for an HTTP request; await the returned wait for the seq.
@@ -356,7 +360,7 @@ impl Shard {
 
     /// Queues a reply for `conn`, within its pending-bytes bound.
     fn reply(&self, conn: &Conn, payload: Vec<u8>) {
-        let pushed = conn.push_reply(payload, self.config.max_pending_bytes);
+        let pushed = conn.push_reply(payload, self.config.limits.max_pending_bytes);
         self.count_slow(pushed);
     }
 
@@ -369,7 +373,7 @@ impl Shard {
     }
 
     fn fill(&self, conn: &Conn, slot: Option<&ReplySlot>, items: Answer) {
-        let pushed = conn.fill_reply(slot, items, self.config.max_pending_bytes);
+        let pushed = conn.fill_reply(slot, items, self.config.limits.max_pending_bytes);
         self.count_slow(pushed);
     }
 
@@ -482,10 +486,10 @@ impl Shard {
     ) -> Result<(Arc<str>, usize), (ErrorCode, String)> {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
-        if st.conns[key].subs.len() >= self.config.max_subscriptions {
+        if st.conns[key].subs.len() >= self.config.limits.max_subscriptions {
             let msg = format!(
                 "a connection may hold at most {} subscriptions",
-                self.config.max_subscriptions
+                self.config.limits.max_subscriptions
             );
             return Err((ErrorCode::TooLarge, msg));
         }
@@ -498,11 +502,11 @@ impl Shard {
         }
         if !self
             .node
-            .take_subscription(self.config.max_subscriptions_total)
+            .take_subscription(self.config.limits.max_subscriptions_total)
         {
             let msg = format!(
                 "this node holds its most subscriptions ({}); retry later or on another node",
-                self.config.max_subscriptions_total
+                self.config.limits.max_subscriptions_total
             );
             return Err((ErrorCode::Unavailable, msg));
         }
@@ -1087,8 +1091,8 @@ impl Shard {
     fn push_to(&self, conn: &Conn, publication: &SharedPublication) {
         match conn.push_message(
             publication,
-            self.config.max_pending_bytes,
-            self.config.slow_consumer,
+            self.config.limits.max_pending_bytes,
+            self.config.limits.slow_consumer,
         ) {
             Pushed::Queued | Pushed::Closed => {}
             Pushed::DroppedOldest(n) => self.metrics.slow_drop_oldest.increment(n as u64),
@@ -1129,8 +1133,8 @@ impl Shard {
     /// shard's clock (heartbeats), `at` for history ages.
     pub fn tick_at(&self, now: u32, at: Instant) {
         self.now.set(now);
-        let ping_interval = self.config.ping_interval as u32;
-        let pong_timeout = self.config.pong_timeout as u32;
+        let ping_interval = self.config.heartbeat.ping_interval as u32;
+        let pong_timeout = self.config.heartbeat.pong_timeout as u32;
         {
             let st = self.state.borrow();
             for (_, entry) in &st.conns {

@@ -83,24 +83,28 @@ pub fn raise_file_limit() {
 /// Runs the relay until it has drained after SIGTERM/SIGINT.
 pub fn run(config: Config) -> Result<()> {
     let cpus = allowed_cpus();
-    let workers = if config.workers == 0 {
+    let workers = if config.server.workers == 0 {
         cpus.len().max(1)
     } else {
-        config.workers
+        config.server.workers
     };
     if workers > 128 {
         return Err(Error::msg(format!(
             "{workers} workers: at most 128 are supported"
         )));
     }
-    let driver = resolve_driver(config.driver)?;
+    let driver = resolve_driver(config.server.driver)?;
     if let Some(warning) = config.file_limit_warning() {
         tracing::warn!("{warning}");
     }
     let listener::Group {
         listeners,
         first: opened_the_address,
-    } = listener::bind_group(config.listen, workers, config.reuse_port_shared)?;
+    } = listener::bind_group(
+        config.server.listen,
+        workers,
+        config.server.reuse_port_shared,
+    )?;
     // Kept to steer new connections to the other processes sharing the
     // address (a hot upgrade's new binary) when this one drains.
     let hand_over = HandOver {
@@ -117,7 +121,7 @@ pub fn run(config: Config) -> Result<()> {
     let handle = crate::metrics::install()?;
     // /metrics is on the main port (loopback clients only) unless the
     // operator gives it an address of its own.
-    let metrics_addr = match config.metrics_addr {
+    let metrics_addr = match config.server.metrics_addr {
         None => addr,
         Some(wanted) => {
             let metrics_listener = TcpListener::bind(wanted)
@@ -152,7 +156,7 @@ pub fn run(config: Config) -> Result<()> {
         "embedded"
     };
 
-    tracing::info!(%addr, %metrics_addr, workers, driver = driver.name(), backplane, max_connections = config.max_connections, "ringcast listening");
+    tracing::info!(%addr, %metrics_addr, workers, driver = driver.name(), backplane, max_connections = config.limits.max_connections, "ringcast listening");
     // One stable line on stdout for scripts and tests to find the addresses
     // (not println!: a closed stdout must not stop the relay).
     let mut stdout = std::io::stdout();
@@ -166,6 +170,7 @@ pub fn run(config: Config) -> Result<()> {
     let mut threads = Vec::with_capacity(workers);
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let cpu = config
+            .server
             .pin_workers
             .then(|| cpus.get(id % cpus.len().max(1)).copied())
             .flatten();

@@ -211,8 +211,8 @@ impl ConnTask {
             peer_closed,
             ..
         } = self;
-        let max_message = shard.config.max_message_bytes;
-        let max_batch = shard.config.max_batch_requests;
+        let max_message = shard.config.limits.max_message_bytes;
+        let max_batch = shard.config.limits.max_batch_requests;
         let result = reader.feed(data, max_message, &mut |incoming| {
             shard.metrics.frames_in.add(1);
             // Only whole messages and control frames prove the client
@@ -320,7 +320,7 @@ impl ConnTask {
                 let frame = plan_frame(
                     &out.items,
                     self.conn.format,
-                    self.shard.config.max_batch_bytes,
+                    self.shard.config.limits.max_batch_bytes,
                 );
                 out.in_flight = frame.items as u16;
                 self.frame = Some(frame);

@@ -199,9 +199,9 @@ impl Link {
                 config.backplane,
                 crate::config::Backplane::RedisCluster { .. }
             ),
-            fence_prefix: format!("{}$fence:{node_tag}:", config.redis_prefix),
+            fence_prefix: format!("{}$fence:{node_tag}:", config.redis.prefix),
             probes: vec![Probe {
-                channel: format!("{}$probe:{node_tag}", config.redis_prefix),
+                channel: format!("{}$probe:{node_tag}", config.redis.prefix),
                 sharded: false,
                 pending: false,
                 back: None,
@@ -303,7 +303,7 @@ impl Link {
         if let Some(k) = self.keys.get(channel) {
             return k.clone();
         }
-        let k = Arc::new(ChannelKeys::new(&self.config.redis_prefix, channel));
+        let k = Arc::new(ChannelKeys::new(&self.config.redis.prefix, channel));
         if self.keys.len() > 100_000 {
             // Keys of channels nobody wants any more are cheap to rebuild.
             let desired = &self.desired;
@@ -380,7 +380,7 @@ impl Link {
         if !unsubscribe.is_empty() {
             let names: Vec<String> = unsubscribe
                 .iter()
-                .map(|c| format!("{}{c}", self.config.redis_prefix))
+                .map(|c| format!("{}{c}", self.config.redis.prefix))
                 .collect();
             if self.clustered {
                 // One per channel: SUNSUBSCRIBE refuses channels of several slots.
@@ -455,11 +455,11 @@ impl Link {
 
     fn issue_publish(&mut self, call: CallBuilder) {
         self.epoch_counter += 1;
-        let history_size = self.config.history_size;
+        let history_size = self.config.history.size;
         let mut args: Vec<Value> = Vec::with_capacity(6 + 2 * call.channels.len() + call.items);
         args.push(Value::Integer(history_size as i64));
-        args.push(Value::Integer((self.config.history_ttl * 1000) as i64));
-        args.push(Value::Integer((self.config.redis_state_ttl * 1000) as i64));
+        args.push(Value::Integer((self.config.history.ttl * 1000) as i64));
+        args.push(Value::Integer((self.config.redis.state_ttl * 1000) as i64));
         args.push(Value::from(format!(
             "{}{:x}-",
             &self.node_tag[..8],
@@ -470,7 +470,7 @@ impl Link {
         } else {
             "PUBLISH"
         }));
-        args.push(Value::Integer(self.config.history_channel_bytes as i64));
+        args.push(Value::Integer(self.config.history.channel_bytes as i64));
         let mut keys: Vec<String> = Vec::with_capacity(3 * call.channels.len());
         let mut waiters = Vec::with_capacity(call.channels.len());
         for (k, items) in call.channels {
@@ -535,8 +535,8 @@ impl Link {
         let args: Vec<Value> = vec![
             Value::Integer(after.map_or(-1, |a| a as i64)),
             Value::from(epoch.to_string()),
-            Value::Integer((self.config.history_ttl * 1000) as i64),
-            Value::Integer(self.config.history_size.max(1) as i64),
+            Value::Integer((self.config.history.ttl * 1000) as i64),
+            Value::Integer(self.config.history.size.max(1) as i64),
         ];
         tokio::spawn(async move {
             let options = Options {
@@ -576,7 +576,7 @@ impl Link {
             let fence = format!("{}{id}", self.fence_prefix);
             let names: Vec<String> = chunk
                 .iter()
-                .map(|(c, _)| format!("{}{c}", self.config.redis_prefix))
+                .map(|(c, _)| format!("{}{c}", self.config.redis.prefix))
                 .collect();
             let mut classic = names.clone();
             let mut sharded = if self.clustered { names } else { Vec::new() };
@@ -709,7 +709,7 @@ impl Link {
         for slot in state.unique_hash_slots() {
             let channel = format!(
                 "{}$probe:{}:{{{}}}",
-                self.config.redis_prefix,
+                self.config.redis.prefix,
                 self.node_tag,
                 scripts::slot_tags()[slot as usize]
             );
@@ -776,7 +776,7 @@ impl Link {
             Value::String(s) => s.into_inner(),
             _ => return,
         };
-        let Some(name) = msg.channel.strip_prefix(self.config.redis_prefix.as_str()) else {
+        let Some(name) = msg.channel.strip_prefix(self.config.redis.prefix.as_str()) else {
             return;
         };
         if name.starts_with('$') {
@@ -845,7 +845,7 @@ impl Link {
     }
 
     fn probe_interval(&self) -> Duration {
-        Duration::from_secs_f64(self.config.redis_probe_interval)
+        Duration::from_secs_f64(self.config.redis.probe_interval)
     }
 
     /// When the quietest probe last came back (since the last resync).
