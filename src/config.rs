@@ -131,8 +131,9 @@ pub struct Server {
     pub pin_workers: bool,
 
     /// On SIGTERM/SIGINT, clients are closed with 1012 spread over this many seconds.
-    #[arg(long, env = "RINGCAST_DRAIN_SECONDS", default_value_t = 10)]
-    pub drain_seconds: u64,
+    #[arg(long = "drain-seconds", env = "RINGCAST_DRAIN_SECONDS", default_value = "10", value_name = "SECONDS",
+        value_parser = seconds)]
+    pub drain: Duration,
 }
 
 /// What one client, and the node, may use.
@@ -192,8 +193,9 @@ pub struct Limits {
 
     /// Seconds a client has to send a whole request head, and then a whole
     /// request body: one deadline each, however the bytes trickle in.
-    #[arg(long, env = "RINGCAST_HANDSHAKE_TIMEOUT", default_value_t = 10)]
-    pub handshake_timeout: u64,
+    #[arg(long, env = "RINGCAST_HANDSHAKE_TIMEOUT", default_value = "10", value_name = "SECONDS",
+        value_parser = seconds)]
+    pub handshake_timeout: Duration,
 
     /// Client connections this node holds open, of every kind (WebSocket,
     /// HTTP, handshakes under way); beyond it, a new connection is answered
@@ -228,12 +230,14 @@ pub struct Limits {
 #[command(next_help_heading = "Heartbeat")]
 pub struct Heartbeat {
     /// Seconds of silence from a client before the server pings it.
-    #[arg(long, env = "RINGCAST_PING_INTERVAL", default_value_t = 30)]
-    pub ping_interval: u64,
+    #[arg(long, env = "RINGCAST_PING_INTERVAL", default_value = "30", value_name = "SECONDS",
+        value_parser = seconds)]
+    pub ping_interval: Duration,
 
     /// Seconds a client has to answer a ping before it is dropped.
-    #[arg(long, env = "RINGCAST_PONG_TIMEOUT", default_value_t = 10)]
-    pub pong_timeout: u64,
+    #[arg(long, env = "RINGCAST_PONG_TIMEOUT", default_value = "10", value_name = "SECONDS",
+        value_parser = seconds)]
+    pub pong_timeout: Duration,
 }
 
 /// History kept for since recovery.
@@ -243,6 +247,7 @@ pub struct HistoryOptions {
     /// Messages kept per channel for `since` recovery.
     #[arg(
         long = "history-size",
+        value_name = "MESSAGES",
         env = "RINGCAST_HISTORY_SIZE",
         default_value_t = 100
     )]
@@ -266,7 +271,7 @@ pub struct HistoryOptions {
     /// --history-channel-bytes, plus 256 per channel), split evenly between
     /// the workers; past it, the oldest messages of the node go first, and
     /// a `since` that needed them gets `recovered: false`.
-    #[arg(long = "history-memory", env = "RINGCAST_HISTORY_MEMORY", default_value_t = 256 << 20)]
+    #[arg(long = "history-memory", value_name = "BYTES", env = "RINGCAST_HISTORY_MEMORY", default_value_t = 256 << 20)]
     pub memory: usize,
 
     /// Most channels that keep history on this node (split evenly between
@@ -274,18 +279,16 @@ pub struct HistoryOptions {
     /// least recently are forgotten first.
     #[arg(
         long = "history-channels",
+        value_name = "CHANNELS",
         env = "RINGCAST_HISTORY_CHANNELS",
         default_value_t = 100_000
     )]
     pub channels: usize,
 
     /// Oldest age of a kept message, in seconds.
-    #[arg(
-        long = "history-ttl",
-        env = "RINGCAST_HISTORY_TTL",
-        default_value_t = 300
-    )]
-    pub ttl: u64,
+    #[arg(long = "history-ttl", env = "RINGCAST_HISTORY_TTL", default_value = "300", value_name = "SECONDS",
+        value_parser = seconds)]
+    pub ttl: Duration,
 }
 
 /// Who may publish.
@@ -310,7 +313,12 @@ pub struct RedisOptions {
     /// `redis-sentinel://host:26379/0?sentinelServiceName=mymaster`
     /// (TLS, `rediss://`, is refused: this build has no TLS to Redis).
     /// Unset (and no --redis-cluster): the embedded, single-node backplane.
-    #[arg(long = "redis", env = "RINGCAST_REDIS", conflicts_with = "cluster")]
+    #[arg(
+        long = "redis",
+        value_name = "URL",
+        env = "RINGCAST_REDIS",
+        conflicts_with = "cluster"
+    )]
     pub url: Option<String>,
 
     /// Use a Redis Cluster as the backplane: comma-separated seed nodes
@@ -318,6 +326,7 @@ pub struct RedisOptions {
     /// Needs Redis 7 (sharded pub/sub).
     #[arg(
         long = "redis-cluster",
+        value_name = "HOST:PORT",
         env = "RINGCAST_REDIS_CLUSTER",
         value_delimiter = ','
     )]
@@ -326,6 +335,7 @@ pub struct RedisOptions {
     /// Prefix of every Redis key and pub/sub channel ringcast uses.
     #[arg(
         long = "redis-prefix",
+        value_name = "PREFIX",
         env = "RINGCAST_REDIS_PREFIX",
         default_value = "ringcast:"
     )]
@@ -333,21 +343,15 @@ pub struct RedisOptions {
 
     /// Seconds between the probe messages a node publishes to itself through
     /// Redis; three missed in a row mark the pub/sub link deaf (reconnect).
-    #[arg(
-        long = "redis-probe-interval",
-        env = "RINGCAST_REDIS_PROBE_INTERVAL",
-        default_value_t = 1.0
-    )]
-    pub probe_interval: f64,
+    #[arg(long = "redis-probe-interval", env = "RINGCAST_REDIS_PROBE_INTERVAL", default_value = "1.0", value_name = "SECONDS",
+        value_parser = fractional_seconds)]
+    pub probe_interval: Duration,
 
     /// Seconds a quiet channel's seq and epoch stay in Redis after its last
     /// publication (then it starts again at 1 under a new epoch).
-    #[arg(
-        long = "redis-state-ttl",
-        env = "RINGCAST_REDIS_STATE_TTL",
-        default_value_t = 86_400
-    )]
-    pub state_ttl: u64,
+    #[arg(long = "redis-state-ttl", env = "RINGCAST_REDIS_STATE_TTL", default_value = "86400", value_name = "SECONDS",
+        value_parser = seconds)]
+    pub state_ttl: Duration,
 }
 
 /// The backplane between the shards of this node and other nodes.
@@ -556,10 +560,10 @@ impl Config {
         if self.limits.max_batch_bytes < 1024 {
             return fail("--max-batch-bytes must be at least 1024".into());
         }
-        if self.limits.handshake_timeout == 0 {
+        if self.limits.handshake_timeout.is_zero() {
             return fail("--handshake-timeout must be at least 1 second".into());
         }
-        if self.heartbeat.ping_interval == 0 || self.heartbeat.pong_timeout == 0 {
+        if self.heartbeat.ping_interval.is_zero() || self.heartbeat.pong_timeout.is_zero() {
             return fail("--ping-interval and --pong-timeout must be at least 1 second".into());
         }
         if self.history.memory < 1 << 20 {
@@ -574,7 +578,7 @@ impl Config {
                 self.shown("history-channels")
             ));
         }
-        if self.history.ttl == 0 && self.history.size > 0 {
+        if self.history.ttl.is_zero() && self.history.size > 0 {
             return fail("--history-ttl must be at least 1 second when history is kept".into());
         }
         if self.server.workers > 128 {
@@ -604,7 +608,9 @@ impl Config {
         {
             return fail("--redis-prefix must not contain whitespace or control characters".into());
         }
-        if !(0.05..=60.0).contains(&self.redis.probe_interval) {
+        if !(Duration::from_millis(50)..=Duration::from_secs(60))
+            .contains(&self.redis.probe_interval)
+        {
             return fail("--redis-probe-interval must be between 0.05 and 60 seconds".into());
         }
         if self.redis.state_ttl < self.history.ttl {
@@ -652,12 +658,29 @@ impl Config {
     }
 
     pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_secs(self.limits.handshake_timeout)
+        self.limits.handshake_timeout
     }
 
     pub fn history_ttl(&self) -> Duration {
-        Duration::from_secs(self.history.ttl)
+        self.history.ttl
     }
+}
+
+/// A whole number of seconds, as options that take seconds are given.
+fn seconds(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("`{text}` is not a whole number of seconds"))
+}
+
+/// Seconds, possibly with a fraction (`0.25`).
+fn fractional_seconds(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| format!("`{text}` is not a number of seconds"))
 }
 
 /// This process's open-file limit (the soft one, which is what counts;
@@ -824,6 +847,18 @@ mod tests {
             "{e}"
         );
         assert!(parse(&["--log", "warn,ringcast=debug"]).is_ok());
+    }
+
+    #[test]
+    fn times_are_durations_once_parsed() {
+        let c = parse(&["--history-ttl", "42", "--redis-probe-interval", "0.25"]).unwrap();
+        assert_eq!(c.history.ttl, Duration::from_secs(42));
+        assert_eq!(c.redis.probe_interval, Duration::from_millis(250));
+        assert_eq!(c.heartbeat.pong_timeout, Duration::from_secs(10));
+        let e = parse(&["--ping-interval", "1.5"]).unwrap_err();
+        assert!(e.contains("`1.5` is not a whole number of seconds"), "{e}");
+        let e = parse(&["--redis-probe-interval", "-1"]).unwrap_err();
+        assert!(e.contains("is not a number of seconds"), "{e}");
     }
 
     #[test]

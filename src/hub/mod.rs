@@ -1133,8 +1133,8 @@ impl Shard {
     /// shard's clock (heartbeats), `at` for history ages.
     pub fn tick_at(&self, now: u32, at: Instant) {
         self.now.set(now);
-        let ping_interval = self.config.heartbeat.ping_interval as u32;
-        let pong_timeout = self.config.heartbeat.pong_timeout as u32;
+        let ping_interval = self.config.heartbeat.ping_interval.as_secs() as u32;
+        let pong_timeout = self.config.heartbeat.pong_timeout.as_secs() as u32;
         {
             let st = self.state.borrow();
             for (_, entry) in &st.conns {

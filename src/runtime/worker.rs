@@ -288,7 +288,7 @@ async fn drain(shard: Rc<Shard>, stop: Rc<Stop>) {
         flush: true,
     };
     let conns = shard.connections();
-    let window = Duration::from_secs(shard.config.server.drain_seconds);
+    let window = shard.config.server.drain;
     let start = Instant::now();
     let n = conns.len() as u32;
     for (i, conn) in conns.iter().enumerate() {
@@ -307,7 +307,7 @@ async fn drain(shard: Rc<Shard>, stop: Rc<Stop>) {
     // early would close its listener while the kernel still queues new
     // connections on it, and those would be reset instead of answered
     // (503 while draining) by a shard that is still up.
-    let deadline = Instant::now() + Duration::from_secs(shard.config.heartbeat.pong_timeout + 1);
+    let deadline = Instant::now() + shard.config.heartbeat.pong_timeout + Duration::from_secs(1);
     while shard.node.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(20)).await;
     }

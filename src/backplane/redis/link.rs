@@ -458,8 +458,10 @@ impl Link {
         let history_size = self.config.history.size;
         let mut args: Vec<Value> = Vec::with_capacity(6 + 2 * call.channels.len() + call.items);
         args.push(Value::Integer(history_size as i64));
-        args.push(Value::Integer((self.config.history.ttl * 1000) as i64));
-        args.push(Value::Integer((self.config.redis.state_ttl * 1000) as i64));
+        args.push(Value::Integer(self.config.history.ttl.as_millis() as i64));
+        args.push(Value::Integer(
+            self.config.redis.state_ttl.as_millis() as i64
+        ));
         args.push(Value::from(format!(
             "{}{:x}-",
             &self.node_tag[..8],
@@ -535,7 +537,7 @@ impl Link {
         let args: Vec<Value> = vec![
             Value::Integer(after.map_or(-1, |a| a as i64)),
             Value::from(epoch.to_string()),
-            Value::Integer((self.config.history.ttl * 1000) as i64),
+            Value::Integer(self.config.history.ttl.as_millis() as i64),
             Value::Integer(self.config.history.size.max(1) as i64),
         ];
         tokio::spawn(async move {
@@ -845,7 +847,7 @@ impl Link {
     }
 
     fn probe_interval(&self) -> Duration {
-        Duration::from_secs_f64(self.config.redis.probe_interval)
+        self.config.redis.probe_interval
     }
 
     /// When the quietest probe last came back (since the last resync).
