@@ -160,7 +160,7 @@ pub struct Limits {
     /// Most subscriptions this node holds, all connections together;
     /// beyond it, subscribe gets error `unavailable`. One subscription to a
     /// channel nobody else here wants costs about 360 bytes, one to a
-    /// channel others already receive about 40.
+    /// channel others already receive about 35.
     #[arg(
         long,
         env = "RINGCAST_MAX_SUBSCRIPTIONS_TOTAL",

@@ -65,7 +65,7 @@ impl Worker {
         let stop = Rc::new(Stop::default());
         monoio::spawn(inbox_loop(shard.clone(), self.inbox, stop.clone()));
         monoio::spawn(ticker(shard.clone()));
-        let mut refusals = AcceptErrors::default();
+        let mut accept_errors = AcceptErrors::default();
         let mut reserve = ReserveDescriptor::open();
         loop {
             if !reserve.is_held() {
@@ -76,7 +76,7 @@ impl Worker {
                     Ok((stream, _peer)) => admit(&shard, stream),
                     Err(e) => {
                         let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-                        refusals.count(&shard, &e);
+                        accept_errors.count(&shard, &e);
                         if out_of_files && reserve.release() {
                             // The descriptor given back lets one waiting
                             // client hear why instead of hanging in the
