@@ -850,6 +850,22 @@ mod tests {
     }
 
     #[test]
+    fn history_budgets_follow_the_message_limit_and_refuse_nonsense() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.history.channel_bytes, 1 << 20);
+        assert_eq!(c.history.memory, 256 << 20);
+        let c = parse(&["--max-message-bytes", "1048576"]).unwrap();
+        assert_eq!(c.history.channel_bytes, 4 << 20, "4 x the largest message");
+        let e = parse(&["--history-memory", "1000"]).unwrap_err();
+        assert!(
+            e.contains("--history-memory must be at least 1048576"),
+            "{e}"
+        );
+        let e = parse(&["--history-channels", "0"]).unwrap_err();
+        assert!(e.contains("--history-channels must be at least 1"), "{e}");
+    }
+
+    #[test]
     fn times_are_durations_once_parsed() {
         let c = parse(&["--history-ttl", "42", "--redis-probe-interval", "0.25"]).unwrap();
         assert_eq!(c.history.ttl, Duration::from_secs(42));
