@@ -5,6 +5,7 @@
 //! connection loop), `protocol` (sans-IO requests and events), `hub`
 //! (per-shard channels, seq, history, fan-out), `backplane` (how shards and
 //! nodes reach each other), `node` (what the shards of a process share),
+//! `io` (the poll-io helpers and shared read buffer of the transports),
 //! `config`, `metrics`, `error`.
 
 pub mod backplane;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod io;
 pub mod metrics;
 pub mod node;
 pub mod protocol;

@@ -14,9 +14,9 @@ use monoio::net::tcp::stream_poll::TcpStreamPoll;
 pub use message::{Head, Response};
 
 use crate::hub::Shard;
+use crate::io::{read_shared, read_some, write_all};
 use crate::node::Admission;
 use crate::protocol::{validate_channel, Data};
-use crate::runtime::io::{read_shared, read_some, write_all};
 use crate::ws::connection::ConnTask;
 use crate::ws::handshake;
 

@@ -1,7 +1,6 @@
 //! Start-up and shutdown: worker threads (one monoio runtime pinned to a
 //! core each), their listeners, the metrics thread and signal handling.
 
-pub mod io;
 mod listener;
 mod worker;
 

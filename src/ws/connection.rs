@@ -20,8 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::frame::{self, Incoming, WsReader, MAX_HEADER};
 use crate::hub::{CloseRequest, Conn, Out, Shard, MAX_REPLIES_AWAITED};
+use crate::io::with_read_buf;
 use crate::protocol::{decode_requests, Format};
-use crate::runtime::io::with_read_buf;
 
 /// Reads per poll before the task yields, so a flooding client cannot starve
 /// the others on its core.
