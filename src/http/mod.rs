@@ -473,7 +473,11 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
         Ok(d) => d,
         Err(e) => return Response::error(400, "bad_request", &e),
     };
-    let Some(seq) = shard.publish_http(&channel, data).seq().await else {
+    let Some(seq) = shard
+        .publish_http(&channel, data, std::time::Instant::now())
+        .seq()
+        .await
+    else {
         return Response {
             extra: "Retry-After: 1\r\n",
             ..Response::error(503, "unavailable", "the backplane is down; retry")

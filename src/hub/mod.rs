@@ -262,7 +262,7 @@ impl Shard {
     }
 
     /// Handles one decoded request of connection `key`.
-    pub fn handle_request(&self, key: usize, req: Request) {
+    pub fn handle_request(&self, key: usize, req: Request, now: Instant) {
         let conn = self.state.borrow().conns[key].conn.clone();
         let Request {
             id,
@@ -298,7 +298,8 @@ impl Shard {
         }
         match action {
             Action::Subscribe { since, epoch } => {
-                self.subscribe(key, &conn, channel, id, since, epoch)
+                let since = since.map(|s| (s, epoch));
+                self.subscribe(key, &conn, channel, id, since, now)
             }
             Action::Unsubscribe => self.unsubscribe(key, &conn, &channel, id),
             Action::Publish { data } => {
@@ -327,7 +328,7 @@ impl Shard {
                         id,
                     })
                 });
-                self.route_publish(channel, data, token);
+                self.route_publish(channel, data, token, now);
             }
         }
     }
@@ -347,14 +348,14 @@ impl Shard {
     }
 
     /// Publishes for an HTTP request; await the returned wait for the seq.
-    pub fn publish_http(&self, channel: &str, data: Data) -> Rc<PublishWait> {
+    pub fn publish_http(&self, channel: &str, data: Data, now: Instant) -> Rc<PublishWait> {
         let wait = Rc::new(PublishWait::default());
         let token = self
             .state
             .borrow_mut()
             .pending_pubs
             .insert(PendingPub::Http(wait.clone()));
-        self.route_publish(channel.into(), data, Some(token));
+        self.route_publish(channel.into(), data, Some(token), now);
         wait
     }
 
@@ -401,7 +402,7 @@ impl Shard {
         )
     }
 
-    fn route_publish(&self, channel: Arc<str>, data: Data, token: Option<usize>) {
+    fn route_publish(&self, channel: Arc<str>, data: Data, token: Option<usize>, now: Instant) {
         let token = token.map(|t| t as u32);
         if let Some(redis) = &self.redis {
             let token = token.expect("publications behind Redis always have a token");
@@ -419,7 +420,7 @@ impl Shard {
         }
         let owner = owner_of(&channel, self.mesh.shards());
         if owner == self.id {
-            self.owner_publish(channel, data, self.id, token);
+            self.owner_publish(channel, data, self.id, token, now);
         } else {
             self.mesh.send(
                 owner,
@@ -439,8 +440,8 @@ impl Shard {
         conn: &Rc<Conn>,
         channel: String,
         id: Option<Id>,
-        since: Option<u64>,
-        epoch: Option<String>,
+        since: Option<(u64, Option<String>)>,
+        now: Instant,
     ) {
         let refuse = |code, message: String, channel: String| RequestError {
             id: id.clone(),
@@ -458,9 +459,8 @@ impl Shard {
             Err((code, message)) => return self.reply_error(conn, refuse(code, message, channel)),
         };
         let owner = owner_of(&name, self.mesh.shards());
-        let since = since.map(|s| (s, epoch));
         if owner == self.id {
-            self.owner_subscribe(&name, self.id, token as u32, since);
+            self.owner_subscribe(&name, self.id, token as u32, since, now);
         } else {
             self.mesh.send(
                 owner,
@@ -619,14 +619,14 @@ impl Shard {
     }
 
     /// Handles one message from another shard (or the signal handler).
-    pub fn handle_msg(&self, msg: ShardMsg) {
+    pub fn handle_msg(&self, msg: ShardMsg, now: Instant) {
         match msg {
             ShardMsg::Publish {
                 channel,
                 data,
                 from,
                 token,
-            } => self.owner_publish(channel, data, from, token),
+            } => self.owner_publish(channel, data, from, token, now),
             ShardMsg::PublishAck { token, seq } => self.on_publish_ack(token, seq),
             ShardMsg::Deliver(p) => self.deliver_local(p),
             ShardMsg::Subscribe {
@@ -634,7 +634,7 @@ impl Shard {
                 from,
                 token,
                 since,
-            } => self.owner_subscribe(&channel, from, token, since),
+            } => self.owner_subscribe(&channel, from, token, since, now),
             ShardMsg::SubscribeAck {
                 token,
                 seq,
@@ -644,7 +644,9 @@ impl Shard {
             ShardMsg::Unsubscribe { channel, from } => self.owner_unsubscribe(&channel, from),
             ShardMsg::Drain => {}
             ShardMsg::PublishFailed { token } => self.on_publish_failed(token),
-            ShardMsg::RedisMessage { channel, payload } => self.on_redis_message(channel, &payload),
+            ShardMsg::RedisMessage { channel, payload } => {
+                self.on_redis_message(channel, &payload, now)
+            }
             ShardMsg::RedisSubscribed { channel, join } => {
                 self.with_remote(&channel, |ch, fx| ch.joined(join, fx))
             }
@@ -653,7 +655,7 @@ impl Shard {
                 fetch,
                 reply,
             } => {
-                let snapshot = reply.map(|r| self.snapshot(&channel, r));
+                let snapshot = reply.map(|r| self.snapshot(&channel, r, now));
                 self.with_remote(&channel, |ch, fx| ch.fetched(fetch, snapshot, fx))
             }
         }
@@ -679,7 +681,14 @@ impl Shard {
     }
 
     /// Owner side of a publication: assign seq, keep history, fan out.
-    fn owner_publish(&self, channel: Arc<str>, data: Data, from: usize, token: Option<u32>) {
+    fn owner_publish(
+        &self,
+        channel: Arc<str>,
+        data: Data,
+        from: usize,
+        token: Option<u32>,
+        now: Instant,
+    ) {
         self.metrics.publications.increment(1);
         let (publication, shards) = {
             let mut st = self.state.borrow_mut();
@@ -691,7 +700,7 @@ impl Shard {
             let publication = Arc::new(Publication {
                 channel: channel.clone(),
                 seq: Some(seq),
-                at: Instant::now(),
+                at: now,
                 json: json.into_boxed_slice(),
                 msgpack: msgpack.into_boxed_slice(),
             });
@@ -797,6 +806,7 @@ impl Shard {
         from: usize,
         token: u32,
         since: Option<(u64, Option<String>)>,
+        now: Instant,
     ) {
         if let Some(redis) = &self.redis {
             let joined = {
@@ -831,7 +841,7 @@ impl Shard {
             let ttl = self.config.history_ttl();
             let ch = self.owned_channel(&mut st, channel);
             ch.interested |= 1 << from;
-            ch.expire(Instant::now(), ttl);
+            ch.expire(now, ttl);
             let current = self.epoch_name(ch.incarnation);
             let replay = match since {
                 None => Replay::NotAsked,
@@ -910,8 +920,7 @@ impl Shard {
     }
 
     /// Decodes a fetch answer into publications of `channel`.
-    fn snapshot(&self, channel: &Arc<str>, reply: FetchReply) -> Snapshot {
-        let at = Instant::now();
+    fn snapshot(&self, channel: &Arc<str>, reply: FetchReply, at: Instant) -> Snapshot {
         let entries = reply
             .entries
             .iter()
@@ -948,8 +957,7 @@ impl Shard {
     }
 
     /// A pub/sub message from Redis for a channel this shard owns.
-    fn on_redis_message(&self, channel: Arc<str>, payload: &[u8]) {
-        let at = Instant::now();
+    fn on_redis_message(&self, channel: Arc<str>, payload: &[u8], at: Instant) {
         match envelope::decode_message(payload) {
             Ok(Incoming::Raw(raw)) => {
                 crate::metrics::redis().raw_messages.increment(1);

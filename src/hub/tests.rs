@@ -19,6 +19,8 @@ use crate::protocol::{decode_requests, Format};
 struct Cluster {
     shards: Vec<Shard>,
     inboxes: Vec<flume::Receiver<ShardMsg>>,
+    /// The time every input is handed with (see [`Cluster::advance`]).
+    now: std::cell::Cell<Instant>,
 }
 
 /// A client of one shard: its key there and its outbox.
@@ -40,7 +42,11 @@ impl Cluster {
         let shards = (0..n)
             .map(|id| Shard::new(id, config.clone(), node.clone(), mesh.clone(), None))
             .collect();
-        Cluster { shards, inboxes }
+        Cluster {
+            shards,
+            inboxes,
+            now: std::cell::Cell::new(Instant::now()),
+        }
     }
 
     fn connect(&self, shard: usize) -> Client {
@@ -56,7 +62,7 @@ impl Cluster {
         // answered in its place.
         for request in decode_requests(Format::Json, &bytes, 1000).expect("a valid frame") {
             match request {
-                Ok(request) => shard.handle_request(client.key, request),
+                Ok(request) => shard.handle_request(client.key, request, self.now.get()),
                 Err(e) => shard.reply_error(&client.conn, e),
             }
         }
@@ -70,7 +76,7 @@ impl Cluster {
             let mut moved = false;
             for (shard, inbox) in self.shards.iter().zip(&self.inboxes) {
                 while let Ok(msg) = inbox.try_recv() {
-                    shard.handle_msg(msg);
+                    shard.handle_msg(msg, self.now.get());
                     delivered += 1;
                     moved = true;
                 }
@@ -79,6 +85,12 @@ impl Cluster {
                 return delivered;
             }
         }
+    }
+
+    /// Moves the clock every input is handed with `seconds` on.
+    fn advance(&self, seconds: u64) {
+        self.now
+            .set(self.now.get() + std::time::Duration::from_secs(seconds));
     }
 
     /// A channel name the owner of which is `shard`.
@@ -330,4 +342,60 @@ fn a_silent_client_is_pinged_then_dropped_and_a_pong_keeps_it() {
     shard.tick_at(41, at);
     assert!(silent.conn.abort.get(), "dropped past --pong-timeout");
     assert!(!answering.conn.abort.get(), "a pong keeps a client");
+}
+
+#[test]
+fn history_older_than_its_ttl_is_not_replayed() {
+    let cluster = Cluster::new(2, &["--history-ttl", "60", "--max-publish-rate", "0"]);
+    let channel = cluster.channel_owned_by(1, "ttl");
+    let publisher = cluster.connect(0);
+    for i in 1..=3 {
+        cluster.send(
+            &publisher,
+            json!({"action": "publish", "channel": channel, "data": i}),
+        );
+    }
+    // The owner takes them in now: a publication's age counts from there.
+    cluster.settle();
+    cluster.advance(30);
+    cluster.send(
+        &publisher,
+        json!({"action": "publish", "channel": channel, "data": 4}),
+    );
+    cluster.settle();
+    // 59 s after the first three: all of history is still there.
+    cluster.advance(29);
+    let early = cluster.connect(0);
+    cluster.send(
+        &early,
+        json!({"action": "subscribe", "channel": channel, "since": 0}),
+    );
+    cluster.settle();
+    assert_eq!(early.messages(), [1, 2, 3, 4]);
+    // 61 s: the first three are past the TTL, the fourth is kept.
+    cluster.advance(2);
+    let late = cluster.connect(0);
+    cluster.send(
+        &late,
+        json!({"action": "subscribe", "channel": channel, "since": 0}),
+    );
+    cluster.send(&late, json!({"action": "unsubscribe", "channel": channel}));
+    cluster.send(
+        &late,
+        json!({"action": "subscribe", "channel": channel, "since": 3}),
+    );
+    cluster.settle();
+    let events = late.events();
+    let recovered: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "subscribed")
+        .map(|e| &e["recovered"])
+        .collect();
+    assert_eq!(recovered, [&json!(false), &json!(true)], "{events:?}");
+    let replayed: Vec<u64> = events
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(replayed, [4]);
 }

@@ -244,7 +244,7 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<ShardMsg>, stop: Rc
             if matches!(msg, ShardMsg::Drain) {
                 monoio::spawn(drain(shard.clone(), stop.clone()));
             } else {
-                shard.handle_msg(msg);
+                shard.handle_msg(msg, Instant::now());
             }
             handled += 1;
             if handled == INBOX_BURST {

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use smallvec::SmallVec;
@@ -211,6 +212,8 @@ impl ConnTask {
             peer_closed,
             ..
         } = self;
+        // One clock read for everything this read brought.
+        let now = Instant::now();
         let max_message = shard.config.limits.max_message_bytes;
         let max_batch = shard.config.limits.max_batch_requests;
         let result = reader.feed(data, max_message, &mut |incoming| {
@@ -229,7 +232,7 @@ impl ConnTask {
                         Ok(requests) => {
                             for r in requests {
                                 match r {
-                                    Ok(req) => shard.handle_request(*key, req),
+                                    Ok(req) => shard.handle_request(*key, req, now),
                                     Err(e) => shard.reply_error(conn, e),
                                 }
                             }
