@@ -188,9 +188,9 @@ pub struct Shard {
     history_limits: Limits,
     /// This shard's share of --history-memory and --history-channels.
     history_budget: HistoryBudget,
-    /// Heartbeat clock: whole seconds since the shard started.
+    /// Heartbeat clock: whole seconds since the shard started, as the
+    /// last tick gave it.
     pub now: Cell<u32>,
-    started: Instant,
 }
 
 impl Shard {
@@ -218,7 +218,6 @@ impl Shard {
             history_limits,
             history_budget,
             now: Cell::new(0),
-            started: Instant::now(),
         }
     }
 
@@ -1133,12 +1132,8 @@ impl Shard {
     }
 
     /// Once a second: heartbeats, close deadlines, history expiry, metrics.
-    pub fn tick(&self) {
-        self.tick_at(self.started.elapsed().as_secs() as u32, Instant::now());
-    }
-
-    /// [`tick`](Self::tick) at a time given: `now` in whole seconds of the
-    /// shard's clock (heartbeats), `at` for history ages.
+    /// `now` is in whole seconds of the shard's clock (heartbeats), `at`
+    /// the same moment for history ages.
     pub fn tick_at(&self, now: u32, at: Instant) {
         self.now.set(now);
         let ping_interval = self.config.heartbeat.ping_interval.as_secs() as u32;

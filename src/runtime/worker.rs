@@ -272,10 +272,13 @@ async fn yield_now() {
     .await
 }
 
+/// Ticks the shard once a second with the time (the hub reads no clock).
 async fn ticker(shard: Rc<Shard>) {
+    let started = Instant::now();
     loop {
         monoio::time::sleep(Duration::from_secs(1)).await;
-        shard.tick();
+        let at = Instant::now();
+        shard.tick_at(at.duration_since(started).as_secs() as u32, at);
     }
 }
 
