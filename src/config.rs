@@ -656,14 +656,6 @@ impl Config {
             })?;
         Ok(Backplane::RedisCluster { seeds })
     }
-
-    pub fn handshake_timeout(&self) -> Duration {
-        self.limits.handshake_timeout
-    }
-
-    pub fn history_ttl(&self) -> Duration {
-        self.history.ttl
-    }
 }
 
 /// A whole number of seconds, as options that take seconds are given.

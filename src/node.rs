@@ -116,10 +116,6 @@ impl NodeState {
         self.subscriptions.fetch_sub(n, Ordering::Relaxed);
     }
 
-    pub fn subscriptions(&self) -> usize {
-        self.subscriptions.load(Ordering::Relaxed)
-    }
-
     /// Gives back the count of a socket whose [`Admission`] was handed to
     /// its WebSocket connection, as that connection ends.
     pub fn release_socket(&self) {

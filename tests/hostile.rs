@@ -285,6 +285,8 @@ async fn a_full_node_answers_new_clients_503_and_health_checks_as_usual() {
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     let ready = answer_to(&relay, READYZ).await;
     assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    let garbage = answer_to(&relay, b"\x16\x03\x01 not http\r\n\r\n").await;
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
     for n in 0..3 {
         publisher
             .send(serde_json::json!({"action": "publish", "channel": "canary", "data": n}))

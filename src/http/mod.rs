@@ -89,7 +89,7 @@ async fn serve_http(
         let limit = if full {
             FULL_TIMEOUT
         } else if first {
-            shard.config.handshake_timeout()
+            shard.config.limits.handshake_timeout
         } else {
             IDLE_TIMEOUT
         };
@@ -396,7 +396,7 @@ async fn read_body(
         }
         true
     };
-    match monoio::time::timeout(shard.config.handshake_timeout(), read_all).await {
+    match monoio::time::timeout(shard.config.limits.handshake_timeout, read_all).await {
         Ok(true) => {}
         Ok(false) => {
             return Err(Response::error(

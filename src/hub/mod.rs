@@ -837,7 +837,7 @@ impl Shard {
         }
         let (seq, epoch, replay) = {
             let mut st = self.state.borrow_mut();
-            let ttl = self.config.history_ttl();
+            let ttl = self.config.history.ttl;
             let ch = self.owned_channel(&mut st, channel);
             ch.interested |= 1 << from;
             ch.expire(now, ttl);
@@ -1175,7 +1175,7 @@ impl Shard {
             }
         }
         let mut st = self.state.borrow_mut();
-        let ttl = self.config.history_ttl();
+        let ttl = self.config.history.ttl;
         let mut kept = 0usize;
         st.owned.retain(|_, ch| {
             ch.expire(at, ttl);

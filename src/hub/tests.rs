@@ -68,6 +68,14 @@ impl Cluster {
         }
     }
 
+    /// Publishes `data` to `channel` from `client`, without an id.
+    fn publish(&self, client: &Client, channel: &str, data: Value) {
+        self.send(
+            client,
+            json!({"action": "publish", "channel": channel, "data": data}),
+        );
+    }
+
     /// Delivers messages between shards until every inbox is empty;
     /// returns how many there were.
     fn settle(&self) -> usize {
@@ -179,10 +187,7 @@ fn since_recovers_exactly_at_every_boundary_of_history() {
     let channel = cluster.channel_owned_by(1, "feed");
     let publisher = cluster.connect(0);
     for i in 1..=12 {
-        cluster.send(
-            &publisher,
-            json!({"action": "publish", "channel": channel, "data": i}),
-        );
+        cluster.publish(&publisher, &channel, json!(i));
     }
     cluster.settle();
     // Seqs 8..=12 are kept.
@@ -228,10 +233,7 @@ fn since_recovers_exactly_at_every_boundary_of_history() {
         late_ones.push(late);
     }
     // Then live, with no gap and no duplicate, for every one of them.
-    cluster.send(
-        &publisher,
-        json!({"action": "publish", "channel": channel, "data": 0}),
-    );
+    cluster.publish(&publisher, &channel, json!(0));
     cluster.settle();
     for late in &late_ones {
         assert_eq!(late.messages(), [13]);
@@ -292,10 +294,7 @@ fn slow_consumers_are_disconnected_or_lose_their_oldest_and_readers_are_not() {
         let body = "x".repeat(900);
         let mut read = Vec::new();
         for _ in 0..40 {
-            cluster.send(
-                &publisher,
-                json!({"action": "publish", "channel": "t", "data": body}),
-            );
+            cluster.publish(&publisher, "t", json!(body));
             read.extend(reader.messages());
         }
         assert_eq!(
@@ -350,18 +349,12 @@ fn history_older_than_its_ttl_is_not_replayed() {
     let channel = cluster.channel_owned_by(1, "ttl");
     let publisher = cluster.connect(0);
     for i in 1..=3 {
-        cluster.send(
-            &publisher,
-            json!({"action": "publish", "channel": channel, "data": i}),
-        );
+        cluster.publish(&publisher, &channel, json!(i));
     }
     // The owner takes them in now: a publication's age counts from there.
     cluster.settle();
     cluster.advance(30);
-    cluster.send(
-        &publisher,
-        json!({"action": "publish", "channel": channel, "data": 4}),
-    );
+    cluster.publish(&publisher, &channel, json!(4));
     cluster.settle();
     // 59 s after the first three: all of history is still there.
     cluster.advance(29);
