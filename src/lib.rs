@@ -3,10 +3,11 @@
 //! Where things live: `runtime` (workers, listeners, signals), `http`
 //! (plain HTTP routes on the same port), `ws` (handshake, framing and the
 //! connection loop), `protocol` (sans-IO requests and events), `hub`
-//! (per-shard channels, seq, history, fan-out), `backplane` (how shards and
-//! nodes reach each other), `node` (what the shards of a process share),
-//! `io` (the poll-io helpers and shared read buffer of the transports),
-//! `config`, `metrics`, `error`.
+//! (per-shard connections, subscriptions, routing and fan-out),
+//! `backplane` (the broker contract, its embedded and Redis brokers, and the
+//! queues between shards), `node` (what the shards of a process share), `io`
+//! (the poll-io helpers and shared read buffer of the transports),
+//! `tables`, `config`, `metrics`, `error`.
 
 pub mod backplane;
 pub mod config;
@@ -18,4 +19,5 @@ pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod runtime;
+pub mod tables;
 pub mod ws;

@@ -1,144 +1,384 @@
-//! The embedded (in-process) backplane: messages between shards over
-//! unbounded `flume` queues, one inbox per shard. Queues are FIFO per sender,
-//! which the no-gap/no-duplicate `since` logic relies on: an owner's
-//! `SubscribeAck` reaches a shard after every `Deliver` it sent before it and
-//! before every `Deliver` it sends after it.
+//! The embedded broker: the backplane of a node that is the whole relay.
+//! Each channel is owned by one shard ([`owner_of`]), which gives its
+//! publications their seqs, keeps its history and knows which shards want
+//! it. A publication made on another shard is forwarded to the owner over
+//! the mesh; the owner answers the publisher's shard with the seq.
+//!
+//! Epochs: a channel forgotten (no subscriber, no history) and created
+//! again restarts at seq 1 under a new epoch, unique to this process (the
+//! node's nonce), shard and incarnation.
 
-use std::hash::BuildHasher;
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use super::broker::{
+    Broker, BrokerEvent, Effect, Forwarded, Holdings, Publication, Replay, ShardSet, Waiter,
+};
+use super::history::{self, Budget, History, Limits, Meter};
+use super::mesh::owner_of;
+use crate::config::HistoryOptions;
 use crate::protocol::Data;
 
-/// A sequenced (or, later, raw) publication, encoded once per format. Shared
-/// read-only by every shard that delivers it.
-#[derive(Debug)]
-pub struct Publication {
-    pub channel: Arc<str>,
-    pub seq: Option<u64>,
-    /// When the owner accepted it, for the publish-to-write latency metric
-    /// and the history TTL.
-    pub at: Instant,
-    /// The `message` event as JSON.
-    pub json: Box<[u8]>,
-    /// The `message` event as MessagePack.
-    pub msgpack: Box<[u8]>,
+pub struct OwnedChannel {
+    /// The seq of the last publication (0: none yet).
+    pub seq: u64,
+    /// Numbers this incarnation of the channel on its shard: a channel
+    /// forgotten and created again restarts at seq 1 under a new epoch,
+    /// the name the shard makes of this number (kept as a number: a
+    /// string per channel would cost more than the rest of its state).
+    pub incarnation: u64,
+    /// The newest publications, oldest first, seqs consecutive.
+    pub history: History,
+    /// Shards with at least one subscriber.
+    pub interested: ShardSet,
 }
 
-/// What a `since` subscribe gets back from the owner.
-#[derive(Debug)]
-pub enum Replay {
-    /// No `since` was given.
-    NotAsked,
-    /// Everything after `since`, in order (possibly nothing).
-    Recovered(Vec<Arc<Publication>>),
-    /// Part of what was missed is no longer in history, or the epoch differs.
-    NotRecovered,
-}
-
-/// Messages between shards.
-#[derive(Debug)]
-pub enum ShardMsg {
-    /// To the owner: sequence and fan out `data`. `token` asks for an ack.
-    Publish {
-        channel: Arc<str>,
-        data: Data,
-        from: usize,
-        token: Option<u32>,
-    },
-    /// To the publisher's shard: the seq given to publication `token`.
-    PublishAck { token: u32, seq: u64 },
-    /// To every shard with subscribers: a publication to fan out.
-    Deliver(Arc<Publication>),
-    /// To the owner: shard `from` has a new subscriber; answer with the
-    /// channel's seq and, for `since`, the replay.
-    Subscribe {
-        channel: Arc<str>,
-        from: usize,
-        token: u32,
-        since: Option<(u64, Option<String>)>,
-    },
-    SubscribeAck {
-        token: u32,
-        seq: u64,
-        epoch: Arc<str>,
-        replay: Replay,
-    },
-    /// To the owner: shard `from` has no subscriber left for `channel`.
-    Unsubscribe { channel: Arc<str>, from: usize },
-    /// From the signal handler: start draining.
-    Drain,
-    /// From the Redis thread to the publisher's shard: publication `token`
-    /// was not sequenced (the backplane is down or refused it).
-    PublishFailed { token: u32 },
-    /// From the Redis thread to the channel's owner: a pub/sub message,
-    /// still encoded (see `envelope`).
-    RedisMessage {
-        channel: Arc<str>,
-        payload: bytes::Bytes,
-    },
-    /// From the Redis thread to the channel's owner: the node's
-    /// subscription `join` is live (again, after a reconnect or a lag).
-    RedisSubscribed { channel: Arc<str>, join: u64 },
-    /// From the Redis thread to the channel's owner: the answer to a fetch.
-    Fetched {
-        channel: Arc<str>,
-        fetch: u64,
-        reply: Option<super::redis::FetchReply>,
-    },
-}
-
-/// The senders to every shard's inbox, shared by all shards.
-#[derive(Clone)]
-pub struct Mesh {
-    inboxes: Arc<[flume::Sender<ShardMsg>]>,
-}
-
-impl Mesh {
-    /// Creates the mesh and the inbox receiver of each shard.
-    pub fn new(shards: usize) -> (Mesh, Vec<flume::Receiver<ShardMsg>>) {
-        let (tx, rx): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::unbounded()).unzip();
-        (Mesh { inboxes: tx.into() }, rx)
-    }
-
-    pub fn shards(&self) -> usize {
-        self.inboxes.len()
-    }
-
-    /// Sends to `shard`. A closed inbox means that shard has stopped during
-    /// shutdown, when nothing it would do matters any more.
-    pub fn send(&self, shard: usize, msg: ShardMsg) {
-        let _ = self.inboxes[shard].send(msg);
-    }
-
-    pub fn broadcast_drain(&self) {
-        for s in 0..self.shards() {
-            self.send(s, ShardMsg::Drain);
+impl OwnedChannel {
+    pub fn new(incarnation: u64, meter: Rc<Meter>) -> Self {
+        OwnedChannel {
+            seq: 0,
+            incarnation,
+            history: History::new(meter),
+            interested: 0,
         }
     }
+
+    pub fn remember(&mut self, publication: &Arc<Publication>, limits: Limits) {
+        history::remember(&mut self.history, publication, limits);
+    }
+
+    /// Forgets publications older than `ttl`.
+    pub fn expire(&mut self, now: Instant, ttl: Duration) {
+        history::expire(&mut self.history, now, ttl);
+    }
+
+    /// What a subscriber that last saw `since` (in `epoch`) missed, if
+    /// history still holds all of it; `current` is this incarnation's epoch.
+    pub fn replay_after(&self, since: u64, epoch: Option<&str>, current: &str) -> Replay {
+        history::replay_from(&[], &self.history, since, epoch, current, self.seq)
+    }
 }
 
-/// The shard that owns `channel`: stable for the life of the process.
-pub fn owner_of(channel: &str, shards: usize) -> usize {
-    // A fixed-key hasher: every shard must agree, and an attacker choosing
-    // names can at worst pile channels onto one shard, not break a table.
-    let h = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(channel);
-    (h % shards as u64) as usize
+/// One shard's embedded broker: the channels it owns.
+pub struct EmbeddedBroker {
+    shard: usize,
+    shards: usize,
+    epoch_nonce: u32,
+    channels: HashMap<Arc<str>, OwnedChannel>,
+    incarnations: u64,
+    meter: Rc<Meter>,
+    limits: Limits,
+    budget: Budget,
+    ttl: Duration,
+    evicted: usize,
+}
+
+impl EmbeddedBroker {
+    /// The broker of shard `shard` of `shards`, in the process whose
+    /// epochs carry `epoch_nonce`.
+    pub fn new(
+        shard: usize,
+        shards: usize,
+        epoch_nonce: u32,
+        history: &HistoryOptions,
+    ) -> EmbeddedBroker {
+        EmbeddedBroker {
+            shard,
+            shards,
+            epoch_nonce,
+            channels: HashMap::new(),
+            incarnations: 0,
+            meter: Rc::default(),
+            limits: Limits {
+                size: history.size,
+                bytes: history.channel_bytes,
+            },
+            budget: Budget::share(history, shards),
+            ttl: history.ttl,
+            evicted: 0,
+        }
+    }
+
+    /// The epoch of an owned channel's `incarnation`.
+    fn epoch_name(&self, incarnation: u64) -> Arc<str> {
+        format!(
+            "{:08x}{:02x}{:x}",
+            self.epoch_nonce, self.shard, incarnation
+        )
+        .into()
+    }
+
+    fn channel(&mut self, channel: &Arc<str>) -> &mut OwnedChannel {
+        if !self.channels.contains_key(channel) {
+            self.incarnations += 1;
+            let state = OwnedChannel::new(self.incarnations, self.meter.clone());
+            self.channels.insert(channel.clone(), state);
+        }
+        self.channels.get_mut(channel).expect("inserted above")
+    }
+
+    /// Owner side of a publication: assign the seq, keep history, fan out,
+    /// answer the publisher.
+    fn sequence(&mut self, publication: Forwarded, now: Instant, fx: &mut Vec<Effect>) {
+        let Forwarded {
+            channel,
+            data,
+            from,
+            token,
+        } = publication;
+        let limits = self.limits;
+        let ch = self.channel(&channel);
+        ch.seq += 1;
+        let seq = ch.seq;
+        let publication = Publication::encode(&channel, Some(seq), &data, now);
+        ch.remember(&publication, limits);
+        let to = ch.interested;
+        if to == 0 && ch.history.is_empty() {
+            self.channels.remove(&channel);
+        }
+        self.enforce_budget();
+        fx.push(Effect::Deliver { publication, to });
+        if let Some(token) = token {
+            fx.push(Effect::Published {
+                to: from,
+                token,
+                seq: Some(seq),
+            });
+        }
+    }
+
+    /// Keeps the histories within this shard's share of --history-memory
+    /// and --history-channels; channels left with neither history nor
+    /// subscribers are forgotten.
+    fn enforce_budget(&mut self) {
+        if !self.budget.exceeded_by(&self.meter) {
+            return;
+        }
+        let mut histories: Vec<&mut History> = self
+            .channels
+            .values_mut()
+            .map(|ch| &mut ch.history)
+            .collect();
+        self.evicted += history::evict(&mut histories, &self.meter, self.budget);
+        self.channels
+            .retain(|_, ch| ch.interested != 0 || !ch.history.is_empty());
+    }
+}
+
+impl Broker for EmbeddedBroker {
+    fn ready(&self) -> bool {
+        true
+    }
+
+    fn publications_can_fail(&self) -> bool {
+        false
+    }
+
+    fn answers_in_place(&self, channel: &str) -> bool {
+        owner_of(channel, self.shards) == self.shard
+    }
+
+    fn publish(
+        &mut self,
+        channel: Arc<str>,
+        data: Data,
+        token: Option<u32>,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) {
+        let publication = Forwarded {
+            channel,
+            data,
+            from: self.shard,
+            token,
+        };
+        let owner = owner_of(&publication.channel, self.shards);
+        if owner == self.shard {
+            self.sequence(publication, now, fx);
+        } else {
+            fx.push(Effect::Forward {
+                to: owner,
+                event: BrokerEvent::Forwarded(publication),
+            });
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        channel: &Arc<str>,
+        waiter: Waiter,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) {
+        let ttl = self.ttl;
+        let ch = self.channel(channel);
+        ch.interested |= 1 << waiter.from;
+        ch.expire(now, ttl);
+        let (seq, incarnation) = (ch.seq, ch.incarnation);
+        let epoch = self.epoch_name(incarnation);
+        let replay = match &waiter.since {
+            None => Replay::NotAsked,
+            Some((since, wanted)) => {
+                self.channels[channel].replay_after(*since, wanted.as_deref(), &epoch)
+            }
+        };
+        fx.push(Effect::Ack {
+            waiter,
+            seq,
+            epoch,
+            replay,
+        });
+    }
+
+    fn unsubscribe(&mut self, channel: &Arc<str>, from: usize, _fx: &mut Vec<Effect>) {
+        if let Some(ch) = self.channels.get_mut(channel) {
+            ch.interested &= !(1 << from);
+            if ch.interested == 0 && ch.history.is_empty() {
+                self.channels.remove(channel);
+            }
+        }
+    }
+
+    fn handle_event(&mut self, event: BrokerEvent, now: Instant, fx: &mut Vec<Effect>) {
+        match event {
+            BrokerEvent::Forwarded(publication) => self.sequence(publication, now, fx),
+            BrokerEvent::Redis(event) => {
+                tracing::warn!(?event, "a Redis event reached the embedded broker; ignored")
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant, _fx: &mut Vec<Effect>) {
+        let ttl = self.ttl;
+        self.channels.retain(|_, ch| {
+            ch.expire(now, ttl);
+            ch.interested != 0 || !ch.history.is_empty()
+        });
+        crate::tables::shrink_map(&mut self.channels);
+    }
+
+    fn holdings(&mut self) -> Holdings {
+        Holdings {
+            channels: self.channels.len(),
+            messages: self.channels.values().map(|ch| ch.history.len()).sum(),
+            bytes: self.meter.bytes(),
+            evicted: std::mem::take(&mut self.evicted),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::owner_of;
+    use super::*;
+    use crate::backplane::history::{cost, CHANNEL_OVERHEAD};
+
+    fn publication(seq: u64, at: Instant) -> Arc<Publication> {
+        Arc::new(Publication {
+            channel: "c".into(),
+            seq: Some(seq),
+            at,
+            json: Box::new([]),
+            msgpack: Box::new([]),
+        })
+    }
+
+    fn sized(seq: u64, at: Instant, bytes: usize) -> Arc<Publication> {
+        Arc::new(Publication {
+            channel: "c".into(),
+            seq: Some(seq),
+            at,
+            json: vec![b'j'; bytes].into(),
+            msgpack: Box::new([]),
+        })
+    }
+
+    fn count(size: usize) -> Limits {
+        Limits {
+            size,
+            bytes: usize::MAX,
+        }
+    }
+
+    fn seqs(r: Replay) -> Option<Vec<u64>> {
+        match r {
+            Replay::Recovered(v) => Some(v.iter().map(|p| p.seq.unwrap()).collect()),
+            _ => None,
+        }
+    }
 
     #[test]
-    fn ownership_is_stable_and_spread() {
-        let mut counts = [0usize; 4];
-        for i in 0..4000 {
-            let name = format!("ch.{i}");
-            let o = owner_of(&name, 4);
-            assert_eq!(o, owner_of(&name, 4));
-            counts[o] += 1;
+    fn replays_exactly_what_was_missed_while_in_history() {
+        let mut ch = OwnedChannel::new(1, Rc::default());
+        let now = Instant::now();
+        for s in 1..=10 {
+            ch.seq = s;
+            ch.remember(&publication(s, now), count(5));
         }
-        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        assert_eq!(
+            seqs(ch.replay_after(7, Some("e"), "e")),
+            Some(vec![8, 9, 10])
+        );
+        assert_eq!(
+            seqs(ch.replay_after(5, None, "e")),
+            Some(vec![6, 7, 8, 9, 10])
+        );
+        assert_eq!(seqs(ch.replay_after(10, None, "e")), Some(vec![]));
+        assert!(
+            seqs(ch.replay_after(4, None, "e")).is_none(),
+            "6 is the oldest kept"
+        );
+        assert!(
+            seqs(ch.replay_after(11, None, "e")).is_none(),
+            "from the future"
+        );
+        assert!(
+            seqs(ch.replay_after(8, Some("other"), "e")).is_none(),
+            "other epoch"
+        );
+    }
+
+    #[test]
+    fn expiry_drops_old_messages_and_breaks_recovery() {
+        let mut ch = OwnedChannel::new(1, Rc::default());
+        let t0 = Instant::now();
+        ch.seq = 2;
+        ch.remember(&publication(1, t0), count(10));
+        ch.remember(&publication(2, t0 + Duration::from_secs(10)), count(10));
+        ch.expire(t0 + Duration::from_secs(12), Duration::from_secs(5));
+        assert_eq!(ch.history.len(), 1);
+        assert!(seqs(ch.replay_after(0, None, "e")).is_none());
+        assert_eq!(seqs(ch.replay_after(1, None, "e")), Some(vec![2]));
+    }
+
+    #[test]
+    fn a_history_is_bounded_in_bytes_as_well_as_in_count() {
+        let meter = Rc::new(Meter::default());
+        let mut ch = OwnedChannel::new(1, meter.clone());
+        let now = Instant::now();
+        let one = cost(&sized(1, now, 1000));
+        let limits = Limits {
+            size: 100,
+            bytes: 3 * one,
+        };
+        for s in 1..=10 {
+            ch.seq = s;
+            ch.remember(&sized(s, now, 1000), limits);
+        }
+        assert_eq!(ch.history.len(), 3);
+        assert_eq!(seqs(ch.replay_after(7, None, "e")), Some(vec![8, 9, 10]));
+        assert!(
+            seqs(ch.replay_after(6, None, "e")).is_none(),
+            "7 was dropped for its bytes"
+        );
+        assert_eq!(meter.bytes(), 3 * one + CHANNEL_OVERHEAD);
+        assert_eq!(meter.channels(), 1);
+        // Too big to keep: the history empties rather than skip a seq.
+        ch.seq = 11;
+        ch.remember(&sized(11, now, 4000), limits);
+        assert!(ch.history.is_empty());
+        assert!(seqs(ch.replay_after(10, None, "e")).is_none());
+        assert_eq!((meter.bytes(), meter.channels()), (0, 0));
     }
 }

@@ -115,6 +115,23 @@ fn take_number(rest: &mut &[u8]) -> Option<u64> {
     std::str::from_utf8(line).ok()?.parse().ok()
 }
 
+/// Builds an envelope as the publish script does (for tests that stand in
+/// for Redis).
+#[cfg(test)]
+pub fn encode_envelope(epoch: &str, first: u64, items: &[&[u8]]) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(epoch.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(first.to_string().as_bytes());
+    out.push(b'\n');
+    for item in items {
+        out.extend_from_slice(item.len().to_string().as_bytes());
+        out.push(b'\n');
+        out.extend_from_slice(item);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,21 +139,6 @@ mod tests {
 
     fn json_of(data: &Data) -> String {
         data.json_text()
-    }
-
-    /// Builds an envelope as the publish script does.
-    fn encode_envelope(epoch: &str, first: u64, items: &[&[u8]]) -> Vec<u8> {
-        let mut out = MAGIC.to_vec();
-        out.extend_from_slice(epoch.as_bytes());
-        out.push(b'\n');
-        out.extend_from_slice(first.to_string().as_bytes());
-        out.push(b'\n');
-        for item in items {
-            out.extend_from_slice(item.len().to_string().as_bytes());
-            out.push(b'\n');
-            out.extend_from_slice(item);
-        }
-        out
     }
 
     #[test]

@@ -1,15 +1,20 @@
 //! How shards and nodes reach each other.
 //!
-//! Inside a node, shards talk over a mesh of queues (`embedded`): each
-//! channel is owned by one shard, chosen by hash, which orders its
-//! publications, keeps its recent history and forwards each publication to
-//! the shards that have subscribers for it. With no Redis configured the
-//! owner also assigns seqs, and the node is the whole relay. With `--redis`
-//! or `--redis-cluster`, Redis assigns seqs and keeps history (`redis`), and
-//! the owner turns what Redis sends into one ordered stream for the node.
+//! Inside a node, shards talk over a mesh of queues (`mesh`), and each
+//! channel is owned by one shard, chosen by hash. What sequences a
+//! channel's publications and keeps its history is the shard's broker, one
+//! contract (`broker`) with two implementations: the embedded broker
+//! (`embedded`), where the owner shard assigns seqs and the node is the
+//! whole relay, and the Redis broker (`redis`, with `--redis` or
+//! `--redis-cluster`), where Redis assigns seqs and keeps history and the
+//! owner turns what Redis sends into one ordered stream for the node.
 
+pub mod broker;
 pub mod embedded;
 pub mod envelope;
+pub mod history;
+pub mod mesh;
 pub mod redis;
 
-pub use embedded::{owner_of, Mesh, Publication, Replay, ShardMsg};
+pub use broker::{Broker, BrokerEvent, Effect, Publication, Replay, Waiter};
+pub use mesh::{owner_of, Mesh, ShardMsg};

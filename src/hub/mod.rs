@@ -1,15 +1,16 @@
 //! The hub: one per shard (worker core), owning that shard's connections,
-//! its local view of channels (who subscribes here), and the channels it
-//! owns (seq, epoch, history, which shards want them).
+//! its local view of channels (who subscribes here, and subscriptions
+//! waiting for their owner's answer), the routing of requests to each
+//! channel's owner shard, and fan-out to its subscribers. What sequences a
+//! channel and keeps its history is the shard's broker (`backplane::broker`):
+//! the hub hands it requests and carries out the effects it returns.
 //!
 //! State lives in a `RefCell` reached through an `Rc<Shard>`: a shard is one
 //! thread, so there are no locks; other shards are reached only through the
 //! backplane's queues. A borrow of the state is never held across a call
 //! that could re-enter the hub.
 
-mod history;
 pub mod outbox;
-mod remote;
 #[cfg(test)]
 mod tests;
 
@@ -22,20 +23,19 @@ use std::time::Instant;
 
 use slab::Slab;
 
-use crate::backplane::envelope::{self, Incoming};
-use crate::backplane::redis::{FetchReply, RedisCmd, RedisHandle};
-use crate::backplane::{owner_of, Mesh, Publication, Replay, ShardMsg};
+use crate::backplane::broker::{shards_in, ShardSet, Since};
+
+use crate::backplane::{owner_of, Broker, Effect, Mesh, Publication, Replay, ShardMsg, Waiter};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::node::NodeState;
 use crate::protocol::{
     encode_event, Action, Data, ErrorCode, Event, Format, Id, Request, RequestError,
 };
-use history::{Budget as HistoryBudget, Limits, Meter, OwnedChannel};
+use crate::tables::{shrink_map, SHRINK_FROM};
 pub use outbox::{
     Answer, CloseRequest, Conn, Out, Pushed, ReplySlot, SharedPublication, MAX_REPLIES_AWAITED,
 };
-use remote::{Effect, RemoteChannel, Snapshot, Waiter};
 
 /// Where a connection's subscription to one local channel stands.
 /// Indexes are `u32` (a node holds at most --max-subscriptions-total
@@ -127,13 +127,8 @@ struct State {
     conns: Slab<ConnEntry>,
     local_index: HashMap<Arc<str>, usize>,
     local: Slab<LocalChannel>,
-    owned: HashMap<Arc<str>, OwnedChannel>,
     pending_subs: Slab<PendingSub>,
     pending_pubs: Slab<PendingPub>,
-    incarnations: u64,
-    /// Channels this shard owns behind the Redis backplane.
-    remote: HashMap<Arc<str>, RemoteChannel>,
-    joins: u64,
 }
 
 impl State {
@@ -142,8 +137,6 @@ impl State {
     /// a burst is given back after it.
     fn give_back_memory(&mut self) {
         shrink_map(&mut self.local_index);
-        shrink_map(&mut self.owned);
-        shrink_map(&mut self.remote);
         // Slab keys must stay put while any entry lives: only an emptied
         // slab can be replaced.
         if self.pending_subs.is_empty() && self.pending_subs.capacity() > SHRINK_FROM {
@@ -164,15 +157,6 @@ impl State {
     }
 }
 
-/// Tables smaller than this are left as they are.
-const SHRINK_FROM: usize = 64;
-
-fn shrink_map<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
-    if map.capacity() > SHRINK_FROM && map.len() < map.capacity() / 4 {
-        map.shrink_to_fit();
-    }
-}
-
 /// One worker core's share of the relay.
 pub struct Shard {
     pub id: usize,
@@ -180,14 +164,11 @@ pub struct Shard {
     pub node: Arc<NodeState>,
     pub metrics: ShardMetrics,
     mesh: Mesh,
-    /// Set when Redis is the backplane.
-    redis: Option<RedisHandle>,
+    /// Sequences and keeps the channels this shard owns.
+    broker: RefCell<Box<dyn Broker>>,
+    /// The effects of a broker step, kept to reuse its allocation.
+    effects: RefCell<Vec<Effect>>,
     state: RefCell<State>,
-    /// What this shard's histories hold, against `history_budget`.
-    history_meter: Rc<Meter>,
-    history_limits: Limits,
-    /// This shard's share of --history-memory and --history-channels.
-    history_budget: HistoryBudget,
     /// Heartbeat clock: whole seconds since the shard started, as the
     /// last tick gave it.
     pub now: Cell<u32>,
@@ -199,24 +180,17 @@ impl Shard {
         config: Arc<Config>,
         node: Arc<NodeState>,
         mesh: Mesh,
-        redis: Option<RedisHandle>,
+        broker: Box<dyn Broker>,
     ) -> Shard {
-        let history_limits = Limits {
-            size: config.history.size,
-            bytes: config.history.channel_bytes,
-        };
-        let history_budget = HistoryBudget::share(&config, mesh.shards());
         Shard {
             id,
             config,
             node,
             metrics: ShardMetrics::new(id),
             mesh,
-            redis,
+            broker: RefCell::new(broker),
+            effects: RefCell::default(),
             state: RefCell::new(State::default()),
-            history_meter: Rc::default(),
-            history_limits,
-            history_budget,
             now: Cell::new(0),
         }
     }
@@ -316,9 +290,10 @@ impl Shard {
                     );
                 }
                 let channel: Arc<str> = channel.into();
-                // Behind Redis a publication can fail, and the client must
-                // hear of it even without an id.
-                let token = (id.is_some() || self.redis.is_some()).then(|| {
+                // When a publication can fail, the client must hear of it
+                // even without an id.
+                let can_fail = self.broker.borrow().publications_can_fail();
+                let token = (id.is_some() || can_fail).then(|| {
                     let slot = self.answered_later(&channel).then(|| conn.reserve_reply());
                     self.state.borrow_mut().pending_pubs.insert(PendingPub::Ws {
                         conn: conn.clone(),
@@ -364,14 +339,14 @@ impl Shard {
         self.count_slow(pushed);
     }
 
-    /// Fills the place a deferred reply holds in `conn`'s queue.
     /// True when requests on `channel` are answered after they are
-    /// handled: by another shard, or through Redis. An owner on this shard
-    /// answers at once, in place, and needs no reply slot.
+    /// handled (by another shard, or through Redis), so their reply needs
+    /// a slot in the connection's queue.
     fn answered_later(&self, channel: &str) -> bool {
-        self.redis.is_some() || owner_of(channel, self.mesh.shards()) != self.id
+        !self.broker.borrow().answers_in_place(channel)
     }
 
+    /// Fills the place a deferred reply holds in `conn`'s queue.
     fn fill(&self, conn: &Conn, slot: Option<&ReplySlot>, items: Answer) {
         let pushed = conn.fill_reply(slot, items, self.config.limits.max_pending_bytes);
         self.count_slow(pushed);
@@ -403,33 +378,42 @@ impl Shard {
 
     fn route_publish(&self, channel: Arc<str>, data: Data, token: Option<usize>, now: Instant) {
         let token = token.map(|t| t as u32);
-        if let Some(redis) = &self.redis {
-            let token = token.expect("publications behind Redis always have a token");
-            let sent = self.node.backplane_ready()
-                && redis.publish(RedisCmd::Publish {
-                    channel,
-                    item: envelope::encode_item(&data),
-                    from: self.id,
-                    token,
-                });
-            if !sent {
-                self.on_publish_failed(token);
-            }
-            return;
+        self.with_broker(|broker, fx| broker.publish(channel, data, token, now, fx));
+    }
+
+    /// Runs one step of the broker and carries out what it asks for.
+    fn with_broker(&self, step: impl FnOnce(&mut dyn Broker, &mut Vec<Effect>)) {
+        // A step carried out below may run another (an ack to this shard
+        // that ends a subscription): that one finds the scratch taken and
+        // allocates its own.
+        let mut fx = std::mem::take(&mut *self.effects.borrow_mut());
+        step(&mut **self.broker.borrow_mut(), &mut fx);
+        for effect in fx.drain(..) {
+            self.carry_out(effect);
         }
-        let owner = owner_of(&channel, self.mesh.shards());
-        if owner == self.id {
-            self.owner_publish(channel, data, self.id, token, now);
-        } else {
-            self.mesh.send(
-                owner,
-                ShardMsg::Publish {
-                    channel,
-                    data,
-                    from: self.id,
-                    token,
-                },
-            );
+        *self.effects.borrow_mut() = fx;
+    }
+
+    fn carry_out(&self, effect: Effect) {
+        match effect {
+            Effect::Deliver { publication, to } => {
+                self.metrics.publications.increment(1);
+                self.fan_out(publication, to);
+            }
+            Effect::Ack {
+                waiter,
+                seq,
+                epoch,
+                replay,
+            } => self.send_subscribe_ack(waiter.from, waiter.token, seq, epoch, replay),
+            Effect::Published { to, token, seq } => {
+                if to == self.id {
+                    self.finish_publish(token, seq);
+                } else {
+                    self.mesh.send(to, ShardMsg::PublishAck { token, seq });
+                }
+            }
+            Effect::Forward { to, event } => self.mesh.send(to, ShardMsg::Broker(event)),
         }
     }
 
@@ -439,7 +423,7 @@ impl Shard {
         conn: &Rc<Conn>,
         channel: String,
         id: Option<Id>,
-        since: Option<(u64, Option<String>)>,
+        since: Option<Since>,
         now: Instant,
     ) {
         let refuse = |code, message: String, channel: String| RequestError {
@@ -447,7 +431,7 @@ impl Shard {
             channel: Some(channel),
             ..RequestError::new(code, message)
         };
-        if self.redis.is_some() && !self.node.backplane_ready() {
+        if !self.broker.borrow().ready() {
             let message = "the backplane is down; retry".to_string();
             return self.reply_error(conn, refuse(ErrorCode::Unavailable, message, channel));
         }
@@ -620,13 +604,7 @@ impl Shard {
     /// Handles one message from another shard (or the signal handler).
     pub fn handle_msg(&self, msg: ShardMsg, now: Instant) {
         match msg {
-            ShardMsg::Publish {
-                channel,
-                data,
-                from,
-                token,
-            } => self.owner_publish(channel, data, from, token, now),
-            ShardMsg::PublishAck { token, seq } => self.on_publish_ack(token, seq),
+            ShardMsg::PublishAck { token, seq } => self.finish_publish(token, seq),
             ShardMsg::Deliver(p) => self.deliver_local(p),
             ShardMsg::Subscribe {
                 channel,
@@ -641,90 +619,16 @@ impl Shard {
                 replay,
             } => self.on_subscribe_ack(token, seq, epoch, replay),
             ShardMsg::Unsubscribe { channel, from } => self.owner_unsubscribe(&channel, from),
+            ShardMsg::Broker(event) => {
+                self.with_broker(|broker, fx| broker.handle_event(event, now, fx))
+            }
             ShardMsg::Drain => {}
-            ShardMsg::PublishFailed { token } => self.on_publish_failed(token),
-            ShardMsg::RedisMessage { channel, payload } => {
-                self.on_redis_message(channel, &payload, now)
-            }
-            ShardMsg::RedisSubscribed { channel, join } => {
-                self.with_remote(&channel, |ch, fx| ch.joined(join, fx))
-            }
-            ShardMsg::Fetched {
-                channel,
-                fetch,
-                reply,
-            } => {
-                let snapshot = reply.map(|r| self.snapshot(&channel, r, now));
-                self.with_remote(&channel, |ch, fx| ch.fetched(fetch, snapshot, fx))
-            }
-        }
-    }
-
-    /// The epoch of an owned channel's `incarnation`: unique to this
-    /// process (the nonce), shard and incarnation.
-    fn epoch_name(&self, incarnation: u64) -> Arc<str> {
-        format!(
-            "{:08x}{:02x}{:x}",
-            self.node.epoch_nonce, self.id, incarnation
-        )
-        .into()
-    }
-
-    fn owned_channel<'a>(&self, st: &'a mut State, channel: &Arc<str>) -> &'a mut OwnedChannel {
-        if !st.owned.contains_key(channel) {
-            st.incarnations += 1;
-            let channel_state = OwnedChannel::new(st.incarnations, self.history_meter.clone());
-            st.owned.insert(channel.clone(), channel_state);
-        }
-        st.owned.get_mut(channel).expect("inserted above")
-    }
-
-    /// Owner side of a publication: assign seq, keep history, fan out.
-    fn owner_publish(
-        &self,
-        channel: Arc<str>,
-        data: Data,
-        from: usize,
-        token: Option<u32>,
-        now: Instant,
-    ) {
-        self.metrics.publications.increment(1);
-        let (publication, shards) = {
-            let mut st = self.state.borrow_mut();
-            let limits = self.history_limits;
-            let ch = self.owned_channel(&mut st, &channel);
-            ch.seq += 1;
-            let seq = ch.seq;
-            let (json, msgpack) = crate::protocol::encode_message(&channel, Some(seq), &data);
-            let publication = Arc::new(Publication {
-                channel: channel.clone(),
-                seq: Some(seq),
-                at: now,
-                json: json.into_boxed_slice(),
-                msgpack: msgpack.into_boxed_slice(),
-            });
-            ch.remember(&publication, limits);
-            let shards = ch.interested;
-            if shards == 0 && ch.history.is_empty() {
-                st.owned.remove(&channel);
-            }
-            (publication, shards)
-        };
-        let seq = publication.seq.unwrap_or_default();
-        self.enforce_history_budget();
-        self.fan_out(publication, shards);
-        if let Some(token) = token {
-            if from == self.id {
-                self.on_publish_ack(token, seq);
-            } else {
-                self.mesh.send(from, ShardMsg::PublishAck { token, seq });
-            }
         }
     }
 
     /// Sends a publication to every shard in `shards` (this one last).
-    fn fan_out(&self, publication: Arc<Publication>, shards: history::ShardSet) {
-        for shard in history::shards_in(shards) {
+    fn fan_out(&self, publication: Arc<Publication>, shards: ShardSet) {
+        for shard in shards_in(shards) {
             if shard != self.id {
                 self.mesh
                     .send(shard, ShardMsg::Deliver(publication.clone()));
@@ -741,14 +645,6 @@ impl Shard {
             .borrow_mut()
             .pending_pubs
             .try_remove(token as usize)
-    }
-
-    fn on_publish_ack(&self, token: u32, seq: u64) {
-        self.finish_publish(token, Some(seq));
-    }
-
-    fn on_publish_failed(&self, token: u32) {
-        self.finish_publish(token, None);
     }
 
     /// Answers a publication waiting for `token`: its seq, or `None` when
@@ -796,59 +692,18 @@ impl Shard {
         }
     }
 
-    /// Owner side of a subscribe: note the shard's interest, answer with the
-    /// current seq and the replay for `since` (behind Redis, once the
-    /// channel is live on this node).
+    /// Owner side of a subscribe: the broker notes the shard's interest
+    /// and answers with the current seq and the replay for `since`.
     fn owner_subscribe(
         &self,
         channel: &Arc<str>,
         from: usize,
         token: u32,
-        since: Option<(u64, Option<String>)>,
+        since: Option<Since>,
         now: Instant,
     ) {
-        if let Some(redis) = &self.redis {
-            let joined = {
-                let mut guard = self.state.borrow_mut();
-                let st = &mut *guard;
-                if st.remote.contains_key(channel) {
-                    None
-                } else {
-                    st.joins += 1;
-                    let ch = RemoteChannel::new(
-                        st.joins,
-                        self.history_limits,
-                        self.history_meter.clone(),
-                    );
-                    st.remote.insert(channel.clone(), ch);
-                    Some(st.joins)
-                }
-            };
-            if let Some(join) = joined {
-                redis.control(RedisCmd::Subscribe {
-                    channel: channel.clone(),
-                    join,
-                });
-            }
-            return self.with_remote(channel, |ch, fx| {
-                ch.interested |= 1 << from;
-                ch.subscribe(Waiter::new(from, token, since), fx)
-            });
-        }
-        let (seq, epoch, replay) = {
-            let mut st = self.state.borrow_mut();
-            let ttl = self.config.history.ttl;
-            let ch = self.owned_channel(&mut st, channel);
-            ch.interested |= 1 << from;
-            ch.expire(now, ttl);
-            let current = self.epoch_name(ch.incarnation);
-            let replay = match since {
-                None => Replay::NotAsked,
-                Some((since, epoch)) => ch.replay_after(since, epoch.as_deref(), &current),
-            };
-            (ch.seq, current, replay)
-        };
-        self.send_subscribe_ack(from, token, seq, epoch, replay);
+        let waiter = Waiter { from, token, since };
+        self.with_broker(|broker, fx| broker.subscribe(channel, waiter, now, fx));
     }
 
     fn send_subscribe_ack(&self, to: usize, token: u32, seq: u64, epoch: Arc<str>, replay: Replay) {
@@ -867,160 +722,8 @@ impl Shard {
         }
     }
 
-    /// Runs one step of a Redis-backed channel's state machine and carries
-    /// out what it asks for.
-    fn with_remote(
-        &self,
-        channel: &Arc<str>,
-        step: impl FnOnce(&mut RemoteChannel, &mut Vec<Effect>),
-    ) {
-        let mut fx = Vec::new();
-        let interested = {
-            let mut st = self.state.borrow_mut();
-            let Some(ch) = st.remote.get_mut(channel) else {
-                return;
-            };
-            step(ch, &mut fx);
-            ch.interested
-        };
-        self.enforce_history_budget();
-        for effect in fx {
-            match effect {
-                Effect::Deliver(publication) => {
-                    self.metrics.publications.increment(1);
-                    self.fan_out(publication, interested);
-                }
-                Effect::Ack {
-                    waiter,
-                    seq,
-                    epoch,
-                    replay,
-                } => self.send_subscribe_ack(waiter.from, waiter.token, seq, epoch, replay),
-                Effect::Fetch {
-                    fetch,
-                    after,
-                    epoch,
-                } => {
-                    if let Some(redis) = &self.redis {
-                        redis.control(RedisCmd::Fetch {
-                            channel: channel.clone(),
-                            fetch,
-                            after,
-                            epoch,
-                        });
-                    }
-                }
-                Effect::Gap(lost) => {
-                    tracing::warn!(%channel, lost, "publications lost beyond Redis history");
-                    crate::metrics::redis().gaps.increment(1);
-                }
-            }
-        }
-    }
-
-    /// Decodes a fetch answer into publications of `channel`.
-    fn snapshot(&self, channel: &Arc<str>, reply: FetchReply, at: Instant) -> Snapshot {
-        let entries = reply
-            .entries
-            .iter()
-            .filter_map(|(seq, item)| match envelope::decode_item(item) {
-                Ok(data) => Some(self.publication(channel, Some(*seq), &data, at)),
-                Err(e) => {
-                    tracing::warn!(%channel, seq, error = %e, "undecodable history entry skipped");
-                    None
-                }
-            })
-            .collect();
-        Snapshot {
-            epoch: reply.epoch.into(),
-            seq: reply.seq,
-            entries,
-        }
-    }
-
-    fn publication(
-        &self,
-        channel: &Arc<str>,
-        seq: Option<u64>,
-        data: &Data,
-        at: Instant,
-    ) -> Arc<Publication> {
-        let (json, msgpack) = crate::protocol::encode_message(channel, seq, data);
-        Arc::new(Publication {
-            channel: channel.clone(),
-            seq,
-            at,
-            json: json.into_boxed_slice(),
-            msgpack: msgpack.into_boxed_slice(),
-        })
-    }
-
-    /// A pub/sub message from Redis for a channel this shard owns.
-    fn on_redis_message(&self, channel: Arc<str>, payload: &[u8], at: Instant) {
-        match envelope::decode_message(payload) {
-            Ok(Incoming::Raw(raw)) => {
-                crate::metrics::redis().raw_messages.increment(1);
-                let publication = self.publication(&channel, None, &envelope::raw_data(raw), at);
-                self.with_remote(&channel, |ch, fx| ch.message(None, publication, fx));
-            }
-            Ok(Incoming::Sequenced {
-                epoch,
-                first,
-                items,
-            }) => {
-                let epoch: Arc<str> = epoch.into();
-                let mut publications = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    match envelope::decode_item(item) {
-                        Ok(data) => publications.push(self.publication(
-                            &channel,
-                            Some(first + i as u64),
-                            &data,
-                            at,
-                        )),
-                        Err(e) => {
-                            crate::metrics::redis().bad_envelopes.increment(1);
-                            tracing::warn!(%channel, error = %e, "undecodable publication skipped");
-                        }
-                    }
-                }
-                self.with_remote(&channel, |ch, fx| {
-                    for publication in publications {
-                        ch.message(Some(epoch.clone()), publication, fx);
-                    }
-                });
-            }
-            Err(e) => {
-                crate::metrics::redis().bad_envelopes.increment(1);
-                tracing::warn!(%channel, error = e, "message with a malformed envelope dropped");
-            }
-        }
-    }
-
     fn owner_unsubscribe(&self, channel: &Arc<str>, from: usize) {
-        if let Some(redis) = &self.redis {
-            let forgotten = {
-                let mut st = self.state.borrow_mut();
-                let emptied = st.remote.get_mut(channel).is_some_and(|ch| {
-                    ch.interested &= !(1 << from);
-                    ch.interested == 0
-                });
-                emptied && st.remote.remove(channel).is_some()
-            };
-            if forgotten {
-                redis.control(RedisCmd::Unsubscribe {
-                    channel: channel.clone(),
-                });
-            }
-            return;
-        }
-        let mut st = self.state.borrow_mut();
-        if let Some(ch) = st.owned.get_mut(channel) {
-            ch.interested &= !(1 << from);
-            if ch.interested == 0 && ch.history.is_empty() {
-                st.owned.remove(channel);
-            }
-        }
+        self.with_broker(|broker, fx| broker.unsubscribe(channel, from, fx));
     }
 
     /// The owner's answer to a subscribe: the replay (if `since` was
@@ -1110,27 +813,6 @@ impl Shard {
         }
     }
 
-    /// Keeps this shard's histories within its share of --history-memory
-    /// and --history-channels; owned channels left with neither history
-    /// nor subscribers are forgotten.
-    fn enforce_history_budget(&self) {
-        if !self.history_budget.exceeded_by(&self.history_meter) {
-            return;
-        }
-        let mut guard = self.state.borrow_mut();
-        let st = &mut *guard;
-        let mut histories: Vec<&mut history::History> = st
-            .owned
-            .values_mut()
-            .map(|ch| &mut ch.history)
-            .chain(st.remote.values_mut().map(|ch| &mut ch.history))
-            .collect();
-        let forgotten = history::evict(&mut histories, &self.history_meter, self.history_budget);
-        st.owned
-            .retain(|_, ch| ch.interested != 0 || !ch.history.is_empty());
-        self.metrics.history_evicted.increment(forgotten as u64);
-    }
-
     /// Once a second: heartbeats, close deadlines, history expiry, metrics.
     /// `now` is in whole seconds of the shard's clock (heartbeats), `at`
     /// the same moment for history ages.
@@ -1174,36 +856,13 @@ impl Shard {
                 }
             }
         }
-        let mut st = self.state.borrow_mut();
-        let ttl = self.config.history.ttl;
-        let mut kept = 0usize;
-        st.owned.retain(|_, ch| {
-            ch.expire(at, ttl);
-            kept += ch.history.len();
-            ch.interested != 0 || !ch.history.is_empty()
-        });
-        st.give_back_memory();
-        let mut retries = Vec::new();
-        for (name, ch) in st.remote.iter_mut() {
-            ch.expire(at, ttl);
-            kept += ch.history.len();
-            if ch.wants_retry() {
-                retries.push(name.clone());
-            }
-        }
-        self.metrics.history_messages.set(kept as f64);
-        self.metrics
-            .history_bytes
-            .set(self.history_meter.bytes() as f64);
-        self.metrics
-            .channels_owned
-            .set((st.owned.len() + st.remote.len()) as f64);
-        drop(st);
-        if self.node.backplane_ready() {
-            for channel in retries {
-                self.with_remote(&channel, |ch, fx| ch.retry(fx));
-            }
-        }
+        self.state.borrow_mut().give_back_memory();
+        self.with_broker(|broker, fx| broker.tick(at, fx));
+        let held = self.broker.borrow_mut().holdings();
+        self.metrics.history_messages.set(held.messages as f64);
+        self.metrics.history_bytes.set(held.bytes as f64);
+        self.metrics.channels_owned.set(held.channels as f64);
+        self.metrics.history_evicted.increment(held.evicted as u64);
         self.metrics.flush();
     }
 

@@ -1,26 +1,45 @@
 //! The hub without sockets: several shards on an in-memory mesh, driven by
-//! hand. Requests go in through `Shard::handle_request`, messages between
-//! shards are delivered by `Cluster::settle` until none is left, and what
-//! each client would receive is read from its outbox. Time is whatever the
-//! test passes to `Shard::tick_at`. Nothing here waits on a clock.
+//! hand, on either backplane: the embedded broker, or the Redis broker in
+//! front of a stand-in for Redis (`backplane::redis::fake`). Requests go in
+//! through `Shard::handle_request`, messages between shards (and to and
+//! from the stand-in) are delivered by `Cluster::settle` until none is left,
+//! and what each client would receive is read from its outbox. Time is
+//! whatever the test passes. Nothing here waits on a clock.
+//!
+//! Every test of the contract runs on both backplanes (the `embedded` and
+//! `redis` modules at the end); the Redis faults only behind Redis.
 
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use super::{Conn, Shard};
-use crate::backplane::{owner_of, Mesh, ShardMsg};
+use crate::backplane::embedded::EmbeddedBroker;
+use crate::backplane::redis::fake::FakeRedis;
+use crate::backplane::redis::RedisBroker;
+use crate::backplane::{owner_of, Broker, Mesh, ShardMsg};
 use crate::config::Config;
 use crate::node::NodeState;
 use crate::protocol::{decode_requests, Format};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backplane {
+    Embedded,
+    Redis,
+}
+
 struct Cluster {
     shards: Vec<Shard>,
     inboxes: Vec<flume::Receiver<ShardMsg>>,
+    /// Behind Redis: the stand-in the shards' brokers talk to.
+    redis: Option<RefCell<FakeRedis>>,
     /// The time every input is handed with (see [`Cluster::advance`]).
-    now: std::cell::Cell<Instant>,
+    now: Cell<Instant>,
+    /// Whole seconds since the start, as ticks give them.
+    seconds: Cell<u32>,
 }
 
 /// A client of one shard: its key there and its outbox.
@@ -31,22 +50,64 @@ struct Client {
 }
 
 impl Cluster {
-    /// `n` shards of one node configured with `args` (flags as on the
-    /// command line).
-    fn new(n: usize, args: &[&str]) -> Cluster {
+    /// `n` shards of one node on `backplane`, configured with `args`
+    /// (flags as on the command line).
+    fn new(backplane: Backplane, n: usize, args: &[&str]) -> Cluster {
         let mut argv: Vec<std::ffi::OsString> = vec!["ringcast".into()];
         argv.extend(args.iter().map(Into::into));
         let config = Arc::new(Config::load_from(argv).expect("a valid configuration"));
         let node = Arc::new(NodeState::new());
         let (mesh, inboxes) = Mesh::new(n);
+        let now = Instant::now();
+        let (redis, handle) = match backplane {
+            Backplane::Embedded => (None, None),
+            Backplane::Redis => {
+                let history = &config.history;
+                let (fake, handle) = FakeRedis::new(
+                    Arc::new(mesh.clone()),
+                    node.clone(),
+                    history.size,
+                    history.ttl,
+                    now,
+                );
+                (Some(RefCell::new(fake)), Some(handle))
+            }
+        };
         let shards = (0..n)
-            .map(|id| Shard::new(id, config.clone(), node.clone(), mesh.clone(), None))
+            .map(|id| {
+                let broker: Box<dyn Broker> = match &handle {
+                    None => Box::new(EmbeddedBroker::new(
+                        id,
+                        n,
+                        node.epoch_nonce,
+                        &config.history,
+                    )),
+                    Some(handle) => Box::new(RedisBroker::new(
+                        id,
+                        n,
+                        handle.clone(),
+                        node.clone(),
+                        &config.history,
+                    )),
+                };
+                Shard::new(id, config.clone(), node.clone(), mesh.clone(), broker)
+            })
             .collect();
         Cluster {
             shards,
             inboxes,
-            now: std::cell::Cell::new(Instant::now()),
+            redis,
+            now: Cell::new(now),
+            seconds: Cell::new(0),
         }
+    }
+
+    /// The stand-in for Redis (behind Redis only).
+    fn redis(&self) -> std::cell::RefMut<'_, FakeRedis> {
+        self.redis
+            .as_ref()
+            .expect("a cluster behind Redis")
+            .borrow_mut()
     }
 
     fn connect(&self, shard: usize) -> Client {
@@ -76,8 +137,8 @@ impl Cluster {
         );
     }
 
-    /// Delivers messages between shards until every inbox is empty;
-    /// returns how many there were.
+    /// Delivers messages between shards (and to and from Redis) until
+    /// nothing is left to move; returns how many there were.
     fn settle(&self) -> usize {
         let mut delivered = 0;
         loop {
@@ -89,16 +150,34 @@ impl Cluster {
                     moved = true;
                 }
             }
+            if let Some(redis) = &self.redis {
+                let handled = redis.borrow_mut().run();
+                delivered += handled;
+                moved |= handled > 0;
+            }
             if !moved {
                 return delivered;
             }
         }
     }
 
-    /// Moves the clock every input is handed with `seconds` on.
+    /// Moves the clock every input is handed with `seconds` on (Redis's
+    /// too).
     fn advance(&self, seconds: u64) {
-        self.now
-            .set(self.now.get() + std::time::Duration::from_secs(seconds));
+        self.now.set(self.now.get() + Duration::from_secs(seconds));
+        if let Some(redis) = &self.redis {
+            redis.borrow_mut().now = self.now.get();
+        }
+    }
+
+    /// Lets one second pass and ticks every shard, then settles.
+    fn tick(&self) {
+        self.advance(1);
+        self.seconds.set(self.seconds.get() + 1);
+        for shard in &self.shards {
+            shard.tick_at(self.seconds.get(), self.now.get());
+        }
+        self.settle();
     }
 
     /// A channel name the owner of which is `shard`.
@@ -140,9 +219,8 @@ impl Client {
     }
 }
 
-#[test]
-fn concurrent_publishers_on_every_shard_share_one_gap_free_seq() {
-    let cluster = Cluster::new(3, &["--max-publish-rate", "0"]);
+fn concurrent_publishers_on_every_shard_share_one_gap_free_seq(backplane: Backplane) {
+    let cluster = Cluster::new(backplane, 3, &["--max-publish-rate", "0"]);
     let channel = cluster.channel_owned_by(1, "prices");
     let subscribers: Vec<Client> = (0..3).map(|s| cluster.connect(s)).collect();
     for s in &subscribers {
@@ -181,9 +259,12 @@ fn concurrent_publishers_on_every_shard_share_one_gap_free_seq() {
     assert_eq!(acked, expected, "every publication acked with its own seq");
 }
 
-#[test]
-fn since_recovers_exactly_at_every_boundary_of_history() {
-    let cluster = Cluster::new(2, &["--history-size", "5", "--max-publish-rate", "0"]);
+fn since_recovers_exactly_at_every_boundary_of_history(backplane: Backplane) {
+    let cluster = Cluster::new(
+        backplane,
+        2,
+        &["--history-size", "5", "--max-publish-rate", "0"],
+    );
     let channel = cluster.channel_owned_by(1, "feed");
     let publisher = cluster.connect(0);
     for i in 1..=12 {
@@ -240,9 +321,8 @@ fn since_recovers_exactly_at_every_boundary_of_history() {
     }
 }
 
-#[test]
-fn answers_to_an_array_across_shards_keep_the_requests_order() {
-    let cluster = Cluster::new(3, &[]);
+fn answers_to_an_array_across_shards_keep_the_requests_order(backplane: Backplane) {
+    let cluster = Cluster::new(backplane, 3, &[]);
     let client = cluster.connect(0);
     let far = cluster.channel_owned_by(2, "far");
     let near = cluster.channel_owned_by(0, "near");
@@ -268,10 +348,10 @@ fn answers_to_an_array_across_shards_keep_the_requests_order() {
     assert_eq!(ids, [1, 2, 3, 4, 5]);
 }
 
-#[test]
-fn slow_consumers_are_disconnected_or_lose_their_oldest_and_readers_are_not() {
+fn slow_consumers_are_disconnected_or_lose_their_oldest_and_readers_are_not(backplane: Backplane) {
     for (policy, disconnected) in [("disconnect", true), ("drop-oldest", false)] {
         let cluster = Cluster::new(
+            backplane,
             1,
             &[
                 "--max-message-bytes",
@@ -289,12 +369,14 @@ fn slow_consumers_are_disconnected_or_lose_their_oldest_and_readers_are_not() {
         let reader = cluster.connect(0);
         for c in [&slow, &reader] {
             cluster.send(c, json!({"action": "subscribe", "channel": "t"}));
+            cluster.settle();
             c.events();
         }
         let body = "x".repeat(900);
         let mut read = Vec::new();
         for _ in 0..40 {
             cluster.publish(&publisher, "t", json!(body));
+            cluster.settle();
             read.extend(reader.messages());
         }
         assert_eq!(
@@ -321,9 +403,12 @@ fn slow_consumers_are_disconnected_or_lose_their_oldest_and_readers_are_not() {
     }
 }
 
-#[test]
-fn a_silent_client_is_pinged_then_dropped_and_a_pong_keeps_it() {
-    let cluster = Cluster::new(1, &["--ping-interval", "30", "--pong-timeout", "10"]);
+fn a_silent_client_is_pinged_then_dropped_and_a_pong_keeps_it(backplane: Backplane) {
+    let cluster = Cluster::new(
+        backplane,
+        1,
+        &["--ping-interval", "30", "--pong-timeout", "10"],
+    );
     let shard = &cluster.shards[0];
     let silent = cluster.connect(0);
     let answering = cluster.connect(0);
@@ -343,9 +428,12 @@ fn a_silent_client_is_pinged_then_dropped_and_a_pong_keeps_it() {
     assert!(!answering.conn.abort.get(), "a pong keeps a client");
 }
 
-#[test]
-fn history_older_than_its_ttl_is_not_replayed() {
-    let cluster = Cluster::new(2, &["--history-ttl", "60", "--max-publish-rate", "0"]);
+fn history_older_than_its_ttl_is_not_replayed(backplane: Backplane) {
+    let cluster = Cluster::new(
+        backplane,
+        2,
+        &["--history-ttl", "60", "--max-publish-rate", "0"],
+    );
     let channel = cluster.channel_owned_by(1, "ttl");
     let publisher = cluster.connect(0);
     for i in 1..=3 {
@@ -392,3 +480,161 @@ fn history_older_than_its_ttl_is_not_replayed() {
         .collect();
     assert_eq!(replayed, [4]);
 }
+
+/// A client of `shard` subscribed to `channel`, its answer read.
+fn subscriber(cluster: &Cluster, shard: usize, channel: &str) -> Client {
+    let client = cluster.connect(shard);
+    cluster.send(&client, json!({"action": "subscribe", "channel": channel}));
+    cluster.settle();
+    let events = client.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["type"], "subscribed", "{events:?}");
+    client
+}
+
+fn behind_redis(args: &[&str]) -> Cluster {
+    let mut all = vec!["--max-publish-rate", "0"];
+    all.extend_from_slice(args);
+    Cluster::new(Backplane::Redis, 2, &all)
+}
+
+#[test]
+fn behind_redis_a_lost_link_is_resynced_and_what_was_missed_arrives_in_order() {
+    let cluster = behind_redis(&["--history-size", "100"]);
+    let channel = cluster.channel_owned_by(1, "feed");
+    let subscribers = [0, 1].map(|shard| subscriber(&cluster, shard, &channel));
+    let publisher = cluster.connect(0);
+    for i in 1..=3 {
+        cluster.publish(&publisher, &channel, json!(i));
+    }
+    cluster.settle();
+    for s in &subscribers {
+        assert_eq!(s.messages(), [1, 2, 3]);
+    }
+    cluster.redis().lose_link();
+    // What this node cannot do now it refuses, with a reason.
+    cluster.send(
+        &publisher,
+        json!({"action": "publish", "channel": channel, "data": 0, "id": 9}),
+    );
+    let late = cluster.connect(0);
+    cluster.send(
+        &late,
+        json!({"action": "subscribe", "channel": channel, "id": 10}),
+    );
+    cluster.settle();
+    for (client, id) in [(&publisher, 9), (&late, 10)] {
+        let events = client.events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["code"], "unavailable", "{events:?}");
+        assert_eq!(events[0]["id"], id, "{events:?}");
+    }
+    // Other nodes go on publishing; none of it reaches this node.
+    for i in 4..=6 {
+        cluster
+            .redis()
+            .publish_from_elsewhere(&channel, &i.to_string());
+    }
+    cluster.settle();
+    assert!(subscribers.iter().all(|s| s.messages().is_empty()));
+    cluster.redis().restore_link();
+    cluster.settle();
+    for s in &subscribers {
+        assert_eq!(s.messages(), [4, 5, 6], "caught up in order");
+    }
+    cluster.publish(&publisher, &channel, json!(7));
+    cluster.settle();
+    for s in &subscribers {
+        assert_eq!(s.messages(), [7], "then live, with no duplicate");
+    }
+}
+
+#[test]
+fn behind_redis_what_an_outage_cost_beyond_history_shows_as_a_seq_jump() {
+    let cluster = behind_redis(&["--history-size", "3"]);
+    let channel = cluster.channel_owned_by(0, "feed");
+    let watcher = subscriber(&cluster, 1, &channel);
+    for i in 1..=2 {
+        cluster
+            .redis()
+            .publish_from_elsewhere(&channel, &i.to_string());
+    }
+    cluster.settle();
+    assert_eq!(watcher.messages(), [1, 2]);
+    cluster.redis().lose_link();
+    for i in 3..=10 {
+        cluster
+            .redis()
+            .publish_from_elsewhere(&channel, &i.to_string());
+    }
+    cluster.redis().restore_link();
+    cluster.settle();
+    // 3..=7 are gone from Redis: the subscriber sees the jump by its seqs,
+    // and a `since` from before it is not recovered.
+    assert_eq!(watcher.messages(), [8, 9, 10]);
+    let late = cluster.connect(1);
+    cluster.send(
+        &late,
+        json!({"action": "subscribe", "channel": channel, "since": 2}),
+    );
+    cluster.settle();
+    let events = late.events();
+    assert_eq!(events.last().unwrap()["recovered"], false, "{events:?}");
+    assert_eq!(events.last().unwrap()["seq"], 10, "{events:?}");
+}
+
+#[test]
+fn behind_redis_a_failed_catch_up_is_retried_on_a_later_tick() {
+    let cluster = behind_redis(&["--history-size", "100"]);
+    let channel = cluster.channel_owned_by(1, "feed");
+    let watcher = subscriber(&cluster, 0, &channel);
+    cluster.redis().publish_from_elsewhere(&channel, "1");
+    cluster.settle();
+    assert_eq!(watcher.messages(), [1]);
+    cluster.redis().lose_link();
+    cluster.redis().publish_from_elsewhere(&channel, "2");
+    cluster.redis().publish_from_elsewhere(&channel, "3");
+    cluster.redis().fail_fetches = true;
+    cluster.redis().restore_link();
+    cluster.settle();
+    cluster.redis().publish_from_elsewhere(&channel, "4");
+    cluster.settle();
+    assert!(
+        watcher.messages().is_empty(),
+        "nothing out of order while the catch-up fails"
+    );
+    cluster.tick();
+    cluster.redis().fail_fetches = false;
+    cluster.tick();
+    assert_eq!(watcher.messages(), [2, 3, 4]);
+}
+
+/// Runs each named test of the contract on one backplane.
+macro_rules! on_backplane {
+    ($module:ident, $backplane:expr, $($test:ident),* $(,)?) => {
+        mod $module {
+            $(
+                #[test]
+                fn $test() {
+                    super::$test($backplane);
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! contract {
+    ($($test:ident),* $(,)?) => {
+        on_backplane!(embedded, super::Backplane::Embedded, $($test),*);
+        on_backplane!(redis, super::Backplane::Redis, $($test),*);
+    };
+}
+
+contract!(
+    concurrent_publishers_on_every_shard_share_one_gap_free_seq,
+    since_recovers_exactly_at_every_boundary_of_history,
+    answers_to_an_array_across_shards_keep_the_requests_order,
+    slow_consumers_are_disconnected_or_lose_their_oldest_and_readers_are_not,
+    a_silent_client_is_pinged_then_dropped_and_a_pong_keeps_it,
+    history_older_than_its_ttl_is_not_replayed,
+);

@@ -143,7 +143,7 @@ pub fn run(config: Config) -> Result<()> {
         node.set_backplane_ready(false);
         Some(crate::backplane::redis::start(
             config.clone(),
-            mesh.clone(),
+            Arc::new(mesh.clone()),
             node.clone(),
         )?)
     } else {

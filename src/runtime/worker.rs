@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::backplane::{Mesh, ShardMsg};
+use crate::backplane::embedded::EmbeddedBroker;
+use crate::backplane::redis::{RedisBroker, RedisHandle};
+use crate::backplane::{Broker, Mesh, ShardMsg};
 use crate::config::Config;
 use crate::error::{Context, Result};
 use crate::hub::{CloseRequest, Shard};
@@ -26,7 +28,7 @@ pub struct Worker {
     pub config: Arc<Config>,
     pub node: Arc<NodeState>,
     pub mesh: Mesh,
-    pub redis: Option<crate::backplane::redis::RedisHandle>,
+    pub redis: Option<RedisHandle>,
 }
 
 impl Worker {
@@ -53,12 +55,28 @@ impl Worker {
     }
 
     async fn main(self) -> Result<()> {
+        let shards = self.mesh.shards();
+        let broker: Box<dyn Broker> = match self.redis {
+            Some(redis) => Box::new(RedisBroker::new(
+                self.id,
+                shards,
+                redis,
+                self.node.clone(),
+                &self.config.history,
+            )),
+            None => Box::new(EmbeddedBroker::new(
+                self.id,
+                shards,
+                self.node.epoch_nonce,
+                &self.config.history,
+            )),
+        };
         let shard = Rc::new(Shard::new(
             self.id,
             self.config,
             self.node,
             self.mesh,
-            self.redis,
+            broker,
         ));
         let listener = monoio::net::TcpListener::from_std(self.listener)
             .with_context(|| format!("registering the listener of worker {}", self.id))?;

@@ -4,7 +4,7 @@
 //! for a pub/sub link that went deaf).
 //!
 //! One loop task owns all state; fred calls run in spawned tasks that answer
-//! shards directly through the mesh, so a slow Redis reply never holds up the
+//! shards directly (through [`Shards`]), so a slow Redis reply never holds up the
 //! loop.
 
 use std::collections::HashMap;
@@ -17,9 +17,9 @@ use fred::prelude::*;
 use fred::types::{ClusterStateChange, Message};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::event::{Event, FetchReply, FetchedEntry, Shards};
 use super::scripts::{self, ChannelKeys};
-use super::{FetchReply, RedisCmd};
-use crate::backplane::{owner_of, Mesh, ShardMsg};
+use super::RedisCmd;
 use crate::config::Config as RelayConfig;
 use crate::node::NodeState;
 
@@ -42,7 +42,7 @@ pub struct Queues {
 
 impl Queues {
     /// The next queued command, control first.
-    fn try_next(&self) -> Option<RedisCmd> {
+    pub(super) fn try_next(&self) -> Option<RedisCmd> {
         self.control
             .try_recv()
             .or_else(|_| self.publications.try_recv())
@@ -53,7 +53,7 @@ impl Queues {
 pub fn run(
     fred_config: fred::prelude::Config,
     config: Arc<RelayConfig>,
-    mesh: Mesh,
+    shards: Arc<dyn Shards>,
     node: Arc<NodeState>,
     queues: Queues,
 ) {
@@ -68,7 +68,7 @@ pub fn run(
         }
     };
     runtime.block_on(async move {
-        match Link::new(fred_config, config, mesh, node) {
+        match Link::new(fred_config, config, shards, node) {
             Ok(link) => link.run(queues).await,
             Err(e) => tracing::error!(error = %e, "cannot create the Redis clients; the node stays not ready"),
         }
@@ -133,7 +133,7 @@ struct Link {
     config: Arc<RelayConfig>,
     /// Builds the clients; kept to replace a deaf pub/sub client.
     builder: Builder,
-    mesh: Mesh,
+    shards: Arc<dyn Shards>,
     node: Arc<NodeState>,
     commands: Client,
     pubsub: Client,
@@ -173,7 +173,7 @@ impl Link {
     fn new(
         fred_config: fred::prelude::Config,
         config: Arc<RelayConfig>,
-        mesh: Mesh,
+        shards: Arc<dyn Shards>,
         node: Arc<NodeState>,
     ) -> Result<Link, Error> {
         let mut builder = Builder::from_config(fred_config);
@@ -209,7 +209,7 @@ impl Link {
             publish_sha: fred::util::sha1_hash(scripts::PUBLISH).into(),
             fetch_sha: fred::util::sha1_hash(scripts::FETCH).into(),
             config,
-            mesh,
+            shards,
             node,
             commands,
             pubsub,
@@ -419,7 +419,8 @@ impl Link {
         if !self.node.backplane_ready() {
             for (_, items) in publishes {
                 for (_, from, token) in items {
-                    self.mesh.send(from, ShardMsg::PublishFailed { token });
+                    self.shards
+                        .to_shard(from, Event::Published { token, seq: None });
                 }
             }
             return;
@@ -492,7 +493,7 @@ impl Link {
             .publish_batch_messages
             .record(call.items as f64);
         let client = self.commands.clone();
-        let mesh = self.mesh.clone();
+        let shards = self.shards.clone();
         let sha = self.publish_sha.clone();
         let in_flight = self.in_flight.clone();
         in_flight.fetch_add(1, Ordering::Relaxed);
@@ -514,14 +515,20 @@ impl Link {
                     for (first, acks) in firsts.into_iter().zip(waiters) {
                         for (i, (from, token)) in acks.into_iter().enumerate() {
                             let seq = first + i as u64;
-                            mesh.send(from, ShardMsg::PublishAck { token, seq });
+                            shards.to_shard(
+                                from,
+                                Event::Published {
+                                    token,
+                                    seq: Some(seq),
+                                },
+                            );
                         }
                     }
                 }
                 None => {
                     crate::metrics::redis().publish_failures.increment(1);
                     for (from, token) in waiters.into_iter().flatten() {
-                        mesh.send(from, ShardMsg::PublishFailed { token });
+                        shards.to_shard(from, Event::Published { token, seq: None });
                     }
                 }
             }
@@ -530,9 +537,8 @@ impl Link {
 
     fn fetch(&mut self, channel: Arc<str>, fetch: u64, after: Option<u64>, epoch: Arc<str>) {
         let keys = self.keys(&channel);
-        let owner = owner_of(&channel, self.mesh.shards());
         let client = self.commands.clone();
-        let mesh = self.mesh.clone();
+        let shards = self.shards.clone();
         let sha = self.fetch_sha.clone();
         let args: Vec<Value> = vec![
             Value::Integer(after.map_or(-1, |a| a as i64)),
@@ -554,9 +560,10 @@ impl Link {
                     None
                 }
             };
-            mesh.send(
-                owner,
-                ShardMsg::Fetched {
+            let owner = channel.clone();
+            shards.to_owner(
+                &owner,
+                Event::Fetched {
                     channel,
                     fetch,
                     reply,
@@ -669,9 +676,9 @@ impl Link {
         };
         for (channel, join) in batch.channels {
             if self.desired.get(&channel) == Some(&join) {
-                let owner = owner_of(&channel, self.mesh.shards());
-                self.mesh
-                    .send(owner, ShardMsg::RedisSubscribed { channel, join });
+                let owner = channel.clone();
+                self.shards
+                    .to_owner(&owner, Event::Subscribed { channel, join });
             }
         }
         if batch.resync {
@@ -789,9 +796,9 @@ impl Link {
             return;
         };
         let channel = channel.clone();
-        let owner = owner_of(&channel, self.mesh.shards());
-        self.mesh
-            .send(owner, ShardMsg::RedisMessage { channel, payload });
+        let owner = channel.clone();
+        self.shards
+            .to_owner(&owner, Event::Message { channel, payload });
     }
 
     /// A fence or probe came back.
@@ -827,10 +834,9 @@ impl Link {
     /// Tells every owner its channels must catch up (after a lag).
     fn announce_all(&self) {
         for (channel, join) in &self.desired {
-            let owner = owner_of(channel, self.mesh.shards());
-            self.mesh.send(
-                owner,
-                ShardMsg::RedisSubscribed {
+            self.shards.to_owner(
+                channel,
+                Event::Subscribed {
                     channel: channel.clone(),
                     join: *join,
                 },
@@ -1042,7 +1048,8 @@ fn fetch_reply(value: Value) -> Option<FetchReply> {
             Value::String(s) => s.into_inner(),
             _ => return None,
         };
-        entries.push((seq, item));
+        let age = Duration::from_millis(parts.next()?.as_u64()?);
+        entries.push(FetchedEntry { seq, item, age });
     }
     Some(FetchReply {
         epoch,

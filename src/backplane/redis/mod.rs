@@ -2,8 +2,10 @@
 //! runtime with two fred clients, one for commands (the publish and fetch
 //! scripts, probes) and one for pub/sub. It is the only tokio code in the
 //! relay; shards reach it through a bounded queue ([`RedisHandle`]) and it
-//! answers through the shards' inboxes ([`Mesh`]), so no shard ever waits on
-//! Redis.
+//! answers through the shards' inboxes ([`event::Shards`]), so no shard ever
+//! waits on Redis. On each shard a [`RedisBroker`] is the backplane contract's
+//! Redis side: it sends the thread commands and turns its events into one
+//! ordered stream per channel (`follower`).
 //!
 //! The thread never fans out per subscriber: it sequences publications in
 //! batches (one script call per tick, however many publications piled up),
@@ -11,12 +13,19 @@
 //! hands every pub/sub message, still encoded, to the channel's owner shard.
 //! Why it is built this way: `docs/design/redis-backplane.md`.
 
+mod broker;
+pub mod event;
+#[cfg(test)]
+pub mod fake;
+mod follower;
 mod link;
 pub mod scripts;
 
 use std::sync::Arc;
 
-use crate::backplane::Mesh;
+pub use broker::RedisBroker;
+pub use event::{Event, FetchReply, Shards};
+
 use crate::config::{Backplane, Config};
 use crate::error::{Context, Result};
 use crate::node::NodeState;
@@ -25,7 +34,7 @@ use crate::node::NodeState;
 #[derive(Debug)]
 pub enum RedisCmd {
     /// Sequence and publish one item (see `envelope::encode_item`); the
-    /// outcome goes to shard `from` as `PublishAck` or `PublishFailed`.
+    /// outcome goes to shard `from` as `Event::Published`.
     Publish {
         channel: Arc<str>,
         item: Vec<u8>,
@@ -33,29 +42,20 @@ pub enum RedisCmd {
         token: u32,
     },
     /// From the channel's owner: the node needs this channel (first
-    /// subscriber on any shard). Answered with `RedisSubscribed { join }`
+    /// subscriber on any shard). Answered with `Event::Subscribed { join }`
     /// once the subscription is live on the Redis connection.
     Subscribe { channel: Arc<str>, join: u64 },
     /// From the channel's owner: no subscriber is left on the node.
     Unsubscribe { channel: Arc<str> },
     /// From the channel's owner: read seq, epoch and the history after
     /// `after` (all of it if the epoch differs from `epoch`); answered with
-    /// `Fetched { fetch }`.
+    /// `Event::Fetched { fetch }`.
     Fetch {
         channel: Arc<str>,
         fetch: u64,
         after: Option<u64>,
         epoch: Arc<str>,
     },
-}
-
-/// What a fetch found: the channel's epoch ("" when it has no state yet),
-/// its seq, and the history entries asked for, oldest first.
-#[derive(Debug, Default)]
-pub struct FetchReply {
-    pub epoch: String,
-    pub seq: u64,
-    pub entries: Vec<(u64, bytes::Bytes)>,
 }
 
 /// The shards' side of the queues to the Redis thread. Publications go
@@ -74,6 +74,25 @@ pub struct RedisHandle {
 const PUBLISH_QUEUE_CAPACITY: usize = 65_536;
 
 impl RedisHandle {
+    /// A handle and the queues it feeds, for a broker tested without the
+    /// thread.
+    #[cfg(test)]
+    fn detached() -> (RedisHandle, link::Queues) {
+        let (publications, publications_rx) = flume::bounded(PUBLISH_QUEUE_CAPACITY);
+        let (control, control_rx) = flume::unbounded();
+        let queues = link::Queues {
+            publications: publications_rx,
+            control: control_rx,
+        };
+        (
+            RedisHandle {
+                publications,
+                control,
+            },
+            queues,
+        )
+    }
+
     /// Queues a publication; false when the queue is full or the thread gone.
     pub fn publish(&self, cmd: RedisCmd) -> bool {
         self.publications.try_send(cmd).is_ok()
@@ -107,7 +126,11 @@ pub fn client_config(backplane: &Backplane) -> std::result::Result<fred::prelude
 }
 
 /// Starts the Redis thread; it runs for the life of the process.
-pub fn start(config: Arc<Config>, mesh: Mesh, node: Arc<NodeState>) -> Result<RedisHandle> {
+pub fn start(
+    config: Arc<Config>,
+    shards: Arc<dyn Shards>,
+    node: Arc<NodeState>,
+) -> Result<RedisHandle> {
     let fred_config = client_config(&config.backplane).map_err(crate::error::Error::msg)?;
     crate::metrics::register_redis();
     let (publications, publications_rx) = flume::bounded(PUBLISH_QUEUE_CAPACITY);
@@ -118,7 +141,7 @@ pub fn start(config: Arc<Config>, mesh: Mesh, node: Arc<NodeState>) -> Result<Re
     };
     std::thread::Builder::new()
         .name("ringcast-redis".into())
-        .spawn(move || link::run(fred_config, config, mesh, node, queues))
+        .spawn(move || link::run(fred_config, config, shards, node, queues))
         .context("starting the Redis thread")?;
     Ok(RedisHandle {
         publications,

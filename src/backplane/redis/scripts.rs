@@ -127,13 +127,15 @@ if ARGV[2] ~= '' and ARGV[2] ~= epoch then
 end
 if after >= 0 and after < seq then
   local t = redis.call('TIME')
-  local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local oldest = now - tonumber(ARGV[3])
   local entries = redis.call('XRANGE', KEYS[3], tostring(after + 1) .. '-0', '+', 'COUNT', ARGV[4])
   for _, e in ipairs(entries) do
     local f = e[2]
     if tonumber(f[4]) >= oldest then
       out[#out + 1] = tonumber(string.match(e[1], '^(%d+)'))
       out[#out + 1] = f[2]
+      out[#out + 1] = now - tonumber(f[4])
     end
   end
 end

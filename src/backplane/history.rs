@@ -1,7 +1,7 @@
-//! A channel as its owner shard sees it: the seq counter, the epoch, the
-//! bounded history that `since` recovery replays, and which shards want it;
-//! and the meter that adds up what every history of the shard holds, so
-//! the shard can keep all of them within one budget.
+//! The recent publications a broker keeps per channel for `since`
+//! recovery, bounded per channel ([`Limits`]), and the meter that adds up
+//! what every history of a shard holds, so the shard keeps all of them
+//! within one budget ([`Budget`], [`evict`]).
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -10,20 +10,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backplane::{Publication, Replay};
-
-/// Shards are numbered below 128 (checked at start), one bit each.
-pub type ShardSet = u128;
-
-pub fn shards_in(mut set: ShardSet) -> impl Iterator<Item = usize> {
-    std::iter::from_fn(move || {
-        (set != 0).then(|| {
-            let shard = set.trailing_zeros() as usize;
-            set &= set - 1;
-            shard
-        })
-    })
-}
+use super::broker::{Publication, Replay};
 
 /// Bytes counted for a kept publication beside its two encodings: the
 /// `Publication` itself, its `Arc` counts and its slot in the deque.
@@ -156,10 +143,10 @@ pub struct Budget {
 }
 
 impl Budget {
-    pub fn share(config: &crate::config::Config, shards: usize) -> Budget {
+    pub fn share(history: &crate::config::HistoryOptions, shards: usize) -> Budget {
         Budget {
-            bytes: config.history.memory / shards,
-            channels: (config.history.channels / shards).max(1),
+            bytes: history.memory / shards,
+            channels: (history.channels / shards).max(1),
         }
     }
 
@@ -212,46 +199,6 @@ pub fn evict(histories: &mut [&mut History], meter: &Meter, budget: Budget) -> u
         }
     }
     forgotten
-}
-
-pub struct OwnedChannel {
-    /// The seq of the last publication (0: none yet).
-    pub seq: u64,
-    /// Numbers this incarnation of the channel on its shard: a channel
-    /// forgotten and created again restarts at seq 1 under a new epoch,
-    /// the name the shard makes of this number (kept as a number: a
-    /// string per channel would cost more than the rest of its state).
-    pub incarnation: u64,
-    /// The newest publications, oldest first, seqs consecutive.
-    pub history: History,
-    /// Shards with at least one subscriber.
-    pub interested: ShardSet,
-}
-
-impl OwnedChannel {
-    pub fn new(incarnation: u64, meter: Rc<Meter>) -> Self {
-        OwnedChannel {
-            seq: 0,
-            incarnation,
-            history: History::new(meter),
-            interested: 0,
-        }
-    }
-
-    pub fn remember(&mut self, publication: &Arc<Publication>, limits: Limits) {
-        remember(&mut self.history, publication, limits);
-    }
-
-    /// Forgets publications older than `ttl`.
-    pub fn expire(&mut self, now: Instant, ttl: Duration) {
-        expire(&mut self.history, now, ttl);
-    }
-
-    /// What a subscriber that last saw `since` (in `epoch`) missed, if
-    /// history still holds all of it; `current` is this incarnation's epoch.
-    pub fn replay_after(&self, since: u64, epoch: Option<&str>, current: &str) -> Replay {
-        replay_from(&[], &self.history, since, epoch, current, self.seq)
-    }
 }
 
 /// Appends to a bounded history, dropping the oldest past `limits`. A
@@ -317,16 +264,6 @@ pub fn replay_from(
 mod tests {
     use super::*;
 
-    fn publication(seq: u64, at: Instant) -> Arc<Publication> {
-        Arc::new(Publication {
-            channel: "c".into(),
-            seq: Some(seq),
-            at,
-            json: Box::new([]),
-            msgpack: Box::new([]),
-        })
-    }
-
     fn sized(seq: u64, at: Instant, bytes: usize) -> Arc<Publication> {
         Arc::new(Publication {
             channel: "c".into(),
@@ -335,101 +272,6 @@ mod tests {
             json: vec![b'j'; bytes].into(),
             msgpack: Box::new([]),
         })
-    }
-
-    fn count(size: usize) -> Limits {
-        Limits {
-            size,
-            bytes: usize::MAX,
-        }
-    }
-
-    fn seqs(r: Replay) -> Option<Vec<u64>> {
-        match r {
-            Replay::Recovered(v) => Some(v.iter().map(|p| p.seq.unwrap()).collect()),
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn shards_in_lists_the_set_bits() {
-        let set: ShardSet = 1 | 1 << 5 | 1 << 127;
-        assert_eq!(shards_in(set).collect::<Vec<_>>(), vec![0, 5, 127]);
-        assert_eq!(shards_in(0).count(), 0);
-    }
-
-    #[test]
-    fn replays_exactly_what_was_missed_while_in_history() {
-        let mut ch = OwnedChannel::new(1, Rc::default());
-        let now = Instant::now();
-        for s in 1..=10 {
-            ch.seq = s;
-            ch.remember(&publication(s, now), count(5));
-        }
-        assert_eq!(
-            seqs(ch.replay_after(7, Some("e"), "e")),
-            Some(vec![8, 9, 10])
-        );
-        assert_eq!(
-            seqs(ch.replay_after(5, None, "e")),
-            Some(vec![6, 7, 8, 9, 10])
-        );
-        assert_eq!(seqs(ch.replay_after(10, None, "e")), Some(vec![]));
-        assert!(
-            seqs(ch.replay_after(4, None, "e")).is_none(),
-            "6 is the oldest kept"
-        );
-        assert!(
-            seqs(ch.replay_after(11, None, "e")).is_none(),
-            "from the future"
-        );
-        assert!(
-            seqs(ch.replay_after(8, Some("other"), "e")).is_none(),
-            "other epoch"
-        );
-    }
-
-    #[test]
-    fn expiry_drops_old_messages_and_breaks_recovery() {
-        let mut ch = OwnedChannel::new(1, Rc::default());
-        let t0 = Instant::now();
-        ch.seq = 2;
-        ch.remember(&publication(1, t0), count(10));
-        ch.remember(&publication(2, t0 + Duration::from_secs(10)), count(10));
-        ch.expire(t0 + Duration::from_secs(12), Duration::from_secs(5));
-        assert_eq!(ch.history.len(), 1);
-        assert!(seqs(ch.replay_after(0, None, "e")).is_none());
-        assert_eq!(seqs(ch.replay_after(1, None, "e")), Some(vec![2]));
-    }
-
-    #[test]
-    fn a_history_is_bounded_in_bytes_as_well_as_in_count() {
-        let meter = Rc::new(Meter::default());
-        let mut ch = OwnedChannel::new(1, meter.clone());
-        let now = Instant::now();
-        let one = cost(&sized(1, now, 1000));
-        let limits = Limits {
-            size: 100,
-            bytes: 3 * one,
-        };
-        for s in 1..=10 {
-            ch.seq = s;
-            ch.remember(&sized(s, now, 1000), limits);
-        }
-        assert_eq!(ch.history.len(), 3);
-        assert_eq!(seqs(ch.replay_after(7, None, "e")), Some(vec![8, 9, 10]));
-        assert!(
-            seqs(ch.replay_after(6, None, "e")).is_none(),
-            "7 was dropped for its bytes"
-        );
-        assert_eq!(meter.bytes(), 3 * one + CHANNEL_OVERHEAD);
-        assert_eq!(meter.channels(), 1);
-        // Too big to keep: the history empties rather than skip a seq.
-        ch.seq = 11;
-        ch.remember(&sized(11, now, 4000), limits);
-        assert!(ch.history.is_empty());
-        assert!(seqs(ch.replay_after(10, None, "e")).is_none());
-        assert_eq!((meter.bytes(), meter.channels()), (0, 0));
     }
 
     #[test]

@@ -16,28 +16,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::history::{self, replay_from, History, Limits, Meter, ShardSet};
-use crate::backplane::{Publication, Replay};
+use crate::backplane::broker::ShardSet;
+use crate::backplane::broker::{Publication, Replay, Waiter};
+use crate::backplane::history::{self, replay_from, History, Limits, Meter};
 
-/// A subscribe waiting for the owner's answer.
+/// A subscribe waiting for the channel to be live, or for a fetch.
 #[derive(Debug)]
-pub struct Waiter {
-    pub from: usize,
-    pub token: u32,
-    pub since: Option<(u64, Option<String>)>,
+struct Waiting {
+    waiter: Waiter,
     /// A fetch sent after this waiter arrived asked for its `since`.
     covered: bool,
-}
-
-impl Waiter {
-    pub fn new(from: usize, token: u32, since: Option<(u64, Option<String>)>) -> Waiter {
-        Waiter {
-            from,
-            token,
-            since,
-            covered: false,
-        }
-    }
 }
 
 /// What the owner must do after a step of the state machine.
@@ -100,7 +88,7 @@ pub struct RemoteChannel {
     /// Set once the first snapshot arrived: later snapshots catch up the
     /// node's subscribers instead of only seeding history.
     delivering: bool,
-    waiting: Vec<Waiter>,
+    waiting: Vec<Waiting>,
     buffer: VecDeque<(Option<Arc<str>>, Arc<Publication>)>,
     fetches: u64,
 }
@@ -133,9 +121,12 @@ impl RemoteChannel {
     }
 
     /// A subscribe from shard `waiter.from`.
-    pub fn subscribe(&mut self, mut waiter: Waiter, fx: &mut Vec<Effect>) {
+    pub fn subscribe(&mut self, waiter: Waiter, fx: &mut Vec<Effect>) {
         if self.phase != Phase::Live {
-            return self.waiting.push(waiter);
+            return self.waiting.push(Waiting {
+                waiter,
+                covered: false,
+            });
         }
         let replay = match &waiter.since {
             None => Replay::NotAsked,
@@ -153,8 +144,10 @@ impl RemoteChannel {
                     && *since < self.seq;
                 if older_than_kept && self.limits.size > 0 {
                     // Redis may still hold it.
-                    waiter.covered = false;
-                    self.waiting.push(waiter);
+                    self.waiting.push(Waiting {
+                        waiter,
+                        covered: false,
+                    });
                     return self.start_fetch(fx);
                 }
                 replay
@@ -186,7 +179,7 @@ impl RemoteChannel {
     fn start_fetch(&mut self, fx: &mut Vec<Effect>) {
         let mut after = self.delivering.then_some(self.seq);
         for w in &mut self.waiting {
-            if let Some((since, _)) = w.since {
+            if let Some((since, _)) = w.waiter.since {
                 after = Some(after.map_or(since, |a| a.min(since)));
             }
             w.covered = true;
@@ -295,7 +288,12 @@ impl RemoteChannel {
             }
             self.delivering = true;
         }
-        let kept_from = self.history.front().and_then(|p| p.seq).unwrap_or(u64::MAX);
+        // With nothing kept, what the snapshot holds must end at the seq.
+        let kept_from = self
+            .history
+            .front()
+            .and_then(|p| p.seq)
+            .unwrap_or(self.seq + 1);
         let older: Vec<Arc<Publication>> = snap
             .entries
             .iter()
@@ -304,8 +302,8 @@ impl RemoteChannel {
             .collect();
         let older = consecutive_run_ending_at(&older, kept_from.saturating_sub(1));
         let mut still_waiting = Vec::new();
-        for waiter in std::mem::take(&mut self.waiting) {
-            let replay = match &waiter.since {
+        for waiting in std::mem::take(&mut self.waiting) {
+            let replay = match &waiting.waiter.since {
                 None => Replay::NotAsked,
                 Some((since, epoch)) => replay_from(
                     older,
@@ -316,12 +314,12 @@ impl RemoteChannel {
                     self.seq,
                 ),
             };
-            if matches!(replay, Replay::NotRecovered) && !waiter.covered {
-                still_waiting.push(waiter);
+            if matches!(replay, Replay::NotRecovered) && !waiting.covered {
+                still_waiting.push(waiting);
                 continue;
             }
             fx.push(Effect::Ack {
-                waiter,
+                waiter: waiting.waiter,
                 seq: self.seq,
                 epoch: self.epoch.clone(),
                 replay,
@@ -360,6 +358,10 @@ fn consecutive_run_ending_at(list: &[Arc<Publication>], end: u64) -> &[Arc<Publi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn waiter(from: usize, token: u32, since: Option<(u64, Option<String>)>) -> Waiter {
+        Waiter { from, token, since }
+    }
 
     fn p(seq: u64) -> Arc<Publication> {
         Arc::new(Publication {
@@ -439,7 +441,7 @@ mod tests {
     fn live() -> RemoteChannel {
         let mut ch = RemoteChannel::new(1, count(5), Default::default());
         let mut fx = Vec::new();
-        ch.subscribe(Waiter::new(0, 1, None), &mut fx);
+        ch.subscribe(waiter(0, 1, None), &mut fx);
         ch.joined(1, &mut fx);
         let (fetch, after) = fetch_of(&fx);
         assert_eq!(after, None);
@@ -454,8 +456,8 @@ mod tests {
     fn join_acks_waiters_with_replay_from_the_snapshot() {
         let mut ch = RemoteChannel::new(7, count(100), Default::default());
         let mut fx = Vec::new();
-        ch.subscribe(Waiter::new(0, 1, Some((3, None))), &mut fx);
-        ch.subscribe(Waiter::new(1, 2, Some((9, Some("other".into())))), &mut fx);
+        ch.subscribe(waiter(0, 1, Some((3, None))), &mut fx);
+        ch.subscribe(waiter(1, 2, Some((9, Some("other".into())))), &mut fx);
         ch.joined(6, &mut fx);
         assert!(fx.is_empty(), "an older join is ignored");
         ch.joined(7, &mut fx);
@@ -538,12 +540,12 @@ mod tests {
     fn since_older_than_kept_history_is_fetched_and_merged() {
         let mut ch = live();
         let mut fx = Vec::new();
-        ch.subscribe(Waiter::new(1, 9, Some((8, Some("e".into())))), &mut fx);
+        ch.subscribe(waiter(1, 9, Some((8, Some("e".into())))), &mut fx);
         assert_eq!(
             acks(std::mem::take(&mut fx)),
             vec![(9, 10, Some(vec![9, 10]))]
         );
-        ch.subscribe(Waiter::new(1, 10, Some((2, None))), &mut fx);
+        ch.subscribe(waiter(1, 10, Some((2, None))), &mut fx);
         let (fetch, after) = fetch_of(&fx);
         assert_eq!(after, Some(2));
         fx.clear();
@@ -563,7 +565,7 @@ mod tests {
     fn since_beyond_redis_history_is_not_recovered_after_one_fetch() {
         let mut ch = live();
         let mut fx = Vec::new();
-        ch.subscribe(Waiter::new(1, 3, Some((1, None))), &mut fx);
+        ch.subscribe(waiter(1, 3, Some((1, None))), &mut fx);
         let (fetch, _) = fetch_of(&fx);
         fx.clear();
         ch.fetched(fetch, Some(snap("e", 10, 6)), &mut fx);

@@ -1,0 +1,232 @@
+//! A stand-in for the Redis thread and Redis itself, for tests that drive
+//! shards by hand: it takes the commands shards queue, keeps each channel's
+//! seq, epoch and history as the publish and fetch scripts do, and answers
+//! through the same [`Shards`] the real thread uses. Its faults are the
+//! ones the real link recovers from: a pub/sub link that loses messages
+//! until it is resubscribed, and failed fetches.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::event::{Event, FetchReply, FetchedEntry, Shards};
+use super::link::Queues;
+use super::{RedisCmd, RedisHandle};
+use crate::backplane::envelope;
+use crate::node::NodeState;
+
+#[derive(Default)]
+struct Stored {
+    epoch: String,
+    seq: u64,
+    /// Seq, item, and when it was stored.
+    entries: VecDeque<(u64, Bytes, Instant)>,
+}
+
+/// The publications of one channel taken in one run: items, and who
+/// waits for each (shard, token).
+type Batch = (Arc<str>, Vec<Vec<u8>>, Vec<(usize, u32)>);
+
+pub struct FakeRedis {
+    queues: Queues,
+    shards: Arc<dyn Shards>,
+    node: Arc<NodeState>,
+    channels: HashMap<Arc<str>, Stored>,
+    /// The node's pub/sub subscriptions, with the owner's join of each.
+    subscribed: HashMap<Arc<str>, u64>,
+    /// Entries kept per channel (the stream's length cap), and for how
+    /// long a fetch returns them.
+    history: usize,
+    ttl: Duration,
+    /// Redis's clock: what entries are stamped with and fetches compare
+    /// against.
+    pub now: Instant,
+    epochs: u64,
+    /// The pub/sub link delivers nothing.
+    deaf: bool,
+    /// Fetches fail while set.
+    pub fail_fetches: bool,
+}
+
+impl FakeRedis {
+    /// A fake keeping `history` entries per channel for `ttl`, answering
+    /// `shards`, and the handle shards queue commands on. The node starts
+    /// ready.
+    pub fn new(
+        shards: Arc<dyn Shards>,
+        node: Arc<NodeState>,
+        history: usize,
+        ttl: Duration,
+        now: Instant,
+    ) -> (FakeRedis, RedisHandle) {
+        let (handle, queues) = RedisHandle::detached();
+        node.set_backplane_ready(true);
+        let fake = FakeRedis {
+            queues,
+            shards,
+            node,
+            channels: HashMap::new(),
+            subscribed: HashMap::new(),
+            history,
+            ttl,
+            now,
+            epochs: 0,
+            deaf: false,
+            fail_fetches: false,
+        };
+        (fake, handle)
+    }
+
+    /// Handles every queued command, publications of one channel batched
+    /// into one envelope as one script call would; returns how many.
+    pub fn run(&mut self) -> usize {
+        let mut handled = 0;
+        let mut batches: Vec<Batch> = Vec::new();
+        while let Some(cmd) = self.queues.try_next() {
+            handled += 1;
+            match cmd {
+                RedisCmd::Publish {
+                    channel,
+                    item,
+                    from,
+                    token,
+                } => match batches.iter_mut().find(|(c, _, _)| *c == channel) {
+                    Some((_, items, waiters)) => {
+                        items.push(item);
+                        waiters.push((from, token));
+                    }
+                    None => batches.push((channel, vec![item], vec![(from, token)])),
+                },
+                RedisCmd::Subscribe { channel, join } => {
+                    self.subscribed.insert(channel.clone(), join);
+                    if !self.deaf {
+                        self.shards
+                            .to_owner(&channel.clone(), Event::Subscribed { channel, join });
+                    }
+                }
+                RedisCmd::Unsubscribe { channel } => {
+                    self.subscribed.remove(&channel);
+                }
+                RedisCmd::Fetch {
+                    channel,
+                    fetch,
+                    after,
+                    epoch,
+                } => {
+                    let reply = (!self.fail_fetches).then(|| self.fetch(&channel, after, &epoch));
+                    self.shards.to_owner(
+                        &channel.clone(),
+                        Event::Fetched {
+                            channel,
+                            fetch,
+                            reply,
+                        },
+                    );
+                }
+            }
+        }
+        for (channel, items, waiters) in batches {
+            let first = self.store(&channel, &items);
+            for (i, (from, token)) in waiters.into_iter().enumerate() {
+                let seq = Some(first + i as u64);
+                self.shards.to_shard(from, Event::Published { token, seq });
+            }
+        }
+        handled
+    }
+
+    /// Sequences `items` as the publish script does and publishes their
+    /// envelope; returns the first seq.
+    fn store(&mut self, channel: &Arc<str>, items: &[Vec<u8>]) -> u64 {
+        let stored = self.channels.entry(channel.clone()).or_default();
+        if stored.epoch.is_empty() {
+            self.epochs += 1;
+            stored.epoch = format!("fake{}", self.epochs);
+        }
+        let first = stored.seq + 1;
+        for item in items {
+            stored.seq += 1;
+            let entry = (stored.seq, Bytes::from(item.clone()), self.now);
+            stored.entries.push_back(entry);
+            if stored.entries.len() > self.history {
+                stored.entries.pop_front();
+            }
+        }
+        let refs: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
+        let payload = envelope::encode_envelope(&stored.epoch, first, &refs);
+        self.deliver(channel, payload.into());
+        first
+    }
+
+    /// A pub/sub message to the node, if it subscribes and the link hears.
+    fn deliver(&self, channel: &Arc<str>, payload: Bytes) {
+        if self.deaf || !self.subscribed.contains_key(channel) {
+            return;
+        }
+        let event = Event::Message {
+            channel: channel.clone(),
+            payload,
+        };
+        self.shards.to_owner(channel, event);
+    }
+
+    /// What the fetch script answers.
+    fn fetch(&self, channel: &str, after: Option<u64>, epoch: &str) -> FetchReply {
+        let Some(stored) = self.channels.get(channel) else {
+            return FetchReply::default();
+        };
+        let after = match after {
+            Some(_) if !epoch.is_empty() && epoch != stored.epoch => Some(0),
+            after => after,
+        };
+        let entries = match after {
+            Some(after) if after < stored.seq => stored
+                .entries
+                .iter()
+                .filter(|(seq, _, _)| *seq > after)
+                .take(self.history)
+                .filter(|(_, _, at)| self.now.saturating_duration_since(*at) <= self.ttl)
+                .map(|(seq, item, at)| FetchedEntry {
+                    seq: *seq,
+                    item: item.clone(),
+                    age: self.now.saturating_duration_since(*at),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        FetchReply {
+            epoch: stored.epoch.clone(),
+            seq: stored.seq,
+            entries,
+        }
+    }
+
+    /// Another node publishes JSON `data` to `channel` through Redis.
+    pub fn publish_from_elsewhere(&mut self, channel: &str, data: &str) {
+        let data = crate::protocol::Data::from_json_slice(data.as_bytes()).expect("valid JSON");
+        self.store(&channel.into(), &[envelope::encode_item(&data)]);
+    }
+
+    /// The pub/sub link loses everything from now on, and the node is not
+    /// ready (as when the link's probe finds it deaf).
+    pub fn lose_link(&mut self) {
+        self.deaf = true;
+        self.node.set_backplane_ready(false);
+    }
+
+    /// The link is back: the node resubscribes every channel and each
+    /// owner hears its subscription is live again.
+    pub fn restore_link(&mut self) {
+        self.deaf = false;
+        self.node.set_backplane_ready(true);
+        for (channel, join) in &self.subscribed {
+            let event = Event::Subscribed {
+                channel: channel.clone(),
+                join: *join,
+            };
+            self.shards.to_owner(channel, event);
+        }
+    }
+}
