@@ -12,21 +12,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::{ClusterStateChange, Message};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::event::{Event, FetchReply, FetchedEntry, Shards};
+use super::batching::{self, CallSettings, Grouped};
+use super::event::{Event, Shards};
 use super::scripts::{self, ChannelKeys};
 use super::RedisCmd;
 use crate::config::Config as RelayConfig;
 use crate::node::NodeState;
 
-/// Most publications in one script call, and most item bytes: a call runs
-/// atomically inside Redis, so it must stay short.
-const MAX_ITEMS_PER_CALL: usize = 4096;
-const MAX_BYTES_PER_CALL: usize = 1 << 20;
 /// Most channels in one SUBSCRIBE / UNSUBSCRIBE command.
 const MAX_CHANNELS_PER_COMMAND: usize = 1024;
 /// Most shard commands taken per loop turn before issuing what they need.
@@ -316,8 +312,7 @@ impl Link {
     /// Takes `first` and whatever else is queued, then issues the script
     /// calls and subscription commands they need.
     fn take_commands(&mut self, first: RedisCmd, queues: &Queues) {
-        let mut publishes: Vec<(Arc<str>, Vec<PendingPublish>)> = Vec::new();
-        let mut publish_index: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut publishes = Grouped::default();
         let mut subscribe = Vec::new();
         let mut unsubscribe = Vec::new();
         let mut next = Some(first);
@@ -329,13 +324,7 @@ impl Link {
                     item,
                     from,
                     token,
-                } => {
-                    let i = *publish_index.entry(channel.clone()).or_insert_with(|| {
-                        publishes.push((channel, Vec::new()));
-                        publishes.len() - 1
-                    });
-                    publishes[i].1.push((item, from, token));
-                }
+                } => publishes.push(channel, (item, from, token)),
                 RedisCmd::Subscribe { channel, join } => {
                     self.desired.insert(channel.clone(), join);
                     subscribe.push(channel);
@@ -415,7 +404,8 @@ impl Link {
     /// On a cluster all keys of a call must share a hash slot, so calls are
     /// cut per slot; each goes to the primary that owns it, and a channel's
     /// calls keep their order because they always take that one connection.
-    fn publish(&mut self, publishes: Vec<(Arc<str>, Vec<PendingPublish>)>) {
+    fn publish(&mut self, publishes: Grouped) {
+        let publishes = publishes.into_channels();
         if !self.node.backplane_ready() {
             for (_, items) in publishes {
                 for (_, from, token) in items {
@@ -425,73 +415,33 @@ impl Link {
             }
             return;
         }
-        let mut publishes: Vec<(Arc<ChannelKeys>, Vec<PendingPublish>)> = publishes
+        let publishes = publishes
             .into_iter()
             .map(|(channel, items)| (self.keys(&channel), items))
             .collect();
-        if self.clustered {
-            publishes.sort_by_key(|(keys, _)| keys.slot);
-        }
-        let mut call = CallBuilder::default();
-        for (keys, items) in publishes {
-            let bytes: usize = items.iter().map(|(item, _, _)| item.len()).sum();
-            let other_slot = self.clustered
-                && call
-                    .channels
-                    .first()
-                    .is_some_and(|(first, _)| first.slot != keys.slot);
-            if call.items > 0
-                && (other_slot
-                    || call.items + items.len() > MAX_ITEMS_PER_CALL
-                    || call.bytes + bytes > MAX_BYTES_PER_CALL)
-            {
-                self.issue_publish(std::mem::take(&mut call));
-            }
-            call.add(keys, items, bytes);
-        }
-        if call.items > 0 {
+        for call in batching::cut_into_calls(publishes, self.clustered) {
             self.issue_publish(call);
         }
     }
 
-    fn issue_publish(&mut self, call: CallBuilder) {
+    fn issue_publish(&mut self, call: batching::Call) {
         self.epoch_counter += 1;
-        let history_size = self.config.history.size;
-        let mut args: Vec<Value> = Vec::with_capacity(6 + 2 * call.channels.len() + call.items);
-        args.push(Value::Integer(history_size as i64));
-        args.push(Value::Integer(self.config.history.ttl.as_millis() as i64));
-        args.push(Value::Integer(
-            self.config.redis.state_ttl.as_millis() as i64
-        ));
-        args.push(Value::from(format!(
-            "{}{:x}-",
-            &self.node_tag[..8],
-            self.epoch_counter
-        )));
-        args.push(Value::from(if self.clustered {
-            "SPUBLISH"
-        } else {
-            "PUBLISH"
-        }));
-        args.push(Value::Integer(self.config.history.channel_bytes as i64));
-        let mut keys: Vec<String> = Vec::with_capacity(3 * call.channels.len());
-        let mut waiters = Vec::with_capacity(call.channels.len());
-        for (k, items) in call.channels {
-            keys.push(k.seq.clone());
-            keys.push(k.epoch.clone());
-            keys.push(k.hist.clone());
-            args.push(Value::from(k.pubsub.clone()));
-            args.push(Value::Integer(items.len() as i64));
-            let mut acks = Vec::with_capacity(items.len());
-            for (item, from, token) in items {
-                args.push(Value::Bytes(Bytes::from(item)));
-                acks.push((from, token));
-            }
-            waiters.push(acks);
-        }
+        let settings = CallSettings {
+            history_size: self.config.history.size,
+            history_ttl: self.config.history.ttl,
+            state_ttl: self.config.redis.state_ttl,
+            history_channel_bytes: self.config.history.channel_bytes,
+            sharded: self.clustered,
+        };
+        let epoch = format!("{}{:x}-", &self.node_tag[..8], self.epoch_counter);
         crate::metrics::redis()
             .publish_batch_messages
             .record(call.items as f64);
+        let batching::ScriptCall {
+            keys,
+            args,
+            waiters,
+        } = batching::script_call(call, &settings, epoch);
         let client = self.commands.clone();
         let shards = self.shards.clone();
         let sha = self.publish_sha.clone();
@@ -509,7 +459,9 @@ impl Link {
             let result = run_script(&client, &options, &sha, scripts::PUBLISH, keys, args).await;
             in_flight.fetch_sub(1, Ordering::Relaxed);
             crate::metrics::redis().rtt.record(started.elapsed());
-            let firsts = result.ok().and_then(|v| publish_reply(v, waiters.len()));
+            let firsts = result
+                .ok()
+                .and_then(|v| batching::publish_reply(v, waiters.len()));
             match firsts {
                 Some(firsts) => {
                     for (first, acks) in firsts.into_iter().zip(waiters) {
@@ -554,7 +506,7 @@ impl Link {
             let keys = vec![keys.seq.clone(), keys.epoch.clone(), keys.hist.clone()];
             let result = run_script(&client, &options, &sha, scripts::FETCH, keys, args).await;
             let reply = match result {
-                Ok(v) => fetch_reply(v),
+                Ok(v) => batching::fetch_reply(v),
                 Err(e) => {
                     tracing::debug!(error = %e, %channel, "history fetch failed");
                     None
@@ -971,26 +923,6 @@ impl Link {
     }
 }
 
-/// A publication waiting for its script call: the item, and the shard and
-/// token its outcome goes to.
-type PendingPublish = (Vec<u8>, usize, u32);
-
-/// One script call being assembled.
-#[derive(Default)]
-struct CallBuilder {
-    channels: Vec<(Arc<ChannelKeys>, Vec<PendingPublish>)>,
-    items: usize,
-    bytes: usize,
-}
-
-impl CallBuilder {
-    fn add(&mut self, keys: Arc<ChannelKeys>, items: Vec<PendingPublish>, bytes: usize) {
-        self.items += items.len();
-        self.bytes += bytes;
-        self.channels.push((keys, items));
-    }
-}
-
 /// EVALSHA, falling back to EVAL (which also caches the script) when Redis
 /// lost its script cache (restart, SCRIPT FLUSH, failover).
 ///
@@ -1017,43 +949,4 @@ async fn run_script(
         }
         other => other,
     }
-}
-
-/// The first seq of each channel of a publish call.
-fn publish_reply(value: Value, channels: usize) -> Option<Vec<u64>> {
-    let Value::Array(parts) = value else {
-        return None;
-    };
-    if parts.len() != 2 * channels {
-        return None;
-    }
-    parts
-        .chunks(2)
-        .map(|pair| pair[1].as_u64())
-        .collect::<Option<Vec<u64>>>()
-}
-
-fn fetch_reply(value: Value) -> Option<FetchReply> {
-    let Value::Array(parts) = value else {
-        return None;
-    };
-    let mut parts = parts.into_iter();
-    let epoch = parts.next()?.as_string()?;
-    let seq = parts.next()?.as_u64()?;
-    let mut entries = Vec::new();
-    while let Some(seq) = parts.next() {
-        let seq = seq.as_u64()?;
-        let item = match parts.next()? {
-            Value::Bytes(b) => b,
-            Value::String(s) => s.into_inner(),
-            _ => return None,
-        };
-        let age = Duration::from_millis(parts.next()?.as_u64()?);
-        entries.push(FetchedEntry { seq, item, age });
-    }
-    Some(FetchReply {
-        epoch,
-        seq,
-        entries,
-    })
 }

@@ -13,6 +13,7 @@
 //! hands every pub/sub message, still encoded, to the channel's owner shard.
 //! Why it is built this way: `docs/design/redis-backplane.md`.
 
+mod batching;
 mod broker;
 pub mod event;
 #[cfg(test)]
