@@ -19,12 +19,11 @@ use tokio::sync::broadcast::error::RecvError;
 use super::batching::{self, CallSettings, Grouped};
 use super::event::{Event, Shards};
 use super::scripts::{self, ChannelKeys};
+use super::subscriptions::{Proven, Subscriptions, MAX_CHANNELS_PER_COMMAND};
 use super::RedisCmd;
 use crate::config::Config as RelayConfig;
 use crate::node::NodeState;
 
-/// Most channels in one SUBSCRIBE / UNSUBSCRIBE command.
-const MAX_CHANNELS_PER_COMMAND: usize = 1024;
 /// Most shard commands taken per loop turn before issuing what they need.
 const MAX_COMMANDS_PER_TURN: usize = 16_384;
 /// How often the loop republishes unconfirmed fences and checks health.
@@ -69,22 +68,6 @@ pub fn run(
             Err(e) => tracing::error!(error = %e, "cannot create the Redis clients; the node stays not ready"),
         }
     });
-}
-
-/// A batch of subscriptions whose effect is not yet proven. Its classic
-/// SUBSCRIBE ends with a fresh fence channel, and the fence message coming
-/// back proves Redis processed the whole command (fred resolves `subscribe`
-/// on write, not on reply). On a cluster each channel also needs its
-/// SSUBSCRIBE, whose reply fred does await: one command per channel, because
-/// a multi-channel SSUBSCRIBE gets one reply per channel and fred would pair
-/// the extra replies with later commands.
-struct Batch {
-    channels: Vec<(Arc<str>, u64)>,
-    /// Part of the resubscription after a (re)connect.
-    resync: bool,
-    fence: String,
-    fence_pending: bool,
-    shard_pending: usize,
 }
 
 /// What spawned fred calls report back to the loop.
@@ -138,25 +121,16 @@ struct Link {
     /// On a Redis Cluster: sequenced messages travel on sharded pub/sub
     /// (SPUBLISH/SSUBSCRIBE), raw backend PUBLISHes on classic pub/sub.
     clustered: bool,
-    /// Channels the node wants, with the owner's join id of each.
-    desired: HashMap<Arc<str>, u64>,
+    /// What the node is subscribed to, and which batches are proven.
+    subs: Subscriptions,
     keys: HashMap<Arc<str>, Arc<ChannelKeys>>,
-    /// Unproven subscription batches by id; cleared on every resync, so
-    /// answers about older batches find nothing.
-    batches: HashMap<u64, Batch>,
-    batch_counter: u64,
-    /// SSUBSCRIBEs that failed, reissued on the next tick.
-    shard_retry: Vec<(u64, String)>,
     internal: tokio::sync::mpsc::UnboundedSender<Internal>,
     internal_rx: Option<tokio::sync::mpsc::UnboundedReceiver<Internal>>,
-    resync_batches_left: usize,
     /// A pub/sub connection came up or the cluster changed: resubscribe
     /// everything on the next tick (coalesces a cluster's many events).
     resync_due: bool,
     synced: bool,
     node_tag: String,
-    /// Fence names are this plus the batch id.
-    fence_prefix: String,
     probes: Vec<Probe>,
     probe_round: Option<Instant>,
     synced_at: Instant,
@@ -189,13 +163,18 @@ impl Link {
         let pubsub = builder.build()?;
         let node_tag = format!("{:08x}{:08x}", node.epoch_nonce, fastrand::u32(..));
         let (internal, internal_rx) = tokio::sync::mpsc::unbounded_channel();
+        let clustered = matches!(
+            config.backplane,
+            crate::config::Backplane::RedisCluster { .. }
+        );
         Ok(Link {
             builder,
-            clustered: matches!(
-                config.backplane,
-                crate::config::Backplane::RedisCluster { .. }
+            clustered,
+            subs: Subscriptions::new(
+                &config.redis.prefix,
+                format!("{}$fence:{node_tag}:", config.redis.prefix),
+                clustered,
             ),
-            fence_prefix: format!("{}$fence:{node_tag}:", config.redis.prefix),
             probes: vec![Probe {
                 channel: format!("{}$probe:{node_tag}", config.redis.prefix),
                 sharded: false,
@@ -209,14 +188,9 @@ impl Link {
             node,
             commands,
             pubsub,
-            desired: HashMap::new(),
             keys: HashMap::new(),
-            batches: HashMap::new(),
-            batch_counter: 0,
-            shard_retry: Vec::new(),
             internal,
             internal_rx: Some(internal_rx),
-            resync_batches_left: 0,
             resync_due: false,
             synced: false,
             node_tag,
@@ -302,8 +276,8 @@ impl Link {
         let k = Arc::new(ChannelKeys::new(&self.config.redis.prefix, channel));
         if self.keys.len() > 100_000 {
             // Keys of channels nobody wants any more are cheap to rebuild.
-            let desired = &self.desired;
-            self.keys.retain(|c, _| desired.contains_key(c));
+            let subs = &self.subs;
+            self.keys.retain(|c, _| subs.wants(c));
         }
         self.keys.insert(channel.clone(), k.clone());
         k
@@ -326,11 +300,11 @@ impl Link {
                     token,
                 } => publishes.push(channel, (item, from, token)),
                 RedisCmd::Subscribe { channel, join } => {
-                    self.desired.insert(channel.clone(), join);
+                    self.subs.want(channel.clone(), join);
                     subscribe.push(channel);
                 }
                 RedisCmd::Unsubscribe { channel } => {
-                    self.desired.remove(&channel);
+                    self.subs.forget(&channel);
                     unsubscribe.push(channel);
                 }
                 RedisCmd::Fetch {
@@ -350,27 +324,12 @@ impl Link {
         if !publishes.is_empty() {
             self.publish(publishes);
         }
-        subscribe.retain(|c| self.desired.contains_key(c));
-        subscribe.sort_unstable();
-        subscribe.dedup();
+        let subscribe = self.subs.still_wanted(subscribe);
         if !subscribe.is_empty() {
-            let channels = subscribe
-                .into_iter()
-                .map(|c| {
-                    let join = self.desired[&c];
-                    (c, join)
-                })
-                .collect();
-            self.subscribe(channels, false);
+            self.subscribe(subscribe, false);
         }
-        unsubscribe.retain(|c| !self.desired.contains_key(c));
-        unsubscribe.sort_unstable();
-        unsubscribe.dedup();
-        if !unsubscribe.is_empty() {
-            let names: Vec<String> = unsubscribe
-                .iter()
-                .map(|c| format!("{}{c}", self.config.redis.prefix))
-                .collect();
+        let names = self.subs.still_unwanted(unsubscribe);
+        if !names.is_empty() {
             if self.clustered {
                 // One per channel: SUNSUBSCRIBE refuses channels of several slots.
                 for name in &names {
@@ -395,7 +354,7 @@ impl Link {
         }
         crate::metrics::redis()
             .subscriptions
-            .set(self.desired.len() as f64);
+            .set(self.subs.len() as f64);
     }
 
     /// Issues the publish script for the queued publications: one call for
@@ -528,52 +487,23 @@ impl Link {
     /// fence (and on a cluster by its SSUBSCRIBE replies) before the owners
     /// hear of it.
     fn subscribe(&mut self, channels: Vec<(Arc<str>, u64)>, resync: bool) {
-        let mut rest = channels;
-        loop {
-            let tail = rest.split_off(rest.len().min(MAX_CHANNELS_PER_COMMAND));
-            let chunk = std::mem::replace(&mut rest, tail);
-            self.batch_counter += 1;
-            let id = self.batch_counter;
-            let fence = format!("{}{id}", self.fence_prefix);
-            let names: Vec<String> = chunk
-                .iter()
-                .map(|(c, _)| format!("{}{c}", self.config.redis.prefix))
-                .collect();
-            let mut classic = names.clone();
-            let mut sharded = if self.clustered { names } else { Vec::new() };
-            if resync {
-                for probe in &self.probes {
-                    if probe.sharded {
-                        sharded.push(probe.channel.clone());
-                    } else {
-                        classic.push(probe.channel.clone());
-                    }
-                }
-                self.resync_batches_left += 1;
-            }
-            classic.push(fence.clone());
-            self.batches.insert(
-                id,
-                Batch {
-                    channels: chunk,
-                    resync,
-                    fence: fence.clone(),
-                    fence_pending: true,
-                    shard_pending: sharded.len(),
-                },
-            );
+        let probes: Vec<(String, bool)> = self
+            .probes
+            .iter()
+            .map(|p| (p.channel.clone(), p.sharded))
+            .collect();
+        let probes: Vec<(&str, bool)> = probes.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+        for planned in self.subs.plan(channels, resync, &probes) {
             let pubsub = self.pubsub.clone();
             let commands = self.commands.clone();
+            let (classic, fence) = (planned.classic, planned.fence);
             tokio::spawn(async move {
                 if pubsub.subscribe(classic).await.is_ok() {
                     let _: Result<i64, _> = commands.publish(fence, "").await;
                 }
             });
-            for channel in sharded {
-                self.shard_subscribe(id, channel);
-            }
-            if rest.is_empty() {
-                break;
+            for channel in planned.sharded {
+                self.shard_subscribe(planned.id, channel);
             }
         }
     }
@@ -601,44 +531,23 @@ impl Link {
     fn on_internal(&mut self, event: Internal) {
         match event {
             Internal::ShardSubscribed { batch, channel, ok } => {
-                let Some(b) = self.batches.get_mut(&batch) else {
-                    return;
-                };
-                if ok {
-                    b.shard_pending -= 1;
-                    self.complete_if_proven(batch);
-                } else {
-                    self.shard_retry.push((batch, channel));
+                if let Some(proven) = self.subs.shard_subscribed(batch, channel, ok) {
+                    self.on_proven(proven);
                 }
             }
         }
     }
 
-    /// Once a batch is live on every connection, its owners may fetch.
-    fn complete_if_proven(&mut self, id: u64) {
-        let proven = self
-            .batches
-            .get(&id)
-            .is_some_and(|b| !b.fence_pending && b.shard_pending == 0);
-        if !proven {
-            return;
+    /// A batch is live on every connection: its owners may fetch.
+    fn on_proven(&mut self, proven: Proven) {
+        for (channel, join) in proven.live {
+            let owner = channel.clone();
+            self.shards
+                .to_owner(&owner, Event::Subscribed { channel, join });
         }
-        let Some(batch) = self.batches.remove(&id) else {
-            return;
-        };
-        for (channel, join) in batch.channels {
-            if self.desired.get(&channel) == Some(&join) {
-                let owner = channel.clone();
-                self.shards
-                    .to_owner(&owner, Event::Subscribed { channel, join });
-            }
-        }
-        if batch.resync {
-            self.resync_batches_left -= 1;
-            if self.resync_batches_left == 0 {
-                self.set_synced(true);
-                self.send_probes();
-            }
+        if proven.resync_done {
+            self.set_synced(true);
+            self.send_probes();
         }
     }
 
@@ -647,12 +556,8 @@ impl Link {
     fn resync(&mut self) {
         self.resync_due = false;
         self.set_synced(false);
-        self.batches.clear();
-        self.shard_retry.clear();
-        self.resync_batches_left = 0;
+        let channels = self.subs.begin_resync();
         self.refresh_probes();
-        let channels: Vec<(Arc<str>, u64)> =
-            self.desired.iter().map(|(c, j)| (c.clone(), *j)).collect();
         self.subscribe(channels, true);
     }
 
@@ -744,7 +649,7 @@ impl Link {
             let channel = msg.channel.to_string();
             return self.on_control(&channel);
         }
-        let Some((channel, _)) = self.desired.get_key_value(name) else {
+        let Some(channel) = self.subs.wanted(name) else {
             return;
         };
         let channel = channel.clone();
@@ -766,10 +671,7 @@ impl Link {
             probe.back = Some(now);
             return self.update_readiness();
         }
-        let Some(id) = name
-            .strip_prefix(self.fence_prefix.as_str())
-            .and_then(|id| id.parse::<u64>().ok())
-        else {
+        let Some(id) = self.subs.fence_id(name) else {
             return;
         };
         let pubsub = self.pubsub.clone();
@@ -777,20 +679,19 @@ impl Link {
         tokio::spawn(async move {
             let _ = pubsub.unsubscribe(done).await;
         });
-        if let Some(batch) = self.batches.get_mut(&id) {
-            batch.fence_pending = false;
-            self.complete_if_proven(id);
+        if let Some(proven) = self.subs.fence_back(id) {
+            self.on_proven(proven);
         }
     }
 
     /// Tells every owner its channels must catch up (after a lag).
     fn announce_all(&self) {
-        for (channel, join) in &self.desired {
+        for (channel, join) in self.subs.all() {
             self.shards.to_owner(
                 channel,
                 Event::Subscribed {
                     channel: channel.clone(),
-                    join: *join,
+                    join,
                 },
             );
         }
@@ -869,17 +770,14 @@ impl Link {
         }
         // Republish the fences not seen yet (the first publish may have
         // overtaken its SUBSCRIBE, which travels on the other connection).
-        for batch in self.batches.values().filter(|b| b.fence_pending) {
+        for name in self.subs.unproven_fences() {
             let client = self.commands.clone();
-            let name = batch.fence.clone();
             tokio::spawn(async move {
                 let _: Result<i64, _> = client.publish(name, "").await;
             });
         }
-        for (batch, channel) in std::mem::take(&mut self.shard_retry) {
-            if self.batches.contains_key(&batch) {
-                self.shard_subscribe(batch, channel);
-            }
+        for (batch, channel) in self.subs.take_shard_retries() {
+            self.shard_subscribe(batch, channel);
         }
         let interval = self.probe_interval();
         if self.synced {

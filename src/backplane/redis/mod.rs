@@ -21,6 +21,7 @@ pub mod fake;
 mod follower;
 mod link;
 pub mod scripts;
+mod subscriptions;
 
 use std::sync::Arc;
 
