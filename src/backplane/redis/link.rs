@@ -18,6 +18,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::batching::{self, CallSettings, Grouped};
 use super::event::{Event, Shards};
+use super::health::Health;
 use super::scripts::{self, ChannelKeys};
 use super::subscriptions::{Proven, Subscriptions, MAX_CHANNELS_PER_COMMAND};
 use super::RedisCmd;
@@ -79,15 +80,6 @@ enum Internal {
     },
 }
 
-/// A channel the node publishes to itself to prove a pub/sub connection
-/// still delivers: one classic, and on a cluster one sharded per primary.
-struct Probe {
-    channel: String,
-    sharded: bool,
-    pending: bool,
-    back: Option<Instant>,
-}
-
 /// The pub/sub client's event streams, taken again when the client is
 /// replaced.
 struct PubsubEvents {
@@ -129,12 +121,9 @@ struct Link {
     /// A pub/sub connection came up or the cluster changed: resubscribe
     /// everything on the next tick (coalesces a cluster's many events).
     resync_due: bool,
-    synced: bool,
+    /// Probes, sync and readiness.
+    health: Health,
     node_tag: String,
-    probes: Vec<Probe>,
-    probe_round: Option<Instant>,
-    synced_at: Instant,
-    last_forced_reconnect: Option<Instant>,
     epoch_counter: u64,
     in_flight: Arc<AtomicUsize>,
 }
@@ -175,12 +164,11 @@ impl Link {
                 format!("{}$fence:{node_tag}:", config.redis.prefix),
                 clustered,
             ),
-            probes: vec![Probe {
-                channel: format!("{}$probe:{node_tag}", config.redis.prefix),
-                sharded: false,
-                pending: false,
-                back: None,
-            }],
+            health: Health::new(
+                format!("{}$probe:{node_tag}", config.redis.prefix),
+                config.redis.probe_interval,
+                Instant::now(),
+            ),
             publish_sha: fred::util::sha1_hash(scripts::PUBLISH).into(),
             fetch_sha: fred::util::sha1_hash(scripts::FETCH).into(),
             config,
@@ -192,11 +180,7 @@ impl Link {
             internal,
             internal_rx: Some(internal_rx),
             resync_due: false,
-            synced: false,
             node_tag,
-            probe_round: None,
-            synced_at: Instant::now(),
-            last_forced_reconnect: None,
             epoch_counter: 0,
             in_flight: Arc::new(AtomicUsize::new(0)),
         })
@@ -487,11 +471,7 @@ impl Link {
     /// fence (and on a cluster by its SSUBSCRIBE replies) before the owners
     /// hear of it.
     fn subscribe(&mut self, channels: Vec<(Arc<str>, u64)>, resync: bool) {
-        let probes: Vec<(String, bool)> = self
-            .probes
-            .iter()
-            .map(|p| (p.channel.clone(), p.sharded))
-            .collect();
+        let probes = self.health.probes();
         let probes: Vec<(&str, bool)> = probes.iter().map(|(c, s)| (c.as_str(), *s)).collect();
         for planned in self.subs.plan(channels, resync, &probes) {
             let pubsub = self.pubsub.clone();
@@ -570,7 +550,7 @@ impl Link {
         let Some(state) = self.pubsub.cached_cluster_state() else {
             return;
         };
-        let mut probes: Vec<Probe> = self.probes.drain(..).filter(|p| !p.sharded).collect();
+        let mut probes = Vec::new();
         let mut primaries = std::collections::HashSet::new();
         for slot in state.unique_hash_slots() {
             let channel = format!(
@@ -583,16 +563,11 @@ impl Link {
             let actual = fred::util::redis_keyslot(channel.as_bytes());
             if let Some(primary) = state.get_server(actual) {
                 if primaries.insert(primary.clone()) {
-                    probes.push(Probe {
-                        channel,
-                        sharded: true,
-                        pending: false,
-                        back: None,
-                    });
+                    probes.push(channel);
                 }
             }
         }
-        self.probes = probes;
+        self.health.set_sharded_probes(probes);
     }
 
     /// Swaps the pub/sub client for a fresh one. A forced reconnection is not
@@ -660,15 +635,10 @@ impl Link {
 
     /// A fence or probe came back.
     fn on_control(&mut self, name: &str) {
-        let now = Instant::now();
-        if let Some(probe) = self.probes.iter_mut().find(|p| p.channel == name) {
-            if probe.pending {
-                probe.pending = false;
-                if let Some(sent) = self.probe_round {
-                    crate::metrics::redis().probe_rtt.record(now - sent);
-                }
+        if self.health.is_probe(name) {
+            if let Some(rtt) = self.health.probe_back(name, Instant::now()) {
+                crate::metrics::redis().probe_rtt.record(rtt);
             }
-            probe.back = Some(now);
             return self.update_readiness();
         }
         let Some(id) = self.subs.fence_id(name) else {
@@ -698,34 +668,13 @@ impl Link {
     }
 
     fn set_synced(&mut self, synced: bool) {
-        if synced && !self.synced {
-            self.synced_at = Instant::now();
-        }
-        self.synced = synced;
+        self.health.set_synced(synced, Instant::now());
         self.update_readiness();
     }
 
-    fn probe_interval(&self) -> Duration {
-        self.config.redis.probe_interval
-    }
-
-    /// When the quietest probe last came back (since the last resync).
-    fn quiet_since(&self) -> Instant {
-        self.probes
-            .iter()
-            .map(|p| p.back.unwrap_or(self.synced_at).max(self.synced_at))
-            .min()
-            .unwrap_or(self.synced_at)
-    }
-
     fn update_readiness(&self) {
-        let deadline = 3 * self.probe_interval();
-        let probes_ok = self.probes.iter().all(|p| {
-            p.back
-                .is_some_and(|t| t.elapsed() < deadline && t >= self.synced_at)
-        });
-        let ready =
-            self.synced && probes_ok && self.commands.is_connected() && self.pubsub.is_connected();
+        let connections_up = self.commands.is_connected() && self.pubsub.is_connected();
+        let ready = self.health.ready(Instant::now(), connections_up);
         if self.node.set_backplane_ready(ready) {
             if ready {
                 tracing::info!("Redis backplane ready");
@@ -739,12 +688,8 @@ impl Link {
     }
 
     fn send_probes(&mut self) {
-        self.probe_round = Some(Instant::now());
-        for probe in &mut self.probes {
-            probe.pending = true;
+        for (channel, sharded) in self.health.start_round(Instant::now()) {
             let client = self.commands.clone();
-            let channel = probe.channel.clone();
-            let sharded = probe.sharded;
             tokio::spawn(async move {
                 let options = Options {
                     timeout: Some(Duration::from_secs(2)),
@@ -779,30 +724,21 @@ impl Link {
         for (batch, channel) in self.subs.take_shard_retries() {
             self.shard_subscribe(batch, channel);
         }
-        let interval = self.probe_interval();
-        if self.synced {
-            let due = self.probe_round.is_none_or(|s| now - s >= interval);
-            if due {
-                let late = self.probes.iter().filter(|p| p.pending).count();
-                crate::metrics::redis()
-                    .probe_timeouts
-                    .increment(late as u64);
-                self.send_probes();
-            }
-            let quiet_for = now - self.quiet_since();
-            let recently_forced = self
-                .last_forced_reconnect
-                .is_some_and(|t| now - t < 3 * interval);
-            if quiet_for > 3 * interval && !recently_forced {
-                tracing::warn!(
-                    silent_ms = quiet_for.as_millis() as u64,
-                    "no probe came back through Redis pub/sub; reconnecting it"
-                );
-                crate::metrics::redis().deaf.increment(1);
-                self.last_forced_reconnect = Some(now);
-                self.set_synced(false);
-                replaced = self.replace_pubsub();
-            }
+        let due = self.health.tick(now);
+        if due.probe_due {
+            crate::metrics::redis()
+                .probe_timeouts
+                .increment(due.late as u64);
+            self.send_probes();
+        }
+        if let Some(quiet_for) = due.deaf_for {
+            tracing::warn!(
+                silent_ms = quiet_for.as_millis() as u64,
+                "no probe came back through Redis pub/sub; reconnecting it"
+            );
+            crate::metrics::redis().deaf.increment(1);
+            self.set_synced(false);
+            replaced = self.replace_pubsub();
         }
         self.update_readiness();
         let depth = self.in_flight.load(Ordering::Relaxed) + self.commands.command_queue_len();

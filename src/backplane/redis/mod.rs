@@ -19,6 +19,7 @@ pub mod event;
 #[cfg(test)]
 pub mod fake;
 mod follower;
+mod health;
 mod link;
 pub mod scripts;
 mod subscriptions;
