@@ -1,11 +1,12 @@
-//! The Redis thread's event loop: batches shard commands into script calls
-//! and subscription commands, routes pub/sub messages to owner shards, and
-//! keeps the node's readiness honest (resubscribe after reconnects, probes
-//! for a pub/sub link that went deaf).
+//! The Redis thread's event loop: the thin tokio/fred driver of three
+//! sans-IO parts. It takes shard commands and turns them into script calls
+//! (`batching`) and subscription commands (`subscriptions`, which also says
+//! when a batch is proven live), routes pub/sub messages to owner shards,
+//! and keeps the node's readiness honest from its probes (`health`).
 //!
 //! One loop task owns all state; fred calls run in spawned tasks that answer
-//! shards directly (through [`Shards`]), so a slow Redis reply never holds up the
-//! loop.
+//! shards directly (through [`Shards`]), so a slow Redis reply never holds
+//! up the loop.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
