@@ -12,6 +12,7 @@
 //! taken for an envelope: anything without the magic prefix is *raw*.
 
 use crate::protocol::Data;
+use crate::protocol::DataError;
 
 /// The reserved start of every envelope.
 pub const MAGIC: &[u8] = b"\0rc1\n";
@@ -35,12 +36,40 @@ pub fn encode_item(data: &Data) -> Vec<u8> {
     }
 }
 
+/// Why an item cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ItemError {
+    #[error("unknown item format")]
+    UnknownFormat,
+    #[error(transparent)]
+    Data(#[from] DataError),
+}
+
+/// Why a payload with the envelope's magic prefix is not an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("envelope without epoch")]
+    NoEpoch,
+    #[error("envelope epoch is not UTF-8")]
+    EpochNotUtf8,
+    #[error("envelope without first seq")]
+    NoFirstSeq,
+    #[error("envelope seq 0")]
+    SeqZero,
+    #[error("envelope item without length")]
+    NoItemLength,
+    #[error("envelope item longer than the message")]
+    ItemPastTheEnd,
+    #[error("envelope without items")]
+    NoItems,
+}
+
 /// Decodes an item written by [`encode_item`] (possibly by another node).
-pub fn decode_item(item: &[u8]) -> Result<Data, String> {
+pub fn decode_item(item: &[u8]) -> Result<Data, ItemError> {
     match item.split_first() {
-        Some((b'j', body)) => Data::from_json_slice(body),
-        Some((b'm', body)) => Data::from_msgpack_slice(body),
-        _ => Err("unknown item format".into()),
+        Some((b'j', body)) => Ok(Data::from_json_slice(body)?),
+        Some((b'm', body)) => Ok(Data::from_msgpack_slice(body)?),
+        _ => Err(ItemError::UnknownFormat),
     }
 }
 
@@ -59,28 +88,28 @@ pub enum Incoming<'a> {
 
 /// Splits a pub/sub payload into an envelope's parts, or calls it raw.
 /// Errors name what is wrong with a payload that has the magic prefix.
-pub fn decode_message(payload: &[u8]) -> Result<Incoming<'_>, &'static str> {
+pub fn decode_message(payload: &[u8]) -> Result<Incoming<'_>, EnvelopeError> {
     let Some(mut rest) = payload.strip_prefix(MAGIC) else {
         return Ok(Incoming::Raw(payload));
     };
-    let epoch = take_line(&mut rest).ok_or("envelope without epoch")?;
-    let epoch = std::str::from_utf8(epoch).map_err(|_| "envelope epoch is not UTF-8")?;
-    let first = take_number(&mut rest).ok_or("envelope without first seq")?;
+    let epoch = take_line(&mut rest).ok_or(EnvelopeError::NoEpoch)?;
+    let epoch = std::str::from_utf8(epoch).map_err(|_| EnvelopeError::EpochNotUtf8)?;
+    let first = take_number(&mut rest).ok_or(EnvelopeError::NoFirstSeq)?;
     if first == 0 {
-        return Err("envelope seq 0");
+        return Err(EnvelopeError::SeqZero);
     }
     let mut items = Vec::new();
     while !rest.is_empty() {
-        let len = take_number(&mut rest).ok_or("envelope item without length")? as usize;
+        let len = take_number(&mut rest).ok_or(EnvelopeError::NoItemLength)? as usize;
         if len > rest.len() {
-            return Err("envelope item longer than the message");
+            return Err(EnvelopeError::ItemPastTheEnd);
         }
         let (item, tail) = rest.split_at(len);
         items.push(item);
         rest = tail;
     }
     if items.is_empty() {
-        return Err("envelope without items");
+        return Err(EnvelopeError::NoItems);
     }
     Ok(Incoming::Sequenced {
         epoch,

@@ -21,10 +21,15 @@ pub struct Head {
 /// Most headers a request may carry.
 const MAX_HEADERS: usize = 64;
 
+/// Why bytes are not an HTTP request head.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed HTTP request: {0}")]
+pub struct MalformedHead(httparse::Error);
+
 impl Head {
     /// Parses a head from the start of `buf`: `Ok(None)` when incomplete,
     /// else the head and its length in bytes.
-    pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
+    pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, MalformedHead> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(buf) {
@@ -54,7 +59,7 @@ impl Head {
                 };
                 Ok(Some((head, len)))
             }
-            Err(e) => Err(format!("malformed HTTP request: {e}")),
+            Err(e) => Err(MalformedHead(e)),
         }
     }
 

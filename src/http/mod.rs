@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 
-pub use message::{Head, Response};
+pub use message::{Head, MalformedHead, Response};
 
 use crate::hub::Shard;
 use crate::io::{read_shared, read_some, write_all};
@@ -231,7 +231,7 @@ async fn refuse(stream: &mut TcpStreamPoll, response: &Response) {
 /// What a parse of the `available` bytes received so far means: the head
 /// and its length, `Ok(None)` to read more, or the answer refusing it.
 fn judge_head(
-    parsed: Result<Option<(Head, usize)>, String>,
+    parsed: Result<Option<(Head, usize)>, MalformedHead>,
     available: usize,
 ) -> Result<Option<(Head, usize)>, Response> {
     match parsed {
@@ -239,7 +239,7 @@ fn judge_head(
         Ok(Some(h)) => Ok(Some(h)),
         Ok(None) if available >= MAX_HEAD => Err(Response::text(431, "request head too large")),
         Ok(None) => Ok(None),
-        Err(e) => Err(Response::text(400, &e)),
+        Err(e) => Err(Response::text(400, &e.to_string())),
     }
 }
 
@@ -471,7 +471,7 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
     };
     let data = match data {
         Ok(d) => d,
-        Err(e) => return Response::error(400, "bad_request", &e),
+        Err(e) => return Response::error(400, "bad_request", &e.to_string()),
     };
     let Some(seq) = shard
         .publish_http(&channel, data, std::time::Instant::now())

@@ -19,6 +19,39 @@ use serde_json::value::RawValue;
 /// both formats (`1` is depth 0, `[1]` depth 1).
 pub const MAX_DATA_DEPTH: usize = 32;
 
+/// Why bytes are not publication data; the text is what the publisher is
+/// told.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("invalid JSON: {0}")]
+    InvalidJson(serde_json::Error),
+    #[error("data is nested {0} levels deep; at most {MAX_DATA_DEPTH} are allowed")]
+    TooDeep(usize),
+    #[error("data cannot be carried as MessagePack: {0}")]
+    NoMsgpackForm(serde_json::Error),
+    #[error("data cannot be carried as JSON: the number {0}")]
+    NoJsonNumber(f64),
+    #[error("data cannot be carried as JSON: a string that is not UTF-8 (send bytes as bin)")]
+    NoJsonString,
+    #[error("invalid MessagePack: {0}")]
+    InvalidMsgpack(#[from] MsgpackError),
+}
+
+/// Why bytes are not one MessagePack value.
+#[derive(Debug, thiserror::Error)]
+pub enum MsgpackError {
+    #[error("trailing bytes after the value")]
+    TrailingBytes,
+    #[error("byte 0xc1 is not a MessagePack type")]
+    ReservedByte,
+    #[error("the value is cut short")]
+    CutShort,
+    #[error("nested deeper than {0} levels")]
+    TooDeep(usize),
+    #[error("{0}")]
+    Unreadable(rmpv::decode::Error),
+}
+
 /// Data of one publication, in the format it was published in.
 #[derive(Debug, Clone)]
 pub enum Data {
@@ -32,19 +65,19 @@ pub enum Data {
 
 impl Data {
     /// Parses a JSON document (an HTTP body, say) into publication data.
-    pub fn from_json_slice(bytes: &[u8]) -> Result<Data, String> {
-        let text = serde_json::from_slice::<Box<RawValue>>(bytes)
-            .map_err(|e| format!("invalid JSON: {e}"))?;
+    pub fn from_json_slice(bytes: &[u8]) -> Result<Data, DataError> {
+        let text =
+            serde_json::from_slice::<Box<RawValue>>(bytes).map_err(DataError::InvalidJson)?;
         Data::from_json(text)
     }
 
     /// Checks JSON data and makes its MessagePack form.
-    pub fn from_json(text: Box<RawValue>) -> Result<Data, String> {
+    pub fn from_json(text: Box<RawValue>) -> Result<Data, DataError> {
         if let Some(depth) = json_too_deep(text.get()) {
-            return Err(too_deep(depth));
+            return Err(DataError::TooDeep(depth));
         }
-        let value: rmpv::Value = serde_json::from_str(text.get())
-            .map_err(|e| format!("data cannot be carried as MessagePack: {e}"))?;
+        let value: rmpv::Value =
+            serde_json::from_str(text.get()).map_err(DataError::NoMsgpackForm)?;
         let mut msgpack = Vec::new();
         rmpv::encode::write_value(&mut msgpack, &value)
             .expect("writing MessagePack to a Vec cannot fail");
@@ -55,16 +88,16 @@ impl Data {
     }
 
     /// Parses one MessagePack value (an HTTP body, say) into publication data.
-    pub fn from_msgpack_slice(bytes: &[u8]) -> Result<Data, String> {
+    pub fn from_msgpack_slice(bytes: &[u8]) -> Result<Data, DataError> {
         let value = decode_msgpack(bytes, MAX_DATA_DEPTH)?;
         Data::from_msgpack(value)
     }
 
     /// Checks MessagePack data: every value must have a JSON form.
-    pub fn from_msgpack(value: rmpv::Value) -> Result<Data, String> {
+    pub fn from_msgpack(value: rmpv::Value) -> Result<Data, DataError> {
         let depth = msgpack_depth(&value)?;
         if depth > MAX_DATA_DEPTH {
-            return Err(too_deep(depth));
+            return Err(DataError::TooDeep(depth));
         }
         Ok(Data::MsgPack(value))
     }
@@ -95,10 +128,6 @@ impl Data {
             Data::Json { msgpack, .. } => out.extend_from_slice(msgpack),
         }
     }
-}
-
-fn too_deep(depth: usize) -> String {
-    format!("data is nested {depth} levels deep; at most {MAX_DATA_DEPTH} are allowed")
 }
 
 /// The nesting depth of valid JSON text when it is over the limit.
@@ -140,21 +169,19 @@ fn json_too_deep(text: &str) -> Option<usize> {
 
 /// How deeply arrays and maps nest in a MessagePack value; an error for a
 /// value JSON cannot carry (NaN or an infinite float).
-fn msgpack_depth(value: &rmpv::Value) -> Result<usize, String> {
+fn msgpack_depth(value: &rmpv::Value) -> Result<usize, DataError> {
     use rmpv::Value;
     let finite = |f: f64| {
         if f.is_finite() {
             Ok(0)
         } else {
-            Err(format!("data cannot be carried as JSON: the number {f}"))
+            Err(DataError::NoJsonNumber(f))
         }
     };
     match value {
         Value::F32(f) => finite(f64::from(*f)),
         Value::F64(f) => finite(*f),
-        Value::String(text) if text.as_str().is_none() => Err(
-            "data cannot be carried as JSON: a string that is not UTF-8 (send bytes as bin)".into(),
-        ),
+        Value::String(text) if text.as_str().is_none() => Err(DataError::NoJsonString),
         Value::Array(items) => {
             let mut deepest = 0;
             for item in items {
@@ -176,24 +203,24 @@ fn msgpack_depth(value: &rmpv::Value) -> Result<usize, String> {
 /// Decodes exactly one MessagePack value from `bytes`, nested at most
 /// `max_depth` deep. The bytes are walked first because rmpv reads the
 /// never-used marker 0xC1 as nil; such input is refused here instead.
-pub(crate) fn decode_msgpack(bytes: &[u8], max_depth: usize) -> Result<rmpv::Value, String> {
+pub(crate) fn decode_msgpack(bytes: &[u8], max_depth: usize) -> Result<rmpv::Value, MsgpackError> {
     let len = msgpack_extent(bytes, 0, max_depth)?;
     if len != bytes.len() {
-        return Err("invalid MessagePack: trailing bytes after the value".into());
+        return Err(MsgpackError::TrailingBytes);
     }
     let mut rd = bytes;
     // rmpv counts a container and its value as two levels, a string or
     // binary body as two more; the walk above already bounded the nesting.
     rmpv::decode::read_value_with_max_depth(&mut rd, 2 * max_depth + 4)
-        .map_err(|e| format!("invalid MessagePack: {e}"))
+        .map_err(MsgpackError::Unreadable)
 }
 
 /// The length of the MessagePack value at the start of `bytes`.
-fn msgpack_extent(bytes: &[u8], depth: usize, max_depth: usize) -> Result<usize, String> {
+fn msgpack_extent(bytes: &[u8], depth: usize, max_depth: usize) -> Result<usize, MsgpackError> {
     use rmp::Marker;
-    let truncated = || "invalid MessagePack: the value is cut short".to_string();
+    let truncated = || MsgpackError::CutShort;
     let first = *bytes.first().ok_or_else(truncated)?;
-    let be = |at: usize, n: usize| -> Result<usize, String> {
+    let be = |at: usize, n: usize| -> Result<usize, MsgpackError> {
         let field = bytes.get(at..at + n).ok_or_else(truncated)?;
         Ok(field.iter().fold(0usize, |acc, &b| (acc << 8) | b as usize))
     };
@@ -201,9 +228,7 @@ fn msgpack_extent(bytes: &[u8], depth: usize, max_depth: usize) -> Result<usize,
     let pairs = |n: usize| n.checked_mul(2).ok_or_else(truncated);
     // (header bytes, payload bytes, contained values)
     let (head, payload, values): (usize, usize, usize) = match Marker::from_u8(first) {
-        Marker::Reserved => {
-            return Err("invalid MessagePack: byte 0xc1 is not a MessagePack type".into())
-        }
+        Marker::Reserved => return Err(MsgpackError::ReservedByte),
         Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
             (1, 0, 0)
         }
@@ -236,9 +261,7 @@ fn msgpack_extent(bytes: &[u8], depth: usize, max_depth: usize) -> Result<usize,
     };
     if values > 0 {
         if depth >= max_depth {
-            return Err(format!(
-                "invalid MessagePack: nested deeper than {max_depth} levels"
-            ));
+            return Err(MsgpackError::TooDeep(max_depth));
         }
         // Every value takes at least one byte: a count beyond what is left
         // is cut short, whatever the header claims.
@@ -344,14 +367,18 @@ mod tests {
     fn bytes_messagepack_never_uses_are_refused_anywhere() {
         for bytes in [&[0xc1][..], &[0x91, 0xc1], &[0x81, 0xa1, b'k', 0xc1]] {
             let e = Data::from_msgpack_slice(bytes).unwrap_err();
-            assert!(e.contains("0xc1"), "{e}");
+            assert!(
+                matches!(e, DataError::InvalidMsgpack(MsgpackError::ReservedByte)),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("0xc1"), "{e}");
         }
         // 0xc1 inside a string is just a byte of it.
         assert!(Data::from_msgpack_slice(&[0xc4, 1, 0xc1]).is_ok());
-        assert!(
-            Data::from_msgpack_slice(&[0x92, 0xc0]).is_err(),
-            "cut short"
-        );
+        assert!(matches!(
+            Data::from_msgpack_slice(&[0x92, 0xc0]),
+            Err(DataError::InvalidMsgpack(MsgpackError::CutShort))
+        ));
         assert!(Data::from_msgpack_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
 
@@ -364,13 +391,15 @@ mod tests {
             br#"{"a":"x\udc00y"}"#,
         ] {
             let e = Data::from_json_slice(json).unwrap_err();
-            assert!(e.contains("MessagePack"), "{e}");
+            assert!(matches!(e, DataError::NoMsgpackForm(_)), "{e:?}");
+            assert!(e.to_string().contains("MessagePack"), "{e}");
         }
         let bad_utf8 = Data::from_msgpack_slice(&[0xa2, 0xff, 0xfe]).unwrap_err();
-        assert!(bad_utf8.contains("not UTF-8"), "{bad_utf8}");
+        assert!(matches!(bad_utf8, DataError::NoJsonString), "{bad_utf8:?}");
+        assert!(bad_utf8.to_string().contains("not UTF-8"), "{bad_utf8}");
         for f in [f64::NAN, f64::INFINITY] {
             let e = Data::from_msgpack(rmpv::Value::Array(vec![rmpv::Value::F64(f)])).unwrap_err();
-            assert!(e.contains("JSON"), "{e}");
+            assert!(matches!(e, DataError::NoJsonNumber(_)), "{e:?}");
         }
         assert!(Data::from_json_slice(br#"["\ud83d\ude00", 1e300, "a\"[["]"#).is_ok());
     }
@@ -386,7 +415,8 @@ mod tests {
         assert!(Data::from_json_slice(nested(MAX_DATA_DEPTH).as_bytes()).is_ok());
         assert!(Data::from_msgpack_slice(&msgpack(MAX_DATA_DEPTH)).is_ok());
         let e = Data::from_json_slice(nested(MAX_DATA_DEPTH + 1).as_bytes()).unwrap_err();
-        assert!(e.contains("at most 32"), "{e}");
+        assert!(matches!(e, DataError::TooDeep(33)), "{e:?}");
+        assert!(e.to_string().contains("at most 32"), "{e}");
         assert!(Data::from_msgpack_slice(&msgpack(MAX_DATA_DEPTH + 1)).is_err());
         assert!(Data::from_json_slice(nested(200).as_bytes()).is_err());
     }

@@ -16,7 +16,7 @@ pub mod close {
     /// disconnected it.
     pub const SLOW_CONSUMER: u16 = 4008;
 }
-pub use data::Data;
+pub use data::{Data, DataError, MsgpackError};
 pub use event::{encode_event, encode_message, Event};
 pub use request::{decode_requests, Action, Id, Request, RequestError};
 

@@ -5,7 +5,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 use super::data::{self, MAX_DATA_DEPTH};
-use super::{validate_channel, Data, ErrorCode, Format};
+
+use super::{validate_channel, Data, DataError, ErrorCode, Format};
 
 /// Deepest nesting of a MessagePack frame: an array of requests, a request,
 /// then its data, and one level more so that data nested too deep fails
@@ -143,8 +144,12 @@ fn decode_msgpack(
     payload: &[u8],
     max_batch: usize,
 ) -> Result<Vec<Result<Request, RequestError>>, RequestError> {
-    let value = data::decode_msgpack(payload, MAX_FRAME_DEPTH)
-        .map_err(|e| RequestError::new(ErrorCode::BadRequest, e))?;
+    let value = data::decode_msgpack(payload, MAX_FRAME_DEPTH).map_err(|e| {
+        RequestError::new(
+            ErrorCode::BadRequest,
+            DataError::InvalidMsgpack(e).to_string(),
+        )
+    })?;
     let items = match value {
         rmpv::Value::Array(items) => items,
         other => vec![other],
@@ -182,7 +187,7 @@ fn decode_msgpack(
 
 fn validate<D>(
     w: WireRequest<D>,
-    to_data: impl FnOnce(D) -> Result<Data, String>,
+    to_data: impl FnOnce(D) -> Result<Data, DataError>,
 ) -> Result<Request, RequestError> {
     let fail = |code, message: &str, channel: Option<String>| RequestError {
         code,
@@ -219,7 +224,10 @@ fn validate<D>(
         _ => match w.data {
             Some(d) => match to_data(d) {
                 Ok(data) => Action::Publish { data },
-                Err(why) => return Err(fail(ErrorCode::BadRequest, &why, Some(channel))),
+                Err(why) => {
+                    let why = why.to_string();
+                    return Err(fail(ErrorCode::BadRequest, &why, Some(channel)));
+                }
             },
             None => {
                 return Err(fail(

@@ -188,7 +188,7 @@ impl RedisBroker {
             }
             Err(e) => {
                 crate::metrics::redis().bad_envelopes.increment(1);
-                tracing::warn!(%channel, error = e, "message with a malformed envelope dropped");
+                tracing::warn!(%channel, error = %e, "message with a malformed envelope dropped");
             }
         }
     }

@@ -235,7 +235,10 @@ mod tests {
         );
         let deaf = h.tick(t0 + 3 * INTERVAL + ms(2));
         assert_eq!(deaf.deaf_for, Some(3 * INTERVAL + ms(1)));
-        assert!(!h.ready(t0 + 3 * INTERVAL + ms(2), true), "no longer synced");
+        assert!(
+            !h.ready(t0 + 3 * INTERVAL + ms(2), true),
+            "no longer synced"
+        );
         // Synced again at once but still silent: not replaced again before
         // three more intervals.
         let t1 = t0 + 3 * INTERVAL + ms(2);

@@ -30,7 +30,7 @@ pub use broker::RedisBroker;
 pub use event::{Event, FetchReply, Shards};
 
 use crate::config::{Backplane, Config};
-use crate::error::{Context, Result};
+use crate::error::{Context, Error, Result};
 use crate::node::NodeState;
 
 /// Commands from shards to the Redis thread.
@@ -110,17 +110,19 @@ impl RedisHandle {
 /// The fred configuration for a Redis backplane (the URL or seeds were
 /// checked with the configuration; fred may still refuse what it cannot
 /// read).
-pub fn client_config(backplane: &Backplane) -> std::result::Result<fred::prelude::Config, String> {
+pub fn client_config(backplane: &Backplane) -> Result<fred::prelude::Config> {
     use fred::prelude::{Config as FredConfig, ServerConfig};
     let mut fred_config = match backplane {
-        Backplane::Redis { url } => {
-            FredConfig::from_url(url).map_err(|e| format!("--redis `{url}`: {}", e.details()))?
-        }
+        Backplane::Redis { url } => FredConfig::from_url(url)
+            .map_err(|e| Error::msg(e.details().to_string()))
+            .with_context(|| format!("--redis `{url}`"))?,
         Backplane::RedisCluster { seeds } => FredConfig {
             server: ServerConfig::new_clustered(seeds.clone()),
             ..FredConfig::default()
         },
-        Backplane::Embedded => return Err("the embedded backplane needs no Redis client".into()),
+        Backplane::Embedded => {
+            return Err(Error::msg("the embedded backplane needs no Redis client"))
+        }
     };
     // Keep retrying in the background: a relay starts (not ready) while
     // Redis is unreachable.
@@ -134,7 +136,7 @@ pub fn start(
     shards: Arc<dyn Shards>,
     node: Arc<NodeState>,
 ) -> Result<RedisHandle> {
-    let fred_config = client_config(&config.backplane).map_err(crate::error::Error::msg)?;
+    let fred_config = client_config(&config.backplane)?;
     crate::metrics::register_redis();
     let (publications, publications_rx) = flume::bounded(PUBLISH_QUEUE_CAPACITY);
     let (control, control_rx) = flume::unbounded();
