@@ -1,15 +1,13 @@
-//! Metrics through the `metrics` facade, rendered as Prometheus text at
-//! `GET /metrics`: on the relay's own port for loopback clients, or, when
-//! `--metrics-addr` is given, on that address by a small thread of its own.
+//! Metrics through the `metrics` facade: every name the relay exports and
+//! its help text, the recorder, and the Prometheus text [`render`] gives
+//! `GET /metrics` (served by `http`: on the relay's own port for loopback
+//! clients, or on `--metrics-addr` by `http::metrics_endpoint`).
 //!
 //! Hot-path counts (frames, bytes, deliveries) accumulate in per-shard
 //! `Cell`s and are added to the exported counters once a second by the
 //! shard's ticker, so a delivery costs no atomic operation.
 
 use std::cell::Cell;
-use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -317,7 +315,7 @@ const COUNTS: &[f64] = &[
 /// Installs the global recorder. Every histogram gets buckets, so all are
 /// exported as Prometheus histograms (aggregatable across nodes; the
 /// exporter would make summaries otherwise).
-pub fn install() -> Result<PrometheusHandle> {
+pub fn install() -> Result<()> {
     let recorder = PrometheusBuilder::new()
         .set_buckets(SECONDS)
         .context("configuring histogram buckets")?
@@ -327,7 +325,7 @@ pub fn install() -> Result<PrometheusHandle> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| crate::error::Error::msg(format!("installing metrics recorder: {e}")))?;
-    let _ = HANDLE.set(handle.clone());
+    let _ = HANDLE.set(handle);
     for &(name, kind, help) in DESCRIPTIONS {
         match kind {
             Kind::Counter => metrics::describe_counter!(name, help),
@@ -336,105 +334,7 @@ pub fn install() -> Result<PrometheusHandle> {
         }
     }
     gauge!("ringcast_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    Ok(handle)
-}
-
-/// Most scrapes answered at once on `--metrics-addr`; more connections
-/// than that are closed at once.
-const MAX_SCRAPES: usize = 8;
-/// The whole time one scrape connection may take.
-const SCRAPE_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Serves `GET /metrics` on `--metrics-addr`, off the workers: each
-/// connection on a short-lived thread of its own (at most
-/// [`MAX_SCRAPES`]) with one deadline for the whole exchange, so a client
-/// that trickles its request holds up no scrape but its own.
-pub fn serve(listener: TcpListener, handle: PrometheusHandle) -> Result<()> {
-    let active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    std::thread::Builder::new()
-        .name("ringcast-metrics".into())
-        .spawn(move || {
-            use std::sync::atomic::Ordering;
-            for stream in listener.incoming() {
-                let stream = match stream {
-                    Ok(s) => s,
-                    // Out of descriptors, say: back off rather than spin.
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                };
-                if active.fetch_add(1, Ordering::Relaxed) >= MAX_SCRAPES {
-                    active.fetch_sub(1, Ordering::Relaxed);
-                    continue;
-                }
-                let (handle, done) = (handle.clone(), active.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("ringcast-scrape".into())
-                    .spawn(move || {
-                        answer_scrape(stream, &handle);
-                        done.fetch_sub(1, Ordering::Relaxed);
-                    });
-                if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-        })
-        .context("starting the metrics thread")?;
     Ok(())
-}
-
-/// Reads one request head (within [`SCRAPE_DEADLINE`] in all) and answers it.
-fn answer_scrape(mut stream: std::net::TcpStream, handle: &PrometheusHandle) {
-    let deadline = std::time::Instant::now() + SCRAPE_DEADLINE;
-    let mut buf = [0u8; 4096];
-    let mut len = 0;
-    let request = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            break None;
-        }
-        match stream.read(&mut buf[len..]) {
-            Ok(0) | Err(_) => break None,
-            Ok(n) => len += n,
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..len]) {
-            Ok(httparse::Status::Complete(_)) => {
-                let path = req.path.unwrap_or("").split('?').next().unwrap_or("");
-                break Some((req.method.unwrap_or("").to_string(), path == "/metrics"));
-            }
-            Ok(httparse::Status::Partial) if len < buf.len() => continue,
-            // Malformed, or a head over the buffer: answered, not ignored.
-            _ => break Some((String::new(), false)),
-        }
-    };
-    let response = match request {
-        Some((method, true)) if method == "GET" || method == "HEAD" => {
-            handle.run_upkeep();
-            let body = handle.render();
-            let mut head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            if method == "GET" {
-                head.push_str(&body);
-            }
-            head
-        }
-        Some((method, _)) if method.is_empty() => {
-            "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
-        }
-        Some(_) => {
-            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
-        }
-        // The client left, or ran out of time.
-        None => return,
-    };
-    let left = deadline.saturating_duration_since(std::time::Instant::now());
-    let _ = stream.set_write_timeout(Some(left.max(Duration::from_millis(100))));
-    let _ = stream.write_all(response.as_bytes());
 }
 
 /// A counter kept in a `Cell` and flushed to its exported counter.

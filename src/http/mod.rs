@@ -5,6 +5,7 @@
 
 mod demo;
 pub mod message;
+pub mod metrics_endpoint;
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -317,16 +318,7 @@ async fn route(
         "/metrics"
             if get && shard.config.server.metrics_addr.is_none() && peer_is_local(stream) =>
         {
-            match crate::metrics::render() {
-                Some(text) => Response {
-                    status: 200,
-                    content_type: "text/plain; version=0.0.4; charset=utf-8",
-                    body: text.into_bytes(),
-                    extra: "",
-                    head_only: false,
-                },
-                None => Response::text(503, "metrics are not installed"),
-            }
+            metrics_endpoint::scrape()
         }
         "/" if get => Response {
             status: 200,

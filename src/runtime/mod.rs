@@ -117,7 +117,7 @@ pub fn run(config: Config) -> Result<()> {
         .local_addr()
         .context("reading the listen address")?;
 
-    let handle = crate::metrics::install()?;
+    crate::metrics::install()?;
     // /metrics is on the main port (loopback clients only) unless the
     // operator gives it an address of its own.
     let metrics_addr = match config.server.metrics_addr {
@@ -128,7 +128,7 @@ pub fn run(config: Config) -> Result<()> {
             let bound = metrics_listener
                 .local_addr()
                 .context("reading the metrics address")?;
-            crate::metrics::serve(metrics_listener, handle)?;
+            crate::http::metrics_endpoint::serve(metrics_listener)?;
             bound
         }
     };
