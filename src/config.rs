@@ -751,8 +751,68 @@ fn name_the_source(e: clap::Error, args: &[std::ffi::OsString]) -> ConfigError {
     }
 }
 
-/// Turns `key = value` lines of the TOML file into `--key=value` arguments.
-/// Env-set options are skipped so the environment keeps precedence over the file.
+/// The file's sections: the fields of [`Config`] that hold them, and the
+/// `--help` heading their options are listed under.
+const SECTIONS: &[(&str, &str)] = &[
+    ("server", "Server"),
+    ("limits", "Limits"),
+    ("heartbeat", "Heartbeat"),
+    ("history", "History"),
+    ("access", "Access"),
+    ("redis", "Redis backplane"),
+];
+
+/// One option as the file may name it.
+struct FileKey {
+    /// The flag it becomes.
+    long: String,
+    /// Its field in its section (`size` of `[history]`), `-` for `_`.
+    field: String,
+    /// Its section, if it has one.
+    section: Option<&'static str>,
+    env: Option<String>,
+    /// Takes a comma-separated list.
+    delimited: bool,
+}
+
+/// Every option the file may set.
+fn file_keys() -> Vec<FileKey> {
+    <Config as clap::CommandFactory>::command()
+        .get_arguments()
+        .filter_map(|a| {
+            let long = a.get_long()?.to_string();
+            let section = a.get_help_heading().and_then(|heading| {
+                SECTIONS
+                    .iter()
+                    .find(|(_, h)| *h == heading)
+                    .map(|(section, _)| *section)
+            });
+            Some(FileKey {
+                long,
+                field: a.get_id().as_str().replace('_', "-"),
+                section,
+                env: a.get_env().map(|e| e.to_string_lossy().into_owned()),
+                delimited: a.get_value_delimiter().is_some(),
+            })
+        })
+        .collect()
+}
+
+/// The closest of `names` to `key`, if any is close.
+fn did_you_mean<'a>(key: &str, names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    names
+        .map(|name| (strsim::jaro_winkler(name, key), name))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, name)| name)
+}
+
+/// Reads the TOML file into `--flag=value` arguments, so that one parser
+/// checks flags, environment and file alike. Keys are the options' long
+/// flag names at the top level (`history-size = 500`), or their fields in
+/// the sections of the configuration (`[history]` then `size = 500`).
+/// Options set in the environment are skipped: it takes precedence over
+/// the file.
 fn file_to_args(text: &str) -> Result<Vec<String>, String> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let Some(span) = e.span() else {
@@ -764,46 +824,77 @@ fn file_to_args(text: &str) -> Result<Vec<String>, String> {
         let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
         format!("line {line}, column {column}: {message}")
     })?;
-    let known: Vec<(String, Option<String>)> = <Config as clap::CommandFactory>::command()
-        .get_arguments()
-        .filter_map(|a| {
-            a.get_long().map(|l| {
-                (
-                    l.to_string(),
-                    a.get_env().map(|e| e.to_string_lossy().into_owned()),
-                )
-            })
-        })
-        .collect();
+    let keys = file_keys();
     let mut args = Vec::new();
     for (key, value) in table {
-        let Some((_, env)) = known.iter().find(|(long, _)| *long == key) else {
-            let closest = known
-                .iter()
-                .map(|(long, _)| (strsim::jaro_winkler(long, &key), long))
-                .filter(|(score, _)| *score > 0.8)
-                .max_by(|a, b| a.0.total_cmp(&b.0));
-            return Err(match closest {
-                Some((_, long)) => format!("unknown key `{key}` (did you mean `{long}`?)"),
-                None => format!("unknown key `{key}`"),
-            });
-        };
-        if key == "config" {
-            return Err("`config` cannot be set from a config file".into());
-        }
-        if env.as_ref().is_some_and(|e| std::env::var_os(e).is_some()) {
+        if let (Some(section), toml::Value::Table(entries)) =
+            (SECTIONS.iter().find(|(s, _)| *s == key), &value)
+        {
+            for (field, value) in entries {
+                let wanted = field.replace('_', "-");
+                let in_section = || keys.iter().filter(|k| k.section == Some(section.0));
+                let Some(option) = in_section().find(|k| k.field == wanted || k.long == wanted)
+                else {
+                    let fields = in_section().map(|k| k.field.as_str());
+                    return Err(match did_you_mean(&wanted, fields) {
+                        Some(close) => {
+                            format!("unknown key `{field}` in [{key}] (did you mean `{close}`?)")
+                        }
+                        None => format!("unknown key `{field}` in [{key}]"),
+                    });
+                };
+                push_file_arg(&mut args, option, &format!("{key}.{field}"), value.clone())?;
+            }
             continue;
         }
-        let value = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            other => return Err(format!("`{key}` has an unsupported value {other}")),
+        let Some(option) = keys.iter().find(|k| k.long == key) else {
+            return Err(
+                match did_you_mean(&key, keys.iter().map(|k| k.long.as_str())) {
+                    Some(long) => format!("unknown key `{key}` (did you mean `{long}`?)"),
+                    None => format!("unknown key `{key}`"),
+                },
+            );
         };
-        args.push(format!("--{key}={value}"));
+        push_file_arg(&mut args, option, &key, value)?;
     }
     Ok(args)
+}
+
+/// Adds `--long=value` for one file entry named `shown`.
+fn push_file_arg(
+    args: &mut Vec<String>,
+    option: &FileKey,
+    shown: &str,
+    value: toml::Value,
+) -> Result<(), String> {
+    if option.long == "config" {
+        return Err("`config` cannot be set from a config file".into());
+    }
+    if option
+        .env
+        .as_ref()
+        .is_some_and(|e| std::env::var_os(e).is_some())
+    {
+        return Ok(());
+    }
+    let value = match value {
+        toml::Value::String(s) => s,
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        // A list of strings, for options that take several (the seeds of
+        // --redis-cluster).
+        toml::Value::Array(items) if option.delimited => {
+            let items: Option<Vec<&str>> = items.iter().map(toml::Value::as_str).collect();
+            match items {
+                Some(items) => items.join(","),
+                None => return Err(format!("`{shown}` must be a list of strings")),
+            }
+        }
+        other => return Err(format!("`{shown}` has an unsupported value {other}")),
+    };
+    args.push(format!("--{}={value}", option.long));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -966,9 +1057,8 @@ mod tests {
 
     #[test]
     fn file_values_apply_and_flags_win() {
-        let dir = std::env::temp_dir().join(format!("ringcast-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("r.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
         std::fs::write(
             &path,
             "history-size = 7\nslow-consumer = \"drop-oldest\"\nmax-batch-requests = 9\n",
@@ -993,5 +1083,42 @@ mod tests {
         let e = parse(&["--config", p]).unwrap_err();
         assert!(e.contains("line 2, column"), "{e}");
         assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn the_file_may_name_options_by_section_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        let p = path.to_str().unwrap();
+        std::fs::write(
+            &path,
+            "[history]\nsize = 7\nttl = 60\n\n[limits]\nmax_batch_requests = 9\n\
+             slow-consumer = \"drop-oldest\"\n\n[redis]\nurl = \"redis://127.0.0.1:1\"\n\
+             prefix = \"x:\"\n",
+        )
+        .unwrap();
+        let c = parse(&["--config", p, "--history-size", "8"]).unwrap();
+        let cluster = "[redis]\ncluster = [\"127.0.0.1:7000\", \"[::1]:7001\"]\n";
+        std::fs::write(&path, cluster).unwrap();
+        let seeds = match parse(&["--config", p]).unwrap().backplane {
+            Backplane::RedisCluster { seeds } => seeds,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(seeds, [("127.0.0.1".into(), 7000), ("::1".into(), 7001)]);
+        assert_eq!(c.history.size, 8, "flags win");
+        assert_eq!(c.history.ttl, Duration::from_secs(60));
+        assert_eq!(c.limits.max_batch_requests, 9);
+        assert_eq!(c.limits.slow_consumer, SlowConsumerPolicy::DropOldest);
+        assert_eq!(c.redis.prefix, "x:");
+        assert!(matches!(c.backplane, Backplane::Redis { .. }));
+        std::fs::write(&path, "[history]\nsise = 1\n").unwrap();
+        let e = parse(&["--config", p]).unwrap_err();
+        assert!(
+            e.contains("unknown key `sise` in [history] (did you mean `size`?)"),
+            "{e}"
+        );
+        std::fs::write(&path, "[history]\nsize = -1\n").unwrap();
+        let e = parse(&["--config", p]).unwrap_err();
+        assert!(e.contains("--history-size"), "{e}");
     }
 }
