@@ -142,7 +142,9 @@ pub fn run(config: Config) -> Result<()> {
         // `unavailable` meanwhile.
         node.set_backplane_ready(false);
         Some(crate::backplane::redis::start(
-            config.clone(),
+            &config.backplane,
+            &config.redis,
+            &config.history,
             Arc::new(mesh.clone()),
             node.clone(),
         )?)

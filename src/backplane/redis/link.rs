@@ -23,7 +23,7 @@ use super::health::Health;
 use super::scripts::{self, ChannelKeys};
 use super::subscriptions::{Proven, Subscriptions, MAX_CHANNELS_PER_COMMAND};
 use super::RedisCmd;
-use crate::config::Config as RelayConfig;
+use crate::config::{HistoryOptions, RedisOptions};
 use crate::node::NodeState;
 
 /// Most shard commands taken per loop turn before issuing what they need.
@@ -47,9 +47,17 @@ impl Queues {
     }
 }
 
+/// What the Redis thread is configured with: its own section, the
+/// history's (Redis keeps it), and whether Redis is a cluster.
+pub struct Settings {
+    pub redis: RedisOptions,
+    pub history: HistoryOptions,
+    pub clustered: bool,
+}
+
 pub fn run(
     fred_config: fred::prelude::Config,
-    config: Arc<RelayConfig>,
+    settings: Settings,
     shards: Arc<dyn Shards>,
     node: Arc<NodeState>,
     queues: Queues,
@@ -65,7 +73,7 @@ pub fn run(
         }
     };
     runtime.block_on(async move {
-        match Link::new(fred_config, config, shards, node) {
+        match Link::new(fred_config, settings, shards, node) {
             Ok(link) => link.run(queues).await,
             Err(e) => tracing::error!(error = %e, "cannot create the Redis clients; the node stays not ready"),
         }
@@ -102,7 +110,8 @@ impl PubsubEvents {
 }
 
 struct Link {
-    config: Arc<RelayConfig>,
+    redis: RedisOptions,
+    history: HistoryOptions,
     /// Builds the clients; kept to replace a deaf pub/sub client.
     builder: Builder,
     shards: Arc<dyn Shards>,
@@ -132,7 +141,7 @@ struct Link {
 impl Link {
     fn new(
         fred_config: fred::prelude::Config,
-        config: Arc<RelayConfig>,
+        settings: Settings,
         shards: Arc<dyn Shards>,
         node: Arc<NodeState>,
     ) -> Result<Link, Error> {
@@ -153,26 +162,28 @@ impl Link {
         let pubsub = builder.build()?;
         let node_tag = format!("{:08x}{:08x}", node.epoch_nonce, fastrand::u32(..));
         let (internal, internal_rx) = tokio::sync::mpsc::unbounded_channel();
-        let clustered = matches!(
-            config.backplane,
-            crate::config::Backplane::RedisCluster { .. }
-        );
+        let Settings {
+            redis,
+            history,
+            clustered,
+        } = settings;
         Ok(Link {
             builder,
             clustered,
             subs: Subscriptions::new(
-                &config.redis.prefix,
-                format!("{}$fence:{node_tag}:", config.redis.prefix),
+                &redis.prefix,
+                format!("{}$fence:{node_tag}:", redis.prefix),
                 clustered,
             ),
             health: Health::new(
-                format!("{}$probe:{node_tag}", config.redis.prefix),
-                config.redis.probe_interval,
+                format!("{}$probe:{node_tag}", redis.prefix),
+                redis.probe_interval,
                 Instant::now(),
             ),
             publish_sha: fred::util::sha1_hash(scripts::PUBLISH).into(),
             fetch_sha: fred::util::sha1_hash(scripts::FETCH).into(),
-            config,
+            redis,
+            history,
             shards,
             node,
             commands,
@@ -258,7 +269,7 @@ impl Link {
         if let Some(k) = self.keys.get(channel) {
             return k.clone();
         }
-        let k = Arc::new(ChannelKeys::new(&self.config.redis.prefix, channel));
+        let k = Arc::new(ChannelKeys::new(&self.redis.prefix, channel));
         if self.keys.len() > 100_000 {
             // Keys of channels nobody wants any more are cheap to rebuild.
             let subs = &self.subs;
@@ -371,10 +382,10 @@ impl Link {
     fn issue_publish(&mut self, call: batching::Call) {
         self.epoch_counter += 1;
         let settings = CallSettings {
-            history_size: self.config.history.size,
-            history_ttl: self.config.history.ttl,
-            state_ttl: self.config.redis.state_ttl,
-            history_channel_bytes: self.config.history.channel_bytes,
+            history_size: self.history.size,
+            history_ttl: self.history.ttl,
+            state_ttl: self.redis.state_ttl,
+            history_channel_bytes: self.history.channel_bytes,
             sharded: self.clustered,
         };
         let epoch = format!("{}{:x}-", &self.node_tag[..8], self.epoch_counter);
@@ -439,8 +450,8 @@ impl Link {
         let args: Vec<Value> = vec![
             Value::Integer(after.map_or(-1, |a| a as i64)),
             Value::from(epoch.to_string()),
-            Value::Integer(self.config.history.ttl.as_millis() as i64),
-            Value::Integer(self.config.history.size.max(1) as i64),
+            Value::Integer(self.history.ttl.as_millis() as i64),
+            Value::Integer(self.history.size.max(1) as i64),
         ];
         tokio::spawn(async move {
             let options = Options {
@@ -556,7 +567,7 @@ impl Link {
         for slot in state.unique_hash_slots() {
             let channel = format!(
                 "{}$probe:{}:{{{}}}",
-                self.config.redis.prefix,
+                self.redis.prefix,
                 self.node_tag,
                 scripts::slot_tags()[slot as usize]
             );
@@ -618,7 +629,7 @@ impl Link {
             Value::String(s) => s.into_inner(),
             _ => return,
         };
-        let Some(name) = msg.channel.strip_prefix(self.config.redis.prefix.as_str()) else {
+        let Some(name) = msg.channel.strip_prefix(self.redis.prefix.as_str()) else {
             return;
         };
         if name.starts_with('$') {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 pub use broker::RedisBroker;
 pub use event::{Event, FetchReply, Shards};
 
-use crate::config::{Backplane, Config};
+use crate::config::{Backplane, HistoryOptions, RedisOptions};
 use crate::error::{Context, Error, Result};
 use crate::node::NodeState;
 
@@ -132,11 +132,18 @@ pub fn client_config(backplane: &Backplane) -> Result<fred::prelude::Config> {
 
 /// Starts the Redis thread; it runs for the life of the process.
 pub fn start(
-    config: Arc<Config>,
+    backplane: &Backplane,
+    redis: &RedisOptions,
+    history: &HistoryOptions,
     shards: Arc<dyn Shards>,
     node: Arc<NodeState>,
 ) -> Result<RedisHandle> {
-    let fred_config = client_config(&config.backplane)?;
+    let fred_config = client_config(backplane)?;
+    let settings = link::Settings {
+        redis: redis.clone(),
+        history: history.clone(),
+        clustered: matches!(backplane, Backplane::RedisCluster { .. }),
+    };
     crate::metrics::register_redis();
     let (publications, publications_rx) = flume::bounded(PUBLISH_QUEUE_CAPACITY);
     let (control, control_rx) = flume::unbounded();
@@ -146,7 +153,7 @@ pub fn start(
     };
     std::thread::Builder::new()
         .name("ringcast-redis".into())
-        .spawn(move || link::run(fred_config, config, shards, node, queues))
+        .spawn(move || link::run(fred_config, settings, shards, node, queues))
         .context("starting the Redis thread")?;
     Ok(RedisHandle {
         publications,
