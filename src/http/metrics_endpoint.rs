@@ -1,5 +1,5 @@
 //! `GET /metrics` on `--metrics-addr`, off the workers: each connection on
-//! a short-lived thread of its own (at most [`MAX_SCRAPES`]) with one
+//! a short-lived thread of its own (at most `MAX_SCRAPES`) with one
 //! deadline for the whole exchange, so a client that trickles its request
 //! holds up no scrape but its own. Heads are read by [`Head::parse`] and
 //! answered by [`scrape`], as on the relay's own port.

@@ -5,6 +5,26 @@
 //! channel and keeps its history is the shard's broker (`backplane::broker`):
 //! the hub hands it requests and carries out the effects it returns.
 //!
+//! The hub does no I/O and reads no clock. Its methods, by kind:
+//!
+//! - connections: [`Shard::register`] when a handshake ends, then
+//!   [`Shard::unregister`] when the connection goes;
+//! - inputs, each with the time it is handled at: a client's request
+//!   ([`Shard::handle_request`], or [`Shard::reply_error`] for one that
+//!   could not be read), an HTTP publish ([`Shard::publish_http`]), a
+//!   message from another shard, the signal handler or the broker's
+//!   machinery ([`Shard::handle_msg`]);
+//! - time: [`Shard::tick_at`] once a second (heartbeats, close deadlines,
+//!   rate allowances, the broker's tick, memory given back, metrics);
+//! - outputs: what each connection must send waits in its outbox
+//!   ([`Conn`], drained by the connection's task through
+//!   [`outbox::Outbox::open_front`] and `pop_written`, woken when there is
+//!   something), what other shards must hear goes on the mesh, and whether
+//!   a connection's input must wait is [`Shard::over_request_rate`].
+//!
+//! `src/hub/tests.rs` drives shards this way on an in-memory mesh, on both
+//! backplanes.
+//!
 //! State lives in a `RefCell` reached through an `Rc<Shard>`: a shard is one
 //! thread, so there are no locks; other shards are reached only through the
 //! backplane's queues. A borrow of the state is never held across a call
