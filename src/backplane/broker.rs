@@ -88,6 +88,21 @@ pub fn shards_in(mut set: ShardSet) -> impl Iterator<Item = usize> {
     })
 }
 
+#[cfg(test)]
+impl Publication {
+    /// A publication of channel `c` whose JSON form is `bytes` long, for
+    /// tests of what is kept.
+    pub fn sized(seq: u64, at: Instant, bytes: usize) -> Arc<Self> {
+        Arc::new(Publication {
+            channel: "c".into(),
+            seq: Some(seq),
+            at,
+            json: vec![b'j'; bytes].into(),
+            msgpack: Box::new([]),
+        })
+    }
+}
+
 /// What a `since` subscribe gets back from the owner.
 #[derive(Debug)]
 pub enum Replay {

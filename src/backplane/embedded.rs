@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::broker::{
     Broker, BrokerEvent, Effect, Forwarded, Holdings, Publication, Replay, ShardSet, Waiter,
 };
-use super::history::{self, Budget, History, Limits, Meter};
+use super::history::{self, History, Keeper, Limits, Meter};
 use super::mesh::owner_of;
 use crate::config::HistoryOptions;
 use crate::protocol::Data;
@@ -68,11 +68,7 @@ pub struct EmbeddedBroker {
     epoch_nonce: u32,
     channels: HashMap<Arc<str>, OwnedChannel>,
     incarnations: u64,
-    meter: Rc<Meter>,
-    limits: Limits,
-    budget: Budget,
-    ttl: Duration,
-    evicted: usize,
+    kept: Keeper,
 }
 
 impl EmbeddedBroker {
@@ -90,14 +86,7 @@ impl EmbeddedBroker {
             epoch_nonce,
             channels: HashMap::new(),
             incarnations: 0,
-            meter: Rc::default(),
-            limits: Limits {
-                size: history.size,
-                bytes: history.channel_bytes,
-            },
-            budget: Budget::share(history, shards),
-            ttl: history.ttl,
-            evicted: 0,
+            kept: Keeper::new(history, shards),
         }
     }
 
@@ -113,7 +102,7 @@ impl EmbeddedBroker {
     fn channel(&mut self, channel: &Arc<str>) -> &mut OwnedChannel {
         if !self.channels.contains_key(channel) {
             self.incarnations += 1;
-            let state = OwnedChannel::new(self.incarnations, self.meter.clone());
+            let state = OwnedChannel::new(self.incarnations, self.kept.meter.clone());
             self.channels.insert(channel.clone(), state);
         }
         self.channels.get_mut(channel).expect("inserted above")
@@ -128,7 +117,7 @@ impl EmbeddedBroker {
             from,
             token,
         } = publication;
-        let limits = self.limits;
+        let limits = self.kept.limits;
         let ch = self.channel(&channel);
         ch.seq += 1;
         let seq = ch.seq;
@@ -153,17 +142,13 @@ impl EmbeddedBroker {
     /// and --history-channels; channels left with neither history nor
     /// subscribers are forgotten.
     fn enforce_budget(&mut self) {
-        if !self.budget.exceeded_by(&self.meter) {
-            return;
+        let channels = &mut self.channels;
+        if self
+            .kept
+            .enforce(|| channels.values_mut().map(|ch| &mut ch.history).collect())
+        {
+            channels.retain(|_, ch| ch.interested != 0 || !ch.history.is_empty());
         }
-        let mut histories: Vec<&mut History> = self
-            .channels
-            .values_mut()
-            .map(|ch| &mut ch.history)
-            .collect();
-        self.evicted += history::evict(&mut histories, &self.meter, self.budget);
-        self.channels
-            .retain(|_, ch| ch.interested != 0 || !ch.history.is_empty());
     }
 }
 
@@ -212,7 +197,7 @@ impl Broker for EmbeddedBroker {
         now: Instant,
         fx: &mut Vec<Effect>,
     ) {
-        let ttl = self.ttl;
+        let ttl = self.kept.ttl;
         let ch = self.channel(channel);
         ch.interested |= 1 << waiter.from;
         ch.expire(now, ttl);
@@ -251,7 +236,7 @@ impl Broker for EmbeddedBroker {
     }
 
     fn tick(&mut self, now: Instant, _fx: &mut Vec<Effect>) {
-        let ttl = self.ttl;
+        let ttl = self.kept.ttl;
         self.channels.retain(|_, ch| {
             ch.expire(now, ttl);
             ch.interested != 0 || !ch.history.is_empty()
@@ -260,12 +245,8 @@ impl Broker for EmbeddedBroker {
     }
 
     fn holdings(&mut self) -> Holdings {
-        Holdings {
-            channels: self.channels.len(),
-            messages: self.channels.values().map(|ch| ch.history.len()).sum(),
-            bytes: self.meter.bytes(),
-            evicted: std::mem::take(&mut self.evicted),
-        }
+        let messages = self.channels.values().map(|ch| ch.history.len()).sum();
+        self.kept.holdings(self.channels.len(), messages)
     }
 }
 
@@ -275,23 +256,11 @@ mod tests {
     use crate::backplane::history::{cost, CHANNEL_OVERHEAD};
 
     fn publication(seq: u64, at: Instant) -> Arc<Publication> {
-        Arc::new(Publication {
-            channel: "c".into(),
-            seq: Some(seq),
-            at,
-            json: Box::new([]),
-            msgpack: Box::new([]),
-        })
+        Publication::sized(seq, at, 0)
     }
 
     fn sized(seq: u64, at: Instant, bytes: usize) -> Arc<Publication> {
-        Arc::new(Publication {
-            channel: "c".into(),
-            seq: Some(seq),
-            at,
-            json: vec![b'j'; bytes].into(),
-            msgpack: Box::new([]),
-        })
+        Publication::sized(seq, at, bytes)
     }
 
     fn count(size: usize) -> Limits {

@@ -1,7 +1,8 @@
 //! The recent publications a broker keeps per channel for `since`
 //! recovery, bounded per channel ([`Limits`]), and the meter that adds up
 //! what every history of a shard holds, so the shard keeps all of them
-//! within one budget ([`Budget`], [`evict`]).
+//! within one budget ([`Budget`], [`evict`]); [`Keeper`] holds all of it
+//! for a shard's broker.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -10,7 +11,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::broker::{Publication, Replay};
+use super::broker::{Holdings, Publication, Replay};
 
 /// Bytes counted for a kept publication beside its two encodings: the
 /// `Publication` itself, its `Arc` counts and its slot in the deque.
@@ -155,6 +156,53 @@ impl Budget {
     }
 }
 
+/// What a shard's broker keeps, whatever the backplane: the meter of its
+/// histories, their per-channel limits and TTL, its share of the node's
+/// budget, and what it forgot to stay within it since it last said.
+pub struct Keeper {
+    pub meter: Rc<Meter>,
+    pub limits: Limits,
+    pub ttl: Duration,
+    budget: Budget,
+    evicted: usize,
+}
+
+impl Keeper {
+    pub fn new(history: &crate::config::HistoryOptions, shards: usize) -> Keeper {
+        Keeper {
+            meter: Rc::default(),
+            limits: Limits {
+                size: history.size,
+                bytes: history.channel_bytes,
+            },
+            ttl: history.ttl,
+            budget: Budget::share(history, shards),
+            evicted: 0,
+        }
+    }
+
+    /// When the budget is exceeded, brings the histories `all` lists back
+    /// within it (see [`evict`]); true when it did.
+    pub fn enforce<'a>(&mut self, all: impl FnOnce() -> Vec<&'a mut History>) -> bool {
+        if !self.budget.exceeded_by(&self.meter) {
+            return false;
+        }
+        self.evicted += evict(&mut all(), &self.meter, self.budget);
+        true
+    }
+
+    /// What is kept in `channels` channels holding `messages`, and what was
+    /// evicted since the last call.
+    pub fn holdings(&mut self, channels: usize, messages: usize) -> Holdings {
+        Holdings {
+            channels,
+            messages,
+            bytes: self.meter.bytes(),
+            evicted: std::mem::take(&mut self.evicted),
+        }
+    }
+}
+
 /// Brings the histories metered by `meter` back under 7/8 of `budget` (so
 /// that a budget reached by a flood is not enforced again at every
 /// publication): first, past the channel cap, the whole histories of the
@@ -265,13 +313,7 @@ mod tests {
     use super::*;
 
     fn sized(seq: u64, at: Instant, bytes: usize) -> Arc<Publication> {
-        Arc::new(Publication {
-            channel: "c".into(),
-            seq: Some(seq),
-            at,
-            json: vec![b'j'; bytes].into(),
-            msgpack: Box::new([]),
-        })
+        Publication::sized(seq, at, bytes)
     }
 
     #[test]

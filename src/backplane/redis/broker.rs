@@ -6,16 +6,15 @@
 //! ordered stream.
 
 use std::collections::HashMap;
-use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::event::{Event, FetchReply};
 use super::follower::{self, RemoteChannel, Snapshot};
 use super::{RedisCmd, RedisHandle};
 use crate::backplane::broker::{Broker, BrokerEvent, Effect, Holdings, Publication, Waiter};
 use crate::backplane::envelope::{self, Incoming};
-use crate::backplane::history::{self, Budget, History, Limits, Meter};
+use crate::backplane::history::Keeper;
 use crate::config::HistoryOptions;
 use crate::node::NodeState;
 use crate::protocol::Data;
@@ -29,11 +28,7 @@ pub struct RedisBroker {
     /// Numbers the node's subscriptions to a channel, so an answer about
     /// an earlier one is not taken for the current one.
     joins: u64,
-    meter: Rc<Meter>,
-    limits: Limits,
-    budget: Budget,
-    ttl: Duration,
-    evicted: usize,
+    kept: Keeper,
 }
 
 impl RedisBroker {
@@ -52,14 +47,7 @@ impl RedisBroker {
             node,
             channels: HashMap::new(),
             joins: 0,
-            meter: Rc::default(),
-            limits: Limits {
-                size: history.size,
-                bytes: history.channel_bytes,
-            },
-            budget: Budget::share(history, shards),
-            ttl: history.ttl,
-            evicted: 0,
+            kept: Keeper::new(history, shards),
         }
     }
 
@@ -114,15 +102,9 @@ impl RedisBroker {
 
     /// Keeps the history caches within this shard's share of the budget.
     fn enforce_budget(&mut self) {
-        if !self.budget.exceeded_by(&self.meter) {
-            return;
-        }
-        let mut histories: Vec<&mut History> = self
-            .channels
-            .values_mut()
-            .map(|ch| &mut ch.history)
-            .collect();
-        self.evicted += history::evict(&mut histories, &self.meter, self.budget);
+        let channels = &mut self.channels;
+        self.kept
+            .enforce(|| channels.values_mut().map(|ch| &mut ch.history).collect());
     }
 
     /// Decodes a fetch answer into publications of `channel`.
@@ -245,14 +227,14 @@ impl Broker for RedisBroker {
     ) {
         if !self.channels.contains_key(channel) {
             self.joins += 1;
-            let ch = RemoteChannel::new(self.joins, self.limits, self.meter.clone());
+            let ch = RemoteChannel::new(self.joins, self.kept.limits, self.kept.meter.clone());
             self.channels.insert(channel.clone(), ch);
             self.redis.control(RedisCmd::Subscribe {
                 channel: channel.clone(),
                 join: self.joins,
             });
         }
-        let ttl = self.ttl;
+        let ttl = self.kept.ttl;
         self.step(channel, fx, |ch, steps| {
             ch.interested |= 1 << waiter.from;
             ch.expire(now, ttl);
@@ -298,7 +280,7 @@ impl Broker for RedisBroker {
     }
 
     fn tick(&mut self, now: Instant, fx: &mut Vec<Effect>) {
-        let ttl = self.ttl;
+        let ttl = self.kept.ttl;
         let mut retries = Vec::new();
         for (name, ch) in self.channels.iter_mut() {
             ch.expire(now, ttl);
@@ -315,11 +297,7 @@ impl Broker for RedisBroker {
     }
 
     fn holdings(&mut self) -> Holdings {
-        Holdings {
-            channels: self.channels.len(),
-            messages: self.channels.values().map(|ch| ch.history.len()).sum(),
-            bytes: self.meter.bytes(),
-            evicted: std::mem::take(&mut self.evicted),
-        }
+        let messages = self.channels.values().map(|ch| ch.history.len()).sum();
+        self.kept.holdings(self.channels.len(), messages)
     }
 }

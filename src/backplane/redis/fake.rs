@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::batching::Grouped;
 use super::event::{Event, FetchReply, FetchedEntry, Shards};
 use super::link::Queues;
 use super::{RedisCmd, RedisHandle};
@@ -24,10 +25,6 @@ struct Stored {
     /// Seq, item, and when it was stored.
     entries: VecDeque<(u64, Bytes, Instant)>,
 }
-
-/// The publications of one channel taken in one run: items, and who
-/// waits for each (shard, token).
-type Batch = (Arc<str>, Vec<Vec<u8>>, Vec<(usize, u32)>);
 
 pub struct FakeRedis {
     queues: Queues,
@@ -83,7 +80,7 @@ impl FakeRedis {
     /// into one envelope as one script call would; returns how many.
     pub fn run(&mut self) -> usize {
         let mut handled = 0;
-        let mut batches: Vec<Batch> = Vec::new();
+        let mut publishes = Grouped::default();
         while let Some(cmd) = self.queues.try_next() {
             handled += 1;
             match cmd {
@@ -92,13 +89,7 @@ impl FakeRedis {
                     item,
                     from,
                     token,
-                } => match batches.iter_mut().find(|(c, _, _)| *c == channel) {
-                    Some((_, items, waiters)) => {
-                        items.push(item);
-                        waiters.push((from, token));
-                    }
-                    None => batches.push((channel, vec![item], vec![(from, token)])),
-                },
+                } => publishes.push(channel, (item, from, token)),
                 RedisCmd::Subscribe { channel, join } => {
                     self.subscribed.insert(channel.clone(), join);
                     if !self.deaf {
@@ -127,9 +118,10 @@ impl FakeRedis {
                 }
             }
         }
-        for (channel, items, waiters) in batches {
+        for (channel, pending) in publishes.into_channels() {
+            let items: Vec<Vec<u8>> = pending.iter().map(|(item, _, _)| item.clone()).collect();
             let first = self.store(&channel, &items);
-            for (i, (from, token)) in waiters.into_iter().enumerate() {
+            for (i, (_, from, token)) in pending.into_iter().enumerate() {
                 let seq = Some(first + i as u64);
                 self.shards.to_shard(from, Event::Published { token, seq });
             }
