@@ -7,8 +7,10 @@
 //! `backplane` (the broker contract, its embedded and Redis brokers, and the
 //! queues between shards), `node` (what the shards of a process share), `io`
 //! (the poll-io helpers and shared read buffer of the transports),
-//! `tables`, `config`, `metrics`, `error`.
+//! `auth` (tokens and what they allow), `tables`, `config`, `metrics`,
+//! `error`.
 
+pub mod auth;
 pub mod backplane;
 pub mod config;
 pub mod error;
