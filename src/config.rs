@@ -82,6 +82,17 @@ pub struct Config {
     #[command(flatten)]
     pub redis: RedisOptions,
 
+    #[command(flatten)]
+    pub auth: AuthOptions,
+
+    /// Verifies tokens when `[auth]` names a key (built by `load_from`).
+    #[arg(skip)]
+    pub verifier: Option<std::sync::Arc<crate::auth::Verifier>>,
+
+    /// `--allowed-origins`, parsed (by `load_from`); `None`: any.
+    #[arg(skip)]
+    pub origins: Option<crate::auth::Origins>,
+
     /// The backplane --redis / --redis-cluster name, checked (set by
     /// `load_from`).
     #[arg(skip)]
@@ -299,9 +310,85 @@ pub struct Access {
     #[arg(long, env = "RINGCAST_PUBLISH_KEY")]
     pub publish_key: Option<String>,
 
-    /// Let WebSocket clients publish. When false, publish gets error `forbidden`.
-    #[arg(long, env = "RINGCAST_ALLOW_CLIENT_PUBLISH", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Let WebSocket clients publish when no token is required. Off: only
+    /// backends publish (POST /publish); with tokens, their caps decide.
+    #[arg(long, env = "RINGCAST_ALLOW_CLIENT_PUBLISH", default_value_t = false, action = clap::ArgAction::Set)]
     pub allow_client_publish: bool,
+
+    /// Origins a browser page may open WebSockets from: exact origins
+    /// (`https://app.example.com`) or `https://*.example.com`,
+    /// comma-separated. Unset: any. A handshake with another `Origin` gets
+    /// 403; one without `Origin` (not a browser) is let through.
+    #[arg(
+        long,
+        env = "RINGCAST_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub allowed_origins: Vec<String>,
+}
+
+/// A secret that never shows in debug output or logs.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+/// Tokens: when any key is given, `/ws` requires a JWT.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Authentication")]
+pub struct AuthOptions {
+    /// HMAC secret (HS256/384/512) that signs tokens; at least 32 bytes.
+    /// Prefer --jwt-secret-file or the environment to the command line.
+    #[arg(
+        long = "jwt-secret",
+        env = "RINGCAST_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub secret: Option<Secret>,
+
+    /// File holding the HMAC secret (one line; surrounding whitespace is
+    /// ignored).
+    #[arg(
+        long = "jwt-secret-file",
+        env = "RINGCAST_JWT_SECRET_FILE",
+        value_name = "PATH"
+    )]
+    pub secret_file: Option<std::path::PathBuf>,
+
+    /// PEM public key (RSA: RS*/PS*, EC: ES256/384, Ed25519: EdDSA) that
+    /// signs tokens; repeat (or comma-separate) to rotate keys.
+    #[arg(
+        long = "jwt-public-key",
+        env = "RINGCAST_JWT_PUBLIC_KEY",
+        value_delimiter = ',',
+        value_name = "PATH"
+    )]
+    pub public_keys: Vec<std::path::PathBuf>,
+
+    /// JWKS file of the keys that sign tokens (a key is picked by `kid`).
+    #[arg(long = "jwks-file", env = "RINGCAST_JWKS_FILE", value_name = "PATH")]
+    pub jwks_file: Option<std::path::PathBuf>,
+
+    /// Required `iss` of every token.
+    #[arg(long = "jwt-issuer", env = "RINGCAST_JWT_ISSUER")]
+    pub issuer: Option<String>,
+
+    /// Required `aud` of every token.
+    #[arg(long = "jwt-audience", env = "RINGCAST_JWT_AUDIENCE")]
+    pub audience: Option<String>,
 }
 
 /// The Redis backplane.
@@ -488,7 +575,54 @@ impl Config {
             .unwrap_or_else(|| connections_within(open_file_limit()));
         config.backplane = config.choose_backplane().map_err(ConfigError::Invalid)?;
         config.validate().map_err(ConfigError::Invalid)?;
+        config.origins = crate::auth::Origins::parse(&config.access.allowed_origins)
+            .map_err(|e| ConfigError::Invalid(format!("invalid configuration: {e}")))?;
+        config.verifier = config
+            .load_verifier()
+            .map_err(|e| ConfigError::Invalid(format!("invalid configuration: {e}")))?
+            .map(std::sync::Arc::new);
         Ok(config)
+    }
+
+    /// Reads the keys `[auth]` names; `None` when it names none.
+    fn load_verifier(&self) -> Result<Option<crate::auth::Verifier>, String> {
+        let auth = &self.auth;
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+        };
+        let mut secrets = Vec::new();
+        if let Some(secret) = &auth.secret {
+            secrets.push(secret.0.trim().as_bytes().to_vec());
+        }
+        if let Some(path) = &auth.secret_file {
+            let bytes = read("--jwt-secret-file", path)?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| format!("--jwt-secret-file {}: not UTF-8", path.display()))?;
+            secrets.push(text.trim().as_bytes().to_vec());
+        }
+        let mut public_keys = Vec::new();
+        for path in &auth.public_keys {
+            public_keys.push((path.display().to_string(), read("--jwt-public-key", path)?));
+        }
+        let jwks = match &auth.jwks_file {
+            None => None,
+            Some(path) => {
+                let bytes = read("--jwks-file", path)?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| format!("--jwks-file {}: not UTF-8", path.display()))?;
+                Some((path.display().to_string(), text))
+            }
+        };
+        crate::auth::Verifier::new(crate::auth::KeySources {
+            secrets: secrets.iter().map(Vec::as_slice).collect(),
+            public_keys: public_keys
+                .iter()
+                .map(|(origin, pem)| (origin.as_str(), pem.as_slice()))
+                .collect(),
+            jwks: jwks.as_ref().map(|(o, t)| (o.as_str(), t.as_str())),
+            issuer: auth.issuer.clone(),
+            audience: auth.audience.clone(),
+        })
     }
 
     /// Sockets accepted past --max-connections only to be answered 503:
@@ -760,6 +894,7 @@ const SECTIONS: &[(&str, &str)] = &[
     ("history", "History"),
     ("access", "Access"),
     ("redis", "Redis backplane"),
+    ("auth", "Authentication"),
 ];
 
 /// One option as the file may name it.
@@ -918,6 +1053,50 @@ mod tests {
         assert_eq!(c.limits.slow_consumer, SlowConsumerPolicy::Disconnect);
         assert_eq!(c.limits.max_batch_requests, 1000);
         assert_eq!(c.limits.max_pending_bytes, 16 * 65536);
+        // Nothing is open that the operator did not open.
+        assert!(!c.access.allow_client_publish);
+        assert!(c.verifier.is_none() && c.origins.is_none());
+    }
+
+    #[test]
+    fn keys_and_origins_are_read_once_at_start_and_bad_ones_stop_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "  a secret of at least thirty-two bytes long\n").unwrap();
+        let c = parse(&["--jwt-secret-file", secret.to_str().unwrap()]).unwrap();
+        assert!(c.verifier.is_some());
+        let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/");
+        let c = parse(&[
+            "--jwt-public-key",
+            &format!("{keys}rsa.pub,{keys}ec.pub"),
+            "--jwt-public-key",
+            &format!("{keys}ed.pub"),
+        ])
+        .unwrap();
+        assert!(c.verifier.is_some());
+        for (args, why) in [
+            (vec!["--jwt-secret", "short"], "at least 32 bytes"),
+            (
+                vec!["--jwt-public-key", "/nonexistent.pem"],
+                "--jwt-public-key /nonexistent.pem",
+            ),
+            (
+                vec!["--jwt-public-key", secret.to_str().unwrap()],
+                "not an RSA, EC or Ed25519",
+            ),
+            (vec!["--jwks-file", secret.to_str().unwrap()], "not a JWKS"),
+            (vec!["--allowed-origins", "example.com"], "is not an origin"),
+        ] {
+            let e = parse(&args).unwrap_err();
+            assert!(e.contains(why), "{args:?}: {e}");
+            assert!(e.starts_with("invalid configuration: "), "{e}");
+        }
+        let c = parse(&[
+            "--allowed-origins",
+            "https://a.example.com,https://*.example.org",
+        ])
+        .unwrap();
+        assert!(c.origins.unwrap().allows("https://x.example.org"));
     }
 
     #[test]

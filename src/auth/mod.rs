@@ -10,6 +10,7 @@
 //! `nbf` and `iat` are honoured with [`CLOCK_SKEW`] of leeway.
 
 mod caps;
+mod origins;
 
 use std::collections::BTreeMap;
 
@@ -18,6 +19,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 pub use caps::{Capability, Caps};
+pub use origins::Origins;
 
 /// Leeway for `nbf` and `iat` (clocks of the issuer and the relay differ);
 /// `exp` is held to the second, since a connection is closed at it.
@@ -233,6 +235,16 @@ impl Verifier {
             exp,
             caps,
         })
+    }
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("keys", &self.keys.len())
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish()
     }
 }
 

@@ -18,9 +18,13 @@ ws.onclose = (e) => log('closed ' + e.code + ' ' + e.reason);
 ws.onmessage = (e) => { const m = JSON.parse(e.data); (Array.isArray(m) ? m : [m]).forEach(ev => log(JSON.stringify(ev))); };
 document.getElementById('sub').onclick = () =>
   ws.send(JSON.stringify({action: 'subscribe', channel: document.getElementById('ch').value, id: ++id}));
-document.getElementById('pub').onclick = () => {
+// Published as a backend does (WebSocket clients may not publish unless
+// the relay allows it).
+document.getElementById('pub').onclick = async () => {
   let data; try { data = JSON.parse(document.getElementById('data').value); } catch (_) { data = document.getElementById('data').value; }
-  ws.send(JSON.stringify({action: 'publish', channel: document.getElementById('ch').value, data, id: ++id}));
+  const channel = encodeURIComponent(document.getElementById('ch').value);
+  const r = await fetch('/publish/' + channel, {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(data)});
+  log('POST /publish: ' + r.status + ' ' + await r.text());
 };
 </script></body></html>
 "#;

@@ -14,7 +14,7 @@ use monoio::net::tcp::stream_poll::TcpStreamPoll;
 
 pub use message::{Head, MalformedHead, Response};
 
-use crate::hub::Shard;
+use crate::hub::{Authenticated, Shard};
 use crate::io::{read_shared, read_some, write_all};
 use crate::node::Admission;
 use crate::protocol::{validate_channel, Data};
@@ -173,6 +173,21 @@ async fn upgrade(
             return None;
         }
     };
+    if let Err(refusal) = admit_origin(&shard, &head) {
+        shard.metrics.handshakes_rejected.increment(1);
+        shard.metrics.http_request("/ws", refusal.status);
+        let _ = send(&mut stream, &refusal, false).await;
+        return None;
+    }
+    let auth = match authenticate(&shard, &head) {
+        Ok(auth) => auth,
+        Err(refusal) => {
+            shard.metrics.handshakes_rejected.increment(1);
+            shard.metrics.http_request("/ws", refusal.status);
+            let _ = send(&mut stream, &refusal, false).await;
+            return None;
+        }
+    };
     // Nothing of the request is needed past this point; an idle connection
     // must not keep its headers.
     drop(head);
@@ -195,7 +210,45 @@ async fn upgrade(
     drop(response);
     shard.metrics.handshakes_ok.increment(1);
     shard.metrics.http_request("/ws", 101);
-    Some(ConnTask::start(shard, stream, format, leftover))
+    Some(ConnTask::start(shard, stream, format, auth, leftover))
+}
+
+/// With --allowed-origins, a browser's handshake from another origin is
+/// refused 403 (cross-site WebSocket hijacking); a client that sends no
+/// `Origin` is no browser, and passes.
+fn admit_origin(shard: &Shard, head: &Head) -> Result<(), Response> {
+    let (Some(origins), Some(origin)) = (&shard.config.origins, head.header("origin")) else {
+        return Ok(());
+    };
+    if origins.allows(origin) {
+        return Ok(());
+    }
+    Err(Response::error(
+        403,
+        "forbidden",
+        "this origin may not open WebSockets here",
+    ))
+}
+
+/// When the relay requires tokens, the handshake's token, verified now;
+/// 401 with the reason (and nothing else about the relay) otherwise.
+fn authenticate(shard: &Shard, head: &Head) -> Result<Option<Authenticated>, Response> {
+    let Some(verifier) = &shard.config.verifier else {
+        return Ok(None);
+    };
+    let unauthorized = |e: crate::auth::AuthError| Response {
+        extra: "WWW-Authenticate: Bearer\r\n",
+        ..Response::error(401, "unauthorized", &e.to_string())
+    };
+    let token = crate::auth::token_of(&head.path, head.header("authorization"))
+        .ok_or(crate::auth::AuthError::Missing)
+        .map_err(unauthorized)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let grant = verifier.verify(&token, now).map_err(unauthorized)?;
+    let expires_in = grant.exp.saturating_sub(now);
+    Ok(Some(Authenticated { grant, expires_in }))
 }
 
 /// How long, and how many bytes, a refused client's remaining input is

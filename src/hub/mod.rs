@@ -43,6 +43,7 @@ use std::time::Instant;
 
 use slab::Slab;
 
+use crate::auth::{Capability, Caps, Grant};
 use crate::backplane::broker::{shards_in, ShardSet, Since};
 
 use crate::backplane::{owner_of, Broker, Effect, Mesh, Publication, Replay, ShardMsg, Waiter};
@@ -79,6 +80,29 @@ struct ConnEntry {
     conn: Rc<Conn>,
     /// One per channel.
     subs: Vec<Sub>,
+    /// What the connection's token allows (`None`: no tokens on this
+    /// relay).
+    auth: Option<Box<ConnAuth>>,
+}
+
+/// A verified token as the hub keeps it for its connection.
+struct ConnAuth {
+    sub: Option<String>,
+    caps: Caps,
+    /// The shard tick at which the token expires.
+    expires_at: u32,
+}
+
+/// A connection's token, as verified at its handshake.
+pub struct Authenticated {
+    pub grant: Grant,
+    /// Seconds from the handshake to the token's `exp`.
+    pub expires_in: u64,
+}
+
+/// The shard tick `seconds` from `now`.
+fn tick_after(now: u32, seconds: u64) -> u32 {
+    now.saturating_add(seconds.min(u32::MAX as u64) as u32)
 }
 
 struct LocalChannel {
@@ -192,6 +216,8 @@ pub struct Shard {
     /// Heartbeat clock: whole seconds since the shard started, as the
     /// last tick gave it.
     pub now: Cell<u32>,
+    /// Unix seconds, as the last tick gave them (token times).
+    unix: Cell<u64>,
 }
 
 impl Shard {
@@ -212,16 +238,27 @@ impl Shard {
             effects: RefCell::default(),
             state: RefCell::new(State::default()),
             now: Cell::new(0),
+            unix: Cell::new(0),
         }
     }
 
-    /// Adds a connection; returns its key.
-    pub fn register(&self, format: Format) -> (usize, Rc<Conn>) {
-        let conn = Rc::new(Conn::new(format, self.now.get()));
+    /// Adds a connection, with its token when the relay requires one;
+    /// returns its key.
+    pub fn register(&self, format: Format, auth: Option<Authenticated>) -> (usize, Rc<Conn>) {
+        let now = self.now.get();
+        let conn = Rc::new(Conn::new(format, now));
+        let auth = auth.map(|a| {
+            Box::new(ConnAuth {
+                sub: a.grant.sub,
+                caps: a.grant.caps,
+                expires_at: tick_after(now, a.expires_in),
+            })
+        });
         let mut st = self.state.borrow_mut();
         let key = st.conns.insert(ConnEntry {
             conn: conn.clone(),
             subs: Vec::new(),
+            auth,
         });
         self.metrics.connections.set(st.conns.len() as f64);
         (key, conn)
@@ -290,13 +327,9 @@ impl Shard {
             counter.set(n + 1);
         }
         match action {
+            Action::Refresh { token } => self.refresh(key, &conn, &token, id),
             Action::Subscribe { since, epoch } => {
-                let since = since.map(|s| (s, epoch));
-                self.subscribe(key, &conn, channel, id, since, now)
-            }
-            Action::Unsubscribe => self.unsubscribe(key, &conn, &channel, id),
-            Action::Publish { data } => {
-                if !self.config.access.allow_client_publish {
+                if !self.allows(key, &channel, Capability::Subscribe) {
                     return self.reply_error(
                         &conn,
                         RequestError {
@@ -304,8 +337,28 @@ impl Shard {
                             channel: Some(channel),
                             ..RequestError::new(
                                 ErrorCode::Forbidden,
-                                "clients may not publish on this relay",
+                                "this token may not subscribe to this channel",
                             )
+                        },
+                    );
+                }
+                let since = since.map(|s| (s, epoch));
+                self.subscribe(key, &conn, channel, id, since, now)
+            }
+            Action::Unsubscribe => self.unsubscribe(key, &conn, &channel, id, None),
+            Action::Publish { data } => {
+                if !self.allows(key, &channel, Capability::Publish) {
+                    let message = if self.config.verifier.is_some() {
+                        "this token may not publish to this channel"
+                    } else {
+                        "clients may not publish on this relay"
+                    };
+                    return self.reply_error(
+                        &conn,
+                        RequestError {
+                            id,
+                            channel: Some(channel),
+                            ..RequestError::new(ErrorCode::Forbidden, message)
                         },
                     );
                 }
@@ -549,7 +602,83 @@ impl Shard {
         Ok((st.local[chan].name.clone(), token))
     }
 
-    fn unsubscribe(&self, key: usize, conn: &Rc<Conn>, channel: &str, id: Option<Id>) {
+    /// Whether connection `key` may do `what` on `channel`: its token's
+    /// caps decide; without tokens anyone may subscribe, and publish when
+    /// --allow-client-publish is on.
+    fn allows(&self, key: usize, channel: &str, what: Capability) -> bool {
+        match &self.state.borrow().conns[key].auth {
+            Some(auth) => auth.caps.allows(channel, what),
+            None => what == Capability::Subscribe || self.config.access.allow_client_publish,
+        }
+    }
+
+    /// A `refresh`: a new token for the same `sub`, whose caps apply from
+    /// now on; subscriptions they no longer allow end.
+    fn refresh(&self, key: usize, conn: &Rc<Conn>, token: &str, id: Option<Id>) {
+        let refuse = |code, message: String| RequestError {
+            id: id.clone(),
+            ..RequestError::new(code, message)
+        };
+        let Some(verifier) = &self.config.verifier else {
+            let message = "this relay does not use tokens".to_string();
+            return self.reply_error(conn, refuse(ErrorCode::BadRequest, message));
+        };
+        let unix = self.unix.get();
+        let grant = match verifier.verify(token, unix) {
+            Ok(grant) => grant,
+            Err(e) => {
+                return self.reply_error(conn, refuse(ErrorCode::Unauthorized, e.to_string()))
+            }
+        };
+        let ended: Vec<Arc<str>> = {
+            let mut guard = self.state.borrow_mut();
+            let st = &mut *guard;
+            let entry = &mut st.conns[key];
+            let Some(auth) = entry.auth.as_mut() else {
+                drop(guard);
+                let message = "this connection has no token to refresh".to_string();
+                return self.reply_error(conn, refuse(ErrorCode::BadRequest, message));
+            };
+            if auth.sub != grant.sub {
+                drop(guard);
+                let message = "a refresh must keep the token's sub".to_string();
+                return self.reply_error(conn, refuse(ErrorCode::Unauthorized, message));
+            }
+            auth.caps = grant.caps;
+            auth.expires_at = tick_after(self.now.get(), grant.exp.saturating_sub(unix));
+            let caps = &auth.caps;
+            entry
+                .subs
+                .iter()
+                .map(|sub| st.local[sub.chan as usize].name.clone())
+                .filter(|name| !caps.allows(name, Capability::Subscribe))
+                .collect()
+        };
+        self.reply(
+            conn,
+            encode_event(
+                conn.format,
+                &Event::Refreshed {
+                    id: id.as_ref(),
+                    exp: grant.exp,
+                },
+            ),
+        );
+        for channel in ended {
+            self.unsubscribe(key, conn, &channel, None, Some("forbidden"));
+        }
+    }
+
+    /// Ends `conn`'s subscription to `channel` (if any) and answers
+    /// `unsubscribed`, with `reason` when the server ended it.
+    fn unsubscribe(
+        &self,
+        key: usize,
+        conn: &Rc<Conn>,
+        channel: &str,
+        id: Option<Id>,
+        reason: Option<&str>,
+    ) {
         let emptied = {
             let mut st = self.state.borrow_mut();
             let st = &mut *st;
@@ -587,6 +716,7 @@ impl Shard {
                 &Event::Unsubscribed {
                     channel,
                     id: id.as_ref(),
+                    reason,
                 },
             ),
         );
@@ -833,17 +963,26 @@ impl Shard {
         }
     }
 
-    /// Once a second: heartbeats, close deadlines, history expiry, metrics.
-    /// `now` is in whole seconds of the shard's clock (heartbeats), `at`
-    /// the same moment for history ages.
-    pub fn tick_at(&self, now: u32, at: Instant) {
+    /// Once a second: heartbeats, token expiry, close deadlines, history
+    /// expiry, metrics. `now` is in whole seconds of the shard's clock
+    /// (heartbeats, token expiry), `at` the same moment for history ages,
+    /// `unix` the same in Unix seconds (for tokens a `refresh` brings).
+    pub fn tick_at(&self, now: u32, at: Instant, unix: u64) {
         self.now.set(now);
+        self.unix.set(unix);
         let ping_interval = self.config.heartbeat.ping_interval.as_secs() as u32;
         let pong_timeout = self.config.heartbeat.pong_timeout.as_secs() as u32;
         {
             let st = self.state.borrow();
             for (_, entry) in &st.conns {
                 let conn = &entry.conn;
+                if entry.auth.as_ref().is_some_and(|a| now >= a.expires_at) {
+                    conn.request_close(CloseRequest {
+                        code: crate::protocol::close::TOKEN_EXPIRED,
+                        reason: "token expired",
+                        flush: true,
+                    });
+                }
                 let paused = self.over_request_rate(conn);
                 conn.publishes_this_tick.set(0);
                 conn.subscribes_this_tick.set(0);

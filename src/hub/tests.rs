@@ -42,6 +42,9 @@ struct Cluster {
     seconds: Cell<u32>,
 }
 
+/// The Unix time the clusters' clocks start at.
+const UNIX_START: u64 = 1_800_000_000;
+
 /// A client of one shard: its key there and its outbox.
 struct Client {
     shard: usize,
@@ -51,9 +54,11 @@ struct Client {
 
 impl Cluster {
     /// `n` shards of one node on `backplane`, configured with `args`
-    /// (flags as on the command line).
+    /// (flags as on the command line). Clients may publish unless `args`
+    /// say otherwise: most tests publish from a client.
     fn new(backplane: Backplane, n: usize, args: &[&str]) -> Cluster {
-        let mut argv: Vec<std::ffi::OsString> = vec!["ringcast".into()];
+        let mut argv: Vec<std::ffi::OsString> =
+            vec!["ringcast".into(), "--allow-client-publish=true".into()];
         argv.extend(args.iter().map(Into::into));
         let config = Arc::new(Config::load_from(argv).expect("a valid configuration"));
         let node = Arc::new(NodeState::new());
@@ -93,13 +98,18 @@ impl Cluster {
                 Shard::new(id, config.clone(), node.clone(), mesh.clone(), broker)
             })
             .collect();
-        Cluster {
+        let cluster = Cluster {
             shards,
             inboxes,
             redis,
             now: Cell::new(now),
             seconds: Cell::new(0),
+        };
+        // As the runtime's ticker does when a worker starts.
+        for shard in &cluster.shards {
+            shard.tick_at(0, now, cluster.unix());
         }
+        cluster
     }
 
     /// The stand-in for Redis (behind Redis only).
@@ -111,7 +121,24 @@ impl Cluster {
     }
 
     fn connect(&self, shard: usize) -> Client {
-        let (key, conn) = self.shards[shard].register(Format::Json);
+        let (key, conn) = self.shards[shard].register(Format::Json, None);
+        Client { shard, key, conn }
+    }
+
+    /// Unix seconds now, on the cluster's clock.
+    fn unix(&self) -> u64 {
+        UNIX_START + u64::from(self.seconds.get())
+    }
+
+    /// A client whose handshake carried `token`, verified as the HTTP
+    /// layer does.
+    fn connect_with_token(&self, shard: usize, token: &str) -> Client {
+        let s = &self.shards[shard];
+        let verifier = s.config.verifier.as_ref().expect("a relay with tokens");
+        let grant = verifier.verify(token, self.unix()).expect("a valid token");
+        let expires_in = grant.exp - self.unix();
+        let auth = super::Authenticated { grant, expires_in };
+        let (key, conn) = s.register(Format::Json, Some(auth));
         Client { shard, key, conn }
     }
 
@@ -175,7 +202,7 @@ impl Cluster {
         self.advance(1);
         self.seconds.set(self.seconds.get() + 1);
         for shard in &self.shards {
-            shard.tick_at(self.seconds.get(), self.now.get());
+            shard.tick_at(self.seconds.get(), self.now.get(), self.unix());
         }
         self.settle();
     }
@@ -413,17 +440,17 @@ fn a_silent_client_is_pinged_then_dropped_and_a_pong_keeps_it(backplane: Backpla
     let silent = cluster.connect(0);
     let answering = cluster.connect(0);
     let at = Instant::now();
-    shard.tick_at(29, at);
+    shard.tick_at(29, at, 0);
     assert!(!silent.conn.ping_due.get(), "not silent long enough yet");
-    shard.tick_at(30, at);
+    shard.tick_at(30, at, 0);
     assert!(silent.conn.ping_due.get() && answering.conn.ping_due.get());
     // The answering client's pong arrives (the connection task records it
     // as it reads a whole control frame).
     answering.conn.ping_sent.set(None);
     answering.conn.last_read.set(35);
-    shard.tick_at(40, at);
+    shard.tick_at(40, at, 0);
     assert!(!silent.conn.abort.get(), "the deadline is not passed");
-    shard.tick_at(41, at);
+    shard.tick_at(41, at, 0);
     assert!(silent.conn.abort.get(), "dropped past --pong-timeout");
     assert!(!answering.conn.abort.get(), "a pong keeps a client");
 }
@@ -638,3 +665,182 @@ contract!(
     a_silent_client_is_pinged_then_dropped_and_a_pong_keeps_it,
     history_older_than_its_ttl_is_not_replayed,
 );
+
+/// Tokens signed with the secret `TOKEN_SECRET`.
+const TOKEN_SECRET: &str = "a secret of at least thirty-two bytes, for tests";
+
+fn token(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(TOKEN_SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn with_tokens() -> Cluster {
+    Cluster::new(
+        Backplane::Embedded,
+        2,
+        &["--jwt-secret", TOKEN_SECRET, "--max-publish-rate", "0"],
+    )
+}
+
+/// The error codes and types of a client's events, in order.
+fn kinds(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| match e["type"].as_str() {
+            Some("error") => format!("error:{}", e["code"].as_str().unwrap()),
+            Some(t) => t.to_string(),
+            None => panic!("{e}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_tokens_caps_decide_what_it_may_subscribe_to_and_publish() {
+    let cluster = with_tokens();
+    let exp = cluster.unix() + 600;
+    let alice = cluster.connect_with_token(
+        0,
+        &token(json!({"sub": "alice", "exp": exp,
+            "caps": {"prices.*": ["subscribe"], "chat.{sub}": ["*"]}})),
+    );
+    cluster.send(
+        &alice,
+        json!([
+            {"action": "subscribe", "channel": "prices.AAPL", "id": 1},
+            {"action": "subscribe", "channel": "news", "id": 2},
+            {"action": "publish", "channel": "prices.AAPL", "data": 1, "id": 3},
+            {"action": "publish", "channel": "chat.alice", "data": 1, "id": 4},
+            {"action": "subscribe", "channel": "chat.bob", "id": 5},
+        ]),
+    );
+    cluster.settle();
+    let events = alice.events();
+    assert_eq!(
+        kinds(&events),
+        [
+            "subscribed",
+            "error:forbidden",
+            "error:forbidden",
+            "published",
+            "error:forbidden"
+        ],
+        "{events:?}"
+    );
+    assert_eq!(events[1]["channel"], "news");
+    // Without caps: subscribe anywhere, publish nowhere.
+    let plain = cluster.connect_with_token(1, &token(json!({"sub": "bob", "exp": exp})));
+    cluster.send(
+        &plain,
+        json!([
+            {"action": "subscribe", "channel": "anything", "id": 1},
+            {"action": "publish", "channel": "anything", "data": 1, "id": 2},
+        ]),
+    );
+    cluster.settle();
+    assert_eq!(kinds(&plain.events()), ["subscribed", "error:forbidden"]);
+}
+
+#[test]
+fn without_tokens_clients_publish_only_when_the_relay_allows_it() {
+    for (args, allowed) in [
+        (&["--allow-client-publish", "false"][..], false),
+        (&["--allow-client-publish", "true"][..], true),
+    ] {
+        let cluster = Cluster::new(Backplane::Embedded, 1, args);
+        let client = cluster.connect(0);
+        cluster.send(
+            &client,
+            json!({"action": "publish", "channel": "c", "data": 1, "id": 1}),
+        );
+        cluster.settle();
+        let want = if allowed {
+            "published"
+        } else {
+            "error:forbidden"
+        };
+        assert_eq!(kinds(&client.events()), [want], "{args:?}");
+    }
+}
+
+#[test]
+fn a_refresh_applies_new_caps_and_ends_what_they_no_longer_allow() {
+    let cluster = with_tokens();
+    let exp = cluster.unix() + 30;
+    let both = json!({"a.*": ["subscribe"], "b.*": ["subscribe"]});
+    let client =
+        cluster.connect_with_token(0, &token(json!({"sub": "carol", "exp": exp, "caps": both})));
+    let (a, b) = (
+        cluster.channel_owned_by(1, "a"),
+        cluster.channel_owned_by(0, "b"),
+    );
+    for channel in [&a, &b] {
+        cluster.send(&client, json!({"action": "subscribe", "channel": channel}));
+    }
+    cluster.settle();
+    assert_eq!(kinds(&client.events()), ["subscribed", "subscribed"]);
+    // Refused refreshes change nothing.
+    let refusals = [
+        token(json!({"sub": "mallory", "exp": exp + 600, "caps": both})),
+        "not-a-token".to_string(),
+        token(json!({"sub": "carol", "exp": cluster.unix()})),
+    ];
+    for (i, refused) in refusals.iter().enumerate() {
+        cluster.send(
+            &client,
+            json!({"action": "refresh", "token": refused, "id": i}),
+        );
+    }
+    cluster.settle();
+    let events = client.events();
+    assert_eq!(kinds(&events), ["error:unauthorized"; 3], "{events:?}");
+    // A later exp and fewer caps.
+    let later = exp + 600;
+    let fewer = token(json!({"sub": "carol", "exp": later, "caps": {"a.*": ["subscribe"]}}));
+    cluster.send(
+        &client,
+        json!({"action": "refresh", "token": fewer, "id": 9}),
+    );
+    cluster.settle();
+    let events = client.events();
+    assert_eq!(kinds(&events), ["refreshed", "unsubscribed"], "{events:?}");
+    assert_eq!(events[0]["exp"], later);
+    assert_eq!(events[0]["id"], 9);
+    assert_eq!(events[1]["channel"], b.as_str());
+    assert_eq!(events[1]["reason"], "forbidden");
+    let publisher = cluster.connect(1);
+    let shard = &cluster.shards[1];
+    for channel in [&a, &b] {
+        let data = crate::protocol::Data::from_json_slice(b"1").unwrap();
+        shard.publish_http(channel, data, cluster.now.get());
+    }
+    cluster.settle();
+    let got: Vec<Value> = client.events();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["channel"], a.as_str());
+    drop(publisher);
+    // Past the first token's exp, the refreshed connection stays open.
+    for _ in 0..31 {
+        cluster.tick();
+    }
+    assert!(client.conn.close.get().is_none());
+}
+
+#[test]
+fn a_token_past_its_exp_closes_its_connection_with_4001() {
+    let cluster = with_tokens();
+    let client = cluster.connect_with_token(
+        0,
+        &token(json!({"sub": "dave", "exp": cluster.unix() + 10})),
+    );
+    for _ in 0..9 {
+        cluster.tick();
+    }
+    assert!(client.conn.close.get().is_none(), "1 s before exp");
+    cluster.tick();
+    let close = client.conn.close.get().expect("closed at exp");
+    assert_eq!(close.code, 4001);
+}

@@ -26,6 +26,18 @@ pub enum Event<'a> {
         channel: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a Id>,
+        /// Why the server ended the subscription (`forbidden` after a
+        /// refresh whose caps no longer allow it); absent when the client
+        /// asked.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
+    /// A `refresh` was accepted: the new token applies from now on.
+    Refreshed {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Id>,
+        /// The new token's `exp`, Unix seconds.
+        exp: u64,
     },
     Published {
         channel: &'a str,

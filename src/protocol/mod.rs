@@ -15,6 +15,10 @@ pub mod close {
     /// The client could not keep up and the slow-consumer policy
     /// disconnected it.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The connection's token expired without a `refresh`.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// An operator revoked the connection's token or user.
+    pub const REVOKED: u16 = 4003;
 }
 pub use data::{Data, DataError, MsgpackError};
 pub use event::{encode_event, encode_message, Event};
@@ -59,10 +63,11 @@ pub enum ErrorCode {
     RateLimited,
     TooLarge,
     Unavailable,
+    Unauthorized,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 7] = [
+    pub const ALL: [ErrorCode; 8] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownAction,
         ErrorCode::BadChannel,
@@ -70,6 +75,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::TooLarge,
         ErrorCode::Unavailable,
+        ErrorCode::Unauthorized,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +87,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }

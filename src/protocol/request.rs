@@ -34,12 +34,17 @@ pub enum Action {
     Publish {
         data: Data,
     },
+    /// Replace the connection's token.
+    Refresh {
+        token: String,
+    },
 }
 
 /// One well-formed request.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub id: Option<Id>,
+    /// Empty for `refresh`, which names no channel.
     pub channel: String,
     pub action: Action,
 }
@@ -73,6 +78,7 @@ struct WireRequest<D> {
     id: Option<Id>,
     since: Option<u64>,
     epoch: Option<String>,
+    token: Option<String>,
     #[serde(default = "Option::default", deserialize_with = "present")]
     data: Option<D>,
 }
@@ -198,6 +204,16 @@ fn validate<D>(
     let Some(action) = w.action.as_deref() else {
         return Err(fail(ErrorCode::BadRequest, "missing field `action`", None));
     };
+    if action == "refresh" {
+        let Some(token) = w.token.clone() else {
+            return Err(fail(ErrorCode::BadRequest, "missing field `token`", None));
+        };
+        return Ok(Request {
+            id: w.id,
+            channel: String::new(),
+            action: Action::Refresh { token },
+        });
+    }
     if !matches!(action, "subscribe" | "unsubscribe" | "publish") {
         return Err(fail(
             ErrorCode::UnknownAction,

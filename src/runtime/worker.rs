@@ -294,9 +294,12 @@ async fn yield_now() {
 async fn ticker(shard: Rc<Shard>) {
     let started = Instant::now();
     loop {
-        monoio::time::sleep(Duration::from_secs(1)).await;
         let at = Instant::now();
-        shard.tick_at(at.duration_since(started).as_secs() as u32, at);
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        shard.tick_at(at.duration_since(started).as_secs() as u32, at, unix);
+        monoio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

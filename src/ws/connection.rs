@@ -20,7 +20,7 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::frame::{self, Incoming, WsReader, MAX_HEADER};
-use crate::hub::{CloseRequest, Conn, Out, Shard, MAX_REPLIES_AWAITED};
+use crate::hub::{Authenticated, CloseRequest, Conn, Out, Shard, MAX_REPLIES_AWAITED};
 use crate::io::with_read_buf;
 use crate::protocol::{decode_requests, Format};
 
@@ -34,16 +34,17 @@ const MAX_IOV: usize = 128;
 
 impl ConnTask {
     /// A WebSocket connection whose 101 is sent: registered with the
-    /// shard's hub, fed the bytes that followed the handshake, to be run
-    /// until it ends.
+    /// shard's hub (with its token, when the relay requires one), fed the
+    /// bytes that followed the handshake, to be run until it ends.
     pub fn start(
         shard: Rc<Shard>,
         stream: TcpStreamPoll,
         format: Format,
+        auth: Option<Authenticated>,
         mut leftover: Vec<u8>,
     ) -> ConnTask {
         shard.node.connections.fetch_add(1, Ordering::Relaxed);
-        let (key, conn) = shard.register(format);
+        let (key, conn) = shard.register(format, auth);
         let mut task = ConnTask {
             shard,
             key,

@@ -30,9 +30,17 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts the relay with `args` on free loopback ports.
+    /// Starts the relay with `args` on free loopback ports. WebSocket
+    /// clients may publish (most tests publish from one) unless `args` say
+    /// `--allow-client-publish false`; [`Relay::start_as_shipped`] keeps
+    /// the default.
     pub fn start(args: &[&str]) -> Relay {
         Relay::start_logging(args, "warn", Stdio::inherit())
+    }
+
+    /// Starts the relay with `args` and every other option at its default.
+    pub fn start_as_shipped(args: &[&str]) -> Relay {
+        Relay::spawn_with(args, "warn", Stdio::inherit(), None, false)
     }
 
     /// Starts the relay logging at `level` to `stderr`.
@@ -47,13 +55,23 @@ impl Relay {
     }
 
     fn spawn(args: &[&str], level: &str, stderr: Stdio, files: Option<u64>) -> Relay {
+        Relay::spawn_with(args, level, stderr, files, true)
+    }
+
+    fn spawn_with(
+        args: &[&str],
+        level: &str,
+        stderr: Stdio,
+        files: Option<u64>,
+        client_publish: bool,
+    ) -> Relay {
         use std::os::unix::process::CommandExt;
         let mut command = Command::new(env!("CARGO_BIN_EXE_ringcast"));
-        command
-            .args(["--listen", "127.0.0.1:0", "--log", level])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(stderr);
+        command.args(["--listen", "127.0.0.1:0", "--log", level]);
+        if client_publish {
+            command.arg("--allow-client-publish=true");
+        }
+        command.args(args).stdout(Stdio::piped()).stderr(stderr);
         if let Some(files) = files {
             let limit = libc::rlimit {
                 rlim_cur: files,
@@ -328,7 +346,20 @@ impl Client {
         relay: &Relay,
         fmt: Fmt,
     ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-        let mut req = relay.url().into_client_request().unwrap();
+        Client::connect_with(&relay.url(), &[], fmt).await
+    }
+
+    /// Connects to `url` (the relay's, with a query, say) sending `headers`
+    /// beside the handshake's own.
+    pub async fn connect_with(
+        url: &str,
+        headers: &[(&'static str, &str)],
+        fmt: Fmt,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut req = url.into_client_request().unwrap();
+        for (name, value) in headers {
+            req.headers_mut().insert(*name, value.parse().unwrap());
+        }
         let proto = match fmt {
             Fmt::Json => "ringcast.v1.json",
             Fmt::MsgPack => "ringcast.v1.msgpack",

@@ -347,6 +347,9 @@ impl Contender {
                         "0",
                         "--max-subscriptions",
                         "10000",
+                        // The load generator publishes from WebSocket clients.
+                        "--allow-client-publish",
+                        "true",
                     ]);
                     if topology == Topology::TwoNodes {
                         args.extend(strings(&["--redis", &env.redis_url()]));

@@ -1,0 +1,270 @@
+//! Tokens, capabilities and origins at the edge, end to end: the relay
+//! binary, tokio-tungstenite clients, tokens signed by the test.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::{http_full, http_publish, Client, Fmt, Relay};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+const SECRET: &str = "an HMAC secret of at least thirty-two bytes";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(claims: Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn with_tokens(extra: &[&str]) -> Relay {
+    let mut args = vec!["--workers", "2", "--jwt-secret", SECRET];
+    args.extend_from_slice(extra);
+    Relay::start(&args)
+}
+
+/// The status and JSON body of a handshake to `target` with `headers`.
+async fn handshake(relay: &Relay, target: &str, headers: &str) -> (u16, Value) {
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
+    );
+    let (status, _, body) = http_full(relay.addr, request.as_bytes()).await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn without_a_valid_token_the_handshake_is_a_401_with_the_reason() {
+    let relay = with_tokens(&["--jwt-issuer", "https://id.example", "--jwt-audience", "rc"]);
+    let good = json!({"sub": "u", "exp": now() + 600, "iss": "https://id.example", "aud": "rc"});
+    let mut other_key = Header::new(Algorithm::HS256);
+    other_key.typ = Some("JWT".into());
+    let forged = encode(
+        &other_key,
+        &good,
+        &EncodingKey::from_secret(b"not the relay's secret, but 32 bytes long").unwrap(),
+    )
+    .unwrap();
+    let cases = [
+        (String::new(), "a token is required"),
+        ("?token=garbage".to_string(), "not a well-formed JWT"),
+        (format!("?token={forged}"), "signature does not verify"),
+        (
+            format!(
+                "?token={}",
+                token(
+                    json!({"sub": "u", "exp": now() - 1, "iss": "https://id.example", "aud": "rc"})
+                )
+            ),
+            "expired",
+        ),
+        (
+            format!(
+                "?token={}",
+                token(
+                    json!({"sub": "u", "exp": now() + 600, "nbf": now() + 3600, "iss": "https://id.example", "aud": "rc"})
+                )
+            ),
+            "not valid yet",
+        ),
+        (
+            format!(
+                "?token={}",
+                token(json!({"sub": "u", "exp": now() + 600, "iss": "https://evil", "aud": "rc"}))
+            ),
+            "issuer",
+        ),
+        (
+            format!(
+                "?token={}",
+                token(
+                    json!({"sub": "u", "exp": now() + 600, "iss": "https://id.example", "aud": "other"})
+                )
+            ),
+            "audience",
+        ),
+    ];
+    for (query, why) in cases {
+        let (status, body) = handshake(&relay, &format!("/ws{query}"), "").await;
+        assert_eq!(status, 401, "{why}: {body}");
+        assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{why}: {message}");
+    }
+    // A good token, by query or by header.
+    let good = token(good);
+    assert!(
+        Client::connect_with(&format!("{}?token={good}", relay.url()), &[], Fmt::Json)
+            .await
+            .is_ok()
+    );
+    let bearer = format!("Bearer {good}");
+    assert!(
+        Client::connect_with(&relay.url(), &[("Authorization", &bearer)], Fmt::MsgPack)
+            .await
+            .is_ok()
+    );
+    // Health and backend publishing are not behind tokens.
+    let (status, _) = http_publish(relay.addr, "c", "1", "").await;
+    assert_eq!(status, 202);
+}
+
+#[tokio::test]
+async fn caps_decide_subscribes_and_publishes_per_channel() {
+    let relay = with_tokens(&[]);
+    let t = token(json!({"sub": "alice", "exp": now() + 600,
+        "caps": {"prices.*": ["subscribe"], "chat.{sub}": ["subscribe", "publish"]}}));
+    let mut alice = Client::connect_with(&format!("{}?token={t}", relay.url()), &[], Fmt::Json)
+        .await
+        .unwrap();
+    alice
+        .send(json!([
+            {"action": "subscribe", "channel": "prices.AAPL", "id": 1},
+            {"action": "subscribe", "channel": "secrets", "id": 2},
+            {"action": "publish", "channel": "prices.AAPL", "data": 1, "id": 3},
+            {"action": "subscribe", "channel": "chat.alice", "id": 4},
+            {"action": "publish", "channel": "chat.alice", "data": "hi", "id": 5},
+        ]))
+        .await;
+    let mut answers = Vec::new();
+    while answers.len() < 5 {
+        let e = alice.next().await;
+        if e["type"] != "message" {
+            answers.push((
+                e["id"].as_i64().unwrap(),
+                e["type"].as_str().unwrap().to_string(),
+                e["code"].clone(),
+            ));
+        }
+    }
+    assert_eq!(answers[0].1, "subscribed");
+    assert_eq!(
+        (answers[1].1.as_str(), answers[1].2.as_str()),
+        ("error", Some("forbidden"))
+    );
+    assert_eq!(
+        (answers[2].1.as_str(), answers[2].2.as_str()),
+        ("error", Some("forbidden"))
+    );
+    assert_eq!(answers[3].1, "subscribed");
+    assert_eq!(answers[4].1, "published");
+    // The connection stays open and keeps working.
+    http_publish(relay.addr, "prices.AAPL", "2", "").await;
+    let msg = alice.expect_type("message").await;
+    assert!(msg["channel"] == "chat.alice" || msg["channel"] == "prices.AAPL");
+}
+
+#[tokio::test]
+async fn a_refresh_extends_the_connection_and_a_short_token_is_closed_with_4001() {
+    let relay = with_tokens(&[]);
+    // The one to refresh has time to spare, whatever the machine's load.
+    let spare = token(json!({"sub": "s", "exp": now() + 8}));
+    let url = format!("{}?token={spare}", relay.url());
+    let mut refreshed = Client::connect_with(&url, &[], Fmt::Json).await.unwrap();
+    let short = token(json!({"sub": "s", "exp": now() + 2}));
+    let url = format!("{}?token={short}", relay.url());
+    let mut left = Client::connect_with(&url, &[], Fmt::Json).await.unwrap();
+    let longer = token(json!({"sub": "s", "exp": now() + 600}));
+    refreshed
+        .send(json!({"action": "refresh", "token": longer, "id": 1}))
+        .await;
+    assert_eq!(refreshed.expect_type("refreshed").await["id"], 1);
+    let stolen = token(json!({"sub": "someone-else", "exp": now() + 600}));
+    refreshed
+        .send(json!({"action": "refresh", "token": stolen, "id": 2}))
+        .await;
+    assert_eq!(refreshed.expect_error("unauthorized", 2).await["id"], 2);
+    // The one not refreshed is closed at its exp.
+    assert_eq!(left.close_code().await, Some(4001));
+    refreshed.subscribe("still.here").await;
+}
+
+#[tokio::test]
+async fn rsa_ec_and_ed25519_keys_verify_tokens() {
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/");
+    let public = format!("{keys}rsa.pub,{keys}ec.pub,{keys}ed.pub");
+    let relay = Relay::start(&["--jwt-public-key", &public]);
+    for (alg, private) in [
+        (Algorithm::RS256, "rsa.key"),
+        (Algorithm::ES256, "ec.key"),
+        (Algorithm::EdDSA, "ed.key"),
+    ] {
+        let pem = std::fs::read(format!("{keys}{private}")).unwrap();
+        let key = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+            Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+            _ => EncodingKey::from_ed_pem(&pem),
+        }
+        .unwrap();
+        let t = encode(&Header::new(alg), &json!({"exp": now() + 600}), &key).unwrap();
+        let url = format!("{}?token={t}", relay.url());
+        assert!(
+            Client::connect_with(&url, &[], Fmt::Json).await.is_ok(),
+            "{alg:?}"
+        );
+    }
+    // An HS256 token made with the RSA public key as its secret.
+    let pem = std::fs::read(format!("{keys}rsa.pub")).unwrap();
+    let confused = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"exp": now() + 600}),
+        &EncodingKey::from_secret(&pem).unwrap(),
+    )
+    .unwrap();
+    let (status, body) = handshake(&relay, &format!("/ws?token={confused}"), "").await;
+    assert_eq!(status, 401, "{body}");
+}
+
+#[tokio::test]
+async fn only_allowed_origins_may_open_websockets() {
+    let relay = Relay::start(&[
+        "--allowed-origins",
+        "https://app.example.com,https://*.example.org",
+    ]);
+    for (origin, allowed) in [
+        ("https://app.example.com", true),
+        ("https://dash.example.org", true),
+        ("https://evil.example", false),
+        ("null", false),
+    ] {
+        let result = Client::connect_with(&relay.url(), &[("Origin", origin)], Fmt::Json).await;
+        match result {
+            Ok(_) => assert!(allowed, "{origin}"),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert!(!allowed, "{origin}");
+                assert_eq!(r.status(), 403, "{origin}");
+            }
+            Err(e) => panic!("{origin}: {e}"),
+        }
+    }
+    // No Origin: not a browser, not refused.
+    assert!(Client::connect_with(&relay.url(), &[], Fmt::Json)
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn as_shipped_websocket_clients_may_not_publish() {
+    let relay = Relay::start_as_shipped(&["--workers", "1"]);
+    let mut client = Client::connect(&relay, Fmt::Json).await;
+    client
+        .send(json!({"action": "publish", "channel": "c", "data": 1, "id": 1}))
+        .await;
+    let e = client.expect_error("forbidden", 1).await;
+    assert!(
+        e["message"].as_str().unwrap().contains("may not publish"),
+        "{e}"
+    );
+    let (status, _) = http_publish(relay.addr, "c", "1", "").await;
+    assert_eq!(status, 202, "backends publish over HTTP");
+}
