@@ -1065,6 +1065,15 @@ mod tests {
         std::fs::write(&secret, "  a secret of at least thirty-two bytes long\n").unwrap();
         let c = parse(&["--jwt-secret-file", secret.to_str().unwrap()]).unwrap();
         assert!(c.verifier.is_some());
+        let file = dir.path().join("r.toml");
+        let section = format!(
+            "[auth]\nsecret-file = {:?}\nissuer = \"i\"\n",
+            secret.to_str().unwrap()
+        );
+        std::fs::write(&file, section).unwrap();
+        let c = parse(&["--config", file.to_str().unwrap()]).unwrap();
+        assert!(c.verifier.is_some());
+        assert_eq!(c.auth.issuer.as_deref(), Some("i"));
         let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/");
         let c = parse(&[
             "--jwt-public-key",
