@@ -93,6 +93,10 @@ pub struct Config {
     #[arg(skip)]
     pub origins: Option<crate::auth::Origins>,
 
+    /// The per-address limits, parsed (by `load_from`).
+    #[arg(skip)]
+    pub address_limits: crate::addresses::AddressLimits,
+
     /// The backplane --redis / --redis-cluster name, checked (set by
     /// `load_from`).
     #[arg(skip)]
@@ -223,6 +227,35 @@ pub struct Limits {
     /// --max-connections as given, or its default (set by `load_from`).
     #[arg(skip)]
     pub max_connections: usize,
+
+    /// Most connections one client address (IPv4, or IPv6 /64) may hold
+    /// open; beyond, 429 with Retry-After. 0: no limit.
+    #[arg(
+        long,
+        env = "RINGCAST_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 1000
+    )]
+    pub max_connections_per_address: u32,
+
+    /// Most new connections one client address may open per second;
+    /// beyond, 429 with Retry-After. 0: no limit.
+    #[arg(
+        long,
+        env = "RINGCAST_MAX_NEW_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 100
+    )]
+    pub max_new_connections_per_address: u32,
+
+    /// Client networks the per-address limits do not apply to, as CIDRs,
+    /// comma-separated (`none` for none).
+    #[arg(
+        long,
+        env = "RINGCAST_ADDRESS_LIMITS_EXEMPT",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8,::1/128",
+        value_name = "CIDR"
+    )]
+    pub address_limits_exempt: Vec<String>,
 
     /// Publications one WebSocket connection may make per second (counted
     /// per one-second tick); beyond, publish gets error `rate_limited`. 0: no limit.
@@ -575,6 +608,9 @@ impl Config {
             .unwrap_or_else(|| connections_within(open_file_limit()));
         config.backplane = config.choose_backplane().map_err(ConfigError::Invalid)?;
         config.validate().map_err(ConfigError::Invalid)?;
+        config.address_limits = config
+            .parse_address_limits()
+            .map_err(|e| ConfigError::Invalid(format!("invalid configuration: {e}")))?;
         config.origins = crate::auth::Origins::parse(&config.access.allowed_origins)
             .map_err(|e| ConfigError::Invalid(format!("invalid configuration: {e}")))?;
         config.verifier = config
@@ -582,6 +618,26 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(format!("invalid configuration: {e}")))?
             .map(std::sync::Arc::new);
         Ok(config)
+    }
+
+    fn parse_address_limits(&self) -> Result<crate::addresses::AddressLimits, String> {
+        let mut exempt = Vec::new();
+        for cidr in &self.limits.address_limits_exempt {
+            let cidr = cidr.trim();
+            if cidr.is_empty() || cidr.eq_ignore_ascii_case("none") {
+                continue;
+            }
+            let net = cidr
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("--address-limits-exempt `{cidr}` is not a CIDR"))?;
+            exempt.push(net);
+        }
+        Ok(crate::addresses::AddressLimits {
+            open: self.limits.max_connections_per_address,
+            per_second: self.limits.max_new_connections_per_address,
+            exempt,
+        })
     }
 
     /// Reads the keys `[auth]` names; `None` when it names none.

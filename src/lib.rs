@@ -7,9 +7,10 @@
 //! `backplane` (the broker contract, its embedded and Redis brokers, and the
 //! queues between shards), `node` (what the shards of a process share), `io`
 //! (the poll-io helpers and shared read buffer of the transports),
-//! `auth` (tokens and what they allow), `tables`, `config`, `metrics`,
+//! `auth` (tokens and what they allow), `addresses` (per-address limits), `tables`, `config`, `metrics`,
 //! `error`.
 
+pub mod addresses;
 pub mod auth;
 pub mod backplane;
 pub mod config;

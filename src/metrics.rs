@@ -12,6 +12,7 @@ use std::cell::Cell;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::addresses::AddressRefusal;
 use crate::error::{Context, Result};
 use crate::protocol::ErrorCode;
 
@@ -54,6 +55,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "ringcast_connections_refused_total",
         Kind::Counter,
         "Connections turned away past --max-connections: answered 503 (or /healthz, /readyz, /metrics), or closed unanswered when too many are being answered already.",
+    ),
+    (
+        "ringcast_address_limited_total",
+        Kind::Counter,
+        "Connections answered 429 because their client address was past a limit: limit=\"open\" (--max-connections-per-address) or limit=\"rate\" (--max-new-connections-per-address).",
     ),
     (
         "ringcast_history_messages",
@@ -381,6 +387,8 @@ pub struct ShardMetrics {
     pub accept_errors: Counter,
     pub accept_refused_full: Counter,
     pub accept_refused_dropped: Counter,
+    address_limited_open: Counter,
+    address_limited_rate: Counter,
     pub ws_violations: Counter,
     errors: Vec<Counter>,
     pub frames_in: LocalCounter,
@@ -417,6 +425,8 @@ impl ShardMetrics {
             accept_errors: counter!("ringcast_accept_errors_total", "shard" => s.clone()),
             accept_refused_full: counter!("ringcast_connections_refused_total", "shard" => s.clone(), "action" => "answered"),
             accept_refused_dropped: counter!("ringcast_connections_refused_total", "shard" => s.clone(), "action" => "closed"),
+            address_limited_open: counter!("ringcast_address_limited_total", "shard" => s.clone(), "limit" => "open"),
+            address_limited_rate: counter!("ringcast_address_limited_total", "shard" => s.clone(), "limit" => "rate"),
             ws_violations: counter!("ringcast_ws_protocol_closes_total", "shard" => s.clone()),
             errors: ErrorCode::ALL
                 .iter()
@@ -459,6 +469,14 @@ impl ShardMetrics {
                 )
             })
             .increment(1);
+    }
+
+    /// A connection refused by its address's limits.
+    pub fn address_limited(&self, refusal: AddressRefusal) {
+        match refusal {
+            AddressRefusal::TooMany => self.address_limited_open.increment(1),
+            AddressRefusal::TooFast => self.address_limited_rate.increment(1),
+        }
     }
 
     pub fn error(&self, code: ErrorCode) {

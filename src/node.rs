@@ -1,13 +1,16 @@
 //! What every shard of one relay process shares: a handful of atomics
 //! (draining, backplane readiness, counts of connections, sockets and
-//! subscriptions) and the admission of accepted sockets against
-//! `--max-connections`. It sits below the hub and the backplanes, which
-//! both read it.
+//! subscriptions), the per-address counts, and the admission of accepted
+//! sockets against `--max-connections`. It sits below the hub and the
+//! backplanes, which both read it.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// State shared by every shard of the node (atomics only).
+use crate::addresses::{AddressKey, AddressLimits, Addresses};
+
+/// State shared by every shard of the node (atomics, and the per-address
+/// table touched only at accept and close).
 pub struct NodeState {
     pub draining: AtomicBool,
     /// The backplane can sequence and deliver (always, when embedded).
@@ -23,6 +26,10 @@ pub struct NodeState {
     subscriptions: AtomicUsize,
     /// Random per process: epochs of an in-process backplane cannot outlive it.
     pub epoch_nonce: u32,
+    /// Open and new connections per client address.
+    pub addresses: Addresses,
+    /// Whole seconds are counted from here for the per-address rate.
+    pub started: std::time::Instant,
 }
 
 /// A client socket counted against `--max-connections` (or against the
@@ -33,13 +40,23 @@ pub struct NodeState {
 pub struct Admission {
     node: Option<Arc<NodeState>>,
     overflow: bool,
+    /// The client's address, counted in `NodeState::addresses` while the
+    /// socket is open.
+    address: AddressKey,
 }
 
 impl Admission {
-    /// The socket became a WebSocket connection, which releases it.
-    pub fn hand_to_connection(mut self) {
+    /// The socket became a WebSocket connection, which releases it (and
+    /// the client's address, returned) when it ends.
+    pub fn hand_to_connection(mut self) -> AddressKey {
         debug_assert!(!self.overflow, "a full node upgrades nothing");
         self.node = None;
+        self.address
+    }
+
+    /// Counts the client's address with this socket.
+    pub fn hold_address(&mut self, address: AddressKey) {
+        self.address = address;
     }
 }
 
@@ -52,6 +69,7 @@ impl Drop for Admission {
                 &node.sockets
             };
             count.fetch_sub(1, Ordering::Relaxed);
+            node.addresses.close(self.address);
         }
     }
 }
@@ -68,7 +86,12 @@ pub enum Admit {
 }
 
 impl NodeState {
+    /// A node with no per-address limits.
     pub fn new() -> Self {
+        Self::with_address_limits(AddressLimits::default())
+    }
+
+    pub fn with_address_limits(limits: AddressLimits) -> Self {
         NodeState {
             draining: AtomicBool::new(false),
             backplane_ready: AtomicBool::new(true),
@@ -77,6 +100,8 @@ impl NodeState {
             overflow: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
             epoch_nonce: fastrand::u32(..),
+            addresses: Addresses::new(limits),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -93,6 +118,7 @@ impl NodeState {
         let admission = |overflow| Admission {
             node: Some(self.clone()),
             overflow,
+            address: AddressKey::default(),
         };
         if take(&self.sockets, max) {
             Admit::Served(admission(false))
@@ -117,9 +143,26 @@ impl NodeState {
     }
 
     /// Gives back the count of a socket whose [`Admission`] was handed to
-    /// its WebSocket connection, as that connection ends.
-    pub fn release_socket(&self) {
+    /// its WebSocket connection, and of its address, as that connection
+    /// ends.
+    pub fn release_socket(&self, address: AddressKey) {
         self.sockets.fetch_sub(1, Ordering::Relaxed);
+        self.addresses.close(address);
+    }
+
+    /// The overflow allowance only: for a socket refused by its address's
+    /// limits, answered and closed like one past `--max-connections`.
+    pub fn admit_overflow(self: &Arc<Self>, overflow_max: usize) -> Option<Admission> {
+        self.overflow
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < overflow_max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Admission {
+                node: Some(self.clone()),
+                overflow: true,
+                address: AddressKey::default(),
+            })
     }
 
     /// Client sockets open now (overflow excluded).

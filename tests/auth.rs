@@ -268,3 +268,78 @@ async fn as_shipped_websocket_clients_may_not_publish() {
     let (status, _) = http_publish(relay.addr, "c", "1", "").await;
     assert_eq!(status, 202, "backends publish over HTTP");
 }
+
+#[tokio::test]
+async fn one_address_is_capped_on_open_connections_and_answered_429() {
+    let relay = Relay::start(&[
+        "--address-limits-exempt",
+        "none",
+        "--max-connections-per-address",
+        "3",
+        "--max-new-connections-per-address",
+        "0",
+    ]);
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(Client::connect(&relay, Fmt::Json).await);
+    }
+    match Client::connect_with(&relay.url(), &[], Fmt::Json).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 429);
+            assert_eq!(r.headers()["retry-after"], "5");
+        }
+        other => panic!("a fourth connection: {:?}", other.map(|_| ())),
+    }
+    // Probes from the same address are still answered.
+    let (status, _, _) = http_full(relay.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, 200);
+    assert!(
+        relay
+            .metric("ringcast_address_limited_total", &["limit=\"open\""])
+            .await
+            >= 1.0
+    );
+    // Once one leaves, the address may connect again.
+    open.pop();
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    loop {
+        match Client::connect_with(&relay.url(), &[], Fmt::Json).await {
+            Ok(_) => break,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 429 => {
+                assert!(tokio::time::Instant::now() < deadline, "still refused");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_address_is_capped_on_new_connections_per_second() {
+    let relay = Relay::start(&[
+        "--address-limits-exempt",
+        "none",
+        "--max-connections-per-address",
+        "0",
+        "--max-new-connections-per-address",
+        "5",
+    ]);
+    let started = std::time::Instant::now();
+    let (mut accepted, mut limited) = (0u64, 0u64);
+    for _ in 0..40 {
+        match Client::connect_with(&relay.url(), &[], Fmt::Json).await {
+            Ok(_) => accepted += 1,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 429 => {
+                assert_eq!(r.headers()["retry-after"], "1");
+                limited += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // Whatever the pace, at most 5 were let in per second begun.
+    let seconds = started.elapsed().as_secs() + 1;
+    assert!(accepted <= 5 * seconds, "{accepted} in {seconds} s");
+    assert_eq!(accepted + limited, 40);
+    let (status, body) = handshake(&relay, "/ws", "").await;
+    assert!(status == 429 || status == 101, "{status} {body}");
+}

@@ -14,6 +14,7 @@ use monoio::net::tcp::stream_poll::TcpStreamPoll;
 
 pub use message::{Head, MalformedHead, Response};
 
+use crate::addresses::AddressRefusal;
 use crate::hub::{Authenticated, Shard};
 use crate::io::{read_shared, read_some, write_all};
 use crate::node::Admission;
@@ -55,7 +56,7 @@ pub fn serve(
     stream: TcpStreamPoll,
     admission: Admission,
 ) -> impl std::future::Future<Output = ()> {
-    let http = Box::pin(serve_http(shard, stream, admission, false));
+    let http = Box::pin(serve_http(shard, stream, admission, None));
     async move {
         if let Some(connection) = http.await {
             connection.await;
@@ -63,13 +64,49 @@ pub fn serve(
     }
 }
 
-/// Serves a connection accepted past `--max-connections`: one request,
-/// quickly. `/healthz`, `/readyz` (503, full) and `/metrics` are answered
-/// as usual, so probes and scrapes see a full node as it is; anything
-/// else gets 503 with `Retry-After`.
-pub async fn serve_full(shard: Rc<Shard>, stream: TcpStreamPoll, admission: Admission) {
-    let upgraded = Box::pin(serve_http(shard, stream, admission, true)).await;
-    debug_assert!(upgraded.is_none(), "a full node upgrades nothing");
+/// Why an accepted connection is only told to come back later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnedAway {
+    /// Past `--max-connections`: 503.
+    Full,
+    /// Its address is past a per-address limit: 429.
+    Address(AddressRefusal),
+}
+
+impl TurnedAway {
+    fn response(self) -> Response {
+        match self {
+            TurnedAway::Full => Response {
+                extra: "Retry-After: 5\r\n",
+                ..Response::text(503, "this node is full")
+            },
+            TurnedAway::Address(AddressRefusal::TooMany) => Response {
+                extra: "Retry-After: 5\r\n",
+                ..Response::text(429, "too many connections from your address")
+            },
+            TurnedAway::Address(AddressRefusal::TooFast) => Response {
+                extra: "Retry-After: 1\r\n",
+                ..Response::text(429, "too many new connections from your address")
+            },
+        }
+    }
+}
+
+/// Serves a connection turned away: one request, quickly. `/healthz`,
+/// `/readyz` and `/metrics` are answered as usual, so probes and scrapes
+/// see the node as it is; anything else gets 503 (full) or 429 (its
+/// address's limits) with `Retry-After`.
+pub async fn serve_turned_away(
+    shard: Rc<Shard>,
+    stream: TcpStreamPoll,
+    admission: Admission,
+    why: TurnedAway,
+) {
+    let upgraded = Box::pin(serve_http(shard, stream, admission, Some(why))).await;
+    debug_assert!(
+        upgraded.is_none(),
+        "a connection turned away upgrades nothing"
+    );
 }
 
 /// How long a connection turned away has to send its request.
@@ -77,17 +114,17 @@ const FULL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The HTTP phase of a connection; the WebSocket connection when it
 /// upgraded (which then holds the socket's count in place of
-/// `admission`). `full`: the node is full, see [`serve_full`].
+/// `admission`). `turned_away`: see [`serve_turned_away`].
 async fn serve_http(
     shard: Rc<Shard>,
     mut stream: TcpStreamPoll,
     admission: Admission,
-    full: bool,
+    turned_away: Option<TurnedAway>,
 ) -> Option<ConnTask> {
     let mut buf = Vec::new();
     let mut first = true;
     loop {
-        let limit = if full {
+        let limit = if turned_away.is_some() {
             FULL_TIMEOUT
         } else if first {
             shard.config.limits.handshake_timeout
@@ -110,7 +147,7 @@ async fn serve_http(
             refuse(&mut stream, &refusal).await;
             return None;
         }
-        if full {
+        if let Some(why) = turned_away {
             let probe = matches!(head.route(), "/healthz" | "/readyz" | "/metrics")
                 && matches!(head.method.as_str(), "GET" | "HEAD");
             let mut response = if probe {
@@ -118,10 +155,7 @@ async fn serve_http(
                     .await
                     .unwrap_or_else(|refusal| refusal)
             } else {
-                Response {
-                    extra: "Retry-After: 5\r\n",
-                    ..Response::text(503, "this node is full")
-                }
+                why.response()
             };
             shard.metrics.http_request(head.route(), response.status);
             response.head_only = head.method == "HEAD";
@@ -130,8 +164,8 @@ async fn serve_http(
         }
         if head.route() == "/ws" && head.header("upgrade").is_some() {
             buf.drain(..head_len);
-            let connection = upgrade(shard, stream, head, buf).await?;
-            admission.hand_to_connection();
+            let mut connection = upgrade(shard, stream, head, buf).await?;
+            connection.hold_address(admission.hand_to_connection());
             return Some(connection);
         }
         let keep_alive = head.keep_alive();

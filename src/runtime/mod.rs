@@ -133,7 +133,9 @@ pub fn run(config: Config) -> Result<()> {
         }
     };
 
-    let node = Arc::new(NodeState::new());
+    let node = Arc::new(NodeState::with_address_limits(
+        config.address_limits.clone(),
+    ));
     let (mesh, inboxes) = Mesh::new(workers);
     let config = Arc::new(config);
     install_signal_handler(node.clone(), mesh.clone(), hand_over)?;

@@ -14,6 +14,7 @@ use crate::backplane::redis::{RedisBroker, RedisHandle};
 use crate::backplane::{Broker, Mesh, ShardMsg};
 use crate::config::Config;
 use crate::error::{Context, Result};
+use crate::http::TurnedAway;
 use crate::hub::{CloseRequest, Shard};
 use crate::node::{Admit, NodeState};
 use crate::runtime::Driver;
@@ -91,7 +92,7 @@ impl Worker {
             }
             monoio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => admit(&shard, stream),
+                    Ok((stream, peer)) => admit(&shard, stream, peer),
                     Err(e) => {
                         let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                         accept_errors.count(&shard, &e);
@@ -118,31 +119,50 @@ impl Worker {
     }
 }
 
-/// Serves an accepted client socket, or tells it the node is full.
-fn admit(shard: &Rc<Shard>, stream: monoio::net::TcpStream) {
+/// Serves an accepted client socket, or tells it the node is full or
+/// that its address is past its limits.
+fn admit(shard: &Rc<Shard>, stream: monoio::net::TcpStream, peer: std::net::SocketAddr) {
     let config = &shard.config;
-    let admission = match shard
-        .node
-        .admit(config.limits.max_connections, config.overflow_connections())
-    {
-        Admit::Served(a) => Ok(a),
-        Admit::Full(a) => {
-            shard.metrics.accept_refused_full.increment(1);
-            Err(a)
+    let node = &shard.node;
+    let address = node.addresses.key(peer.ip());
+    let second = node.started.elapsed().as_secs();
+    let admission = match node.addresses.open(address, second) {
+        Err(refusal) => {
+            shard.metrics.address_limited(refusal);
+            match node.admit_overflow(config.overflow_connections()) {
+                Some(a) => Err((a, TurnedAway::Address(refusal))),
+                None => {
+                    shard.metrics.accept_refused_dropped.increment(1);
+                    return;
+                }
+            }
         }
-        Admit::Dropped => {
-            shard.metrics.accept_refused_dropped.increment(1);
-            return;
-        }
+        Ok(()) => match node.admit(config.limits.max_connections, config.overflow_connections()) {
+            Admit::Served(mut a) => {
+                a.hold_address(address);
+                Ok(a)
+            }
+            Admit::Full(a) => {
+                node.addresses.close(address);
+                shard.metrics.accept_refused_full.increment(1);
+                Err((a, TurnedAway::Full))
+            }
+            Admit::Dropped => {
+                node.addresses.close(address);
+                shard.metrics.accept_refused_dropped.increment(1);
+                return;
+            }
+        },
     };
     let _ = stream.set_nodelay(true);
     match stream.try_into_poll_io() {
         Ok(stream) => match admission {
             Ok(a) => drop(monoio::spawn(crate::http::serve(shard.clone(), stream, a))),
-            Err(a) => drop(monoio::spawn(crate::http::serve_full(
+            Err((a, why)) => drop(monoio::spawn(crate::http::serve_turned_away(
                 shard.clone(),
                 stream,
                 a,
+                why,
             ))),
         },
         Err((e, _)) => tracing::warn!("could not switch a socket to poll mode: {e}"),

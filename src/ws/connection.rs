@@ -20,6 +20,7 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::frame::{self, Incoming, WsReader, MAX_HEADER};
+use crate::addresses::AddressKey;
 use crate::hub::{Authenticated, CloseRequest, Conn, Out, Shard, MAX_REPLIES_AWAITED};
 use crate::io::with_read_buf;
 use crate::protocol::{decode_requests, Format};
@@ -57,6 +58,7 @@ impl ConnTask {
             discarding: false,
             shut: false,
             lingered: 0,
+            address: AddressKey::default(),
         };
         if !leftover.is_empty() {
             task.on_bytes(&mut leftover);
@@ -94,6 +96,8 @@ pub struct ConnTask {
     shut: bool,
     /// Bytes read and dropped since then, bounded by [`LINGER_BYTES`].
     lingered: u32,
+    /// The client's address, counted while the connection lives.
+    address: AddressKey,
 }
 
 /// Input read and dropped after our close frame went out, looking for the
@@ -121,11 +125,17 @@ impl Drop for ConnTask {
     fn drop(&mut self) {
         self.shard.unregister(self.key);
         self.shard.node.connections.fetch_sub(1, Ordering::Relaxed);
-        self.shard.node.release_socket();
+        self.shard.node.release_socket(self.address);
     }
 }
 
 impl ConnTask {
+    /// The connection now holds its client's address count (handed over
+    /// by the socket's admission).
+    pub fn hold_address(&mut self, address: AddressKey) {
+        self.address = address;
+    }
+
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.conn.abort.get() {
             return Poll::Ready(());
