@@ -22,7 +22,8 @@ start_server() { # kind port extra-args...
     local kind=$1 port=$2; shift 2
     case $kind in
         ringcast) taskset -c "$SERVER_CPU" $BIN/ringcast --workers 1 --listen 127.0.0.1:$port \
-                      --metrics-addr 127.0.0.1:0 --log warn --allow-client-publish true "$@" > /tmp/core-bench-server.out 2>&1 & ;;
+                      --metrics-addr 127.0.0.1:0 --log warn --allow-client-publish true \
+                      --max-frames-per-second 0 --max-bytes-per-second 0 "$@" > /tmp/core-bench-server.out 2>&1 & ;;
         baseline) taskset -c "$SERVER_CPU" $BIN/baseline --threads 1 --listen 127.0.0.1:$port \
                       > /tmp/core-bench-server.out 2>&1 & ;;
     esac

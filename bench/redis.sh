@@ -62,7 +62,8 @@ start_node() { # port extra-args...
     local port=$1; shift
     local out=/tmp/redis-bench-node-$port.out
     taskset -c "$SERVER_CPU" $BIN/ringcast --workers 1 --listen 127.0.0.1:"$port" \
-        --metrics-addr 127.0.0.1:0 --log warn --max-publish-rate 0 --allow-client-publish true "$@" > "$out" 2>&1 &
+        --metrics-addr 127.0.0.1:0 --log warn --max-publish-rate 0 --allow-client-publish true \
+        --max-frames-per-second 0 --max-bytes-per-second 0 "$@" > "$out" 2>&1 &
     PIDS+=($!)
     NODE_PID=$!
     for _ in $(seq 100); do grep -q listening "$out" 2>/dev/null && break; sleep 0.05; done

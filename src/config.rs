@@ -267,6 +267,16 @@ pub struct Limits {
     /// `rate_limited`. 0: no limit.
     #[arg(long, env = "RINGCAST_MAX_SUBSCRIBE_RATE", default_value_t = 2000)]
     pub max_subscribe_rate: u32,
+
+    /// Frames (control frames included) one WebSocket connection may send
+    /// per second; beyond, it is closed with 1008. 0: no limit.
+    #[arg(long, env = "RINGCAST_MAX_FRAMES_PER_SECOND", default_value_t = 2000)]
+    pub max_frames_per_second: u32,
+
+    /// Bytes one WebSocket connection may send per second; beyond, it is
+    /// closed with 1008. 0: no limit.
+    #[arg(long, env = "RINGCAST_MAX_BYTES_PER_SECOND", default_value_t = 4 << 20)]
+    pub max_bytes_per_second: u32,
 }
 
 /// Liveness of WebSocket clients.

@@ -57,6 +57,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "Connections turned away past --max-connections: answered 503 (or /healthz, /readyz, /metrics), or closed unanswered when too many are being answered already.",
     ),
     (
+        "ringcast_inbound_limited_total",
+        Kind::Counter,
+        "WebSocket connections closed with 1008 for sending past a per-second limit: limit=\"frames\" (--max-frames-per-second) or limit=\"bytes\" (--max-bytes-per-second).",
+    ),
+    (
         "ringcast_address_limited_total",
         Kind::Counter,
         "Connections answered 429 because their client address was past a limit: limit=\"open\" (--max-connections-per-address) or limit=\"rate\" (--max-new-connections-per-address).",
@@ -389,6 +394,8 @@ pub struct ShardMetrics {
     pub accept_refused_dropped: Counter,
     address_limited_open: Counter,
     address_limited_rate: Counter,
+    pub inbound_limited_frames: Counter,
+    pub inbound_limited_bytes: Counter,
     pub ws_violations: Counter,
     errors: Vec<Counter>,
     pub frames_in: LocalCounter,
@@ -427,6 +434,8 @@ impl ShardMetrics {
             accept_refused_dropped: counter!("ringcast_connections_refused_total", "shard" => s.clone(), "action" => "closed"),
             address_limited_open: counter!("ringcast_address_limited_total", "shard" => s.clone(), "limit" => "open"),
             address_limited_rate: counter!("ringcast_address_limited_total", "shard" => s.clone(), "limit" => "rate"),
+            inbound_limited_frames: counter!("ringcast_inbound_limited_total", "shard" => s.clone(), "limit" => "frames"),
+            inbound_limited_bytes: counter!("ringcast_inbound_limited_total", "shard" => s.clone(), "limit" => "bytes"),
             ws_violations: counter!("ringcast_ws_protocol_closes_total", "shard" => s.clone()),
             errors: ErrorCode::ALL
                 .iter()

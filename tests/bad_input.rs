@@ -412,3 +412,49 @@ async fn oversize_request_heads_get_431() {
     let (status, _, _) = http_full(relay.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, 200, "the relay serves others as before");
 }
+
+#[tokio::test]
+async fn past_a_per_second_inbound_limit_a_connection_is_closed_with_1008() {
+    let relay = Relay::start(&[
+        "--workers",
+        "1",
+        "--max-frames-per-second",
+        "20",
+        "--max-bytes-per-second",
+        "20000",
+    ]);
+    // Frames: pings count as frames.
+    let mut pinger = raw_ws(&relay).await;
+    let mut burst = Vec::new();
+    for _ in 0..30 {
+        burst.extend(frame(true, 0x9, b"p", MASK));
+    }
+    pinger.write_all(&burst).await.unwrap();
+    assert_eq!(raw_close_code(&mut pinger).await, Some(1008));
+    // Bytes: one message within --max-message-bytes, past the byte rate.
+    let mut talker = raw_ws(&relay).await;
+    let big = format!(
+        r#"{{"action":"subscribe","channel":"{}"}}"#,
+        "x".repeat(30_000)
+    );
+    talker
+        .write_all(&frame(true, 0x1, big.as_bytes(), MASK))
+        .await
+        .unwrap();
+    assert_eq!(raw_close_code(&mut talker).await, Some(1008));
+    assert!(
+        relay
+            .metric("ringcast_inbound_limited_total", &["limit=\"frames\""])
+            .await
+            >= 1.0
+    );
+    assert!(
+        relay
+            .metric("ringcast_inbound_limited_total", &["limit=\"bytes\""])
+            .await
+            >= 1.0
+    );
+    // Others are not affected.
+    let mut calm = Client::connect(&relay, Fmt::Json).await;
+    calm.subscribe("calm").await;
+}

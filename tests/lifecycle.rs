@@ -144,7 +144,8 @@ async fn silent_clients_are_pinged_then_dropped() {
     );
 }
 
-/// A subscriber that never reads, and a publisher flooding its channel.
+/// A subscriber that never reads, and a publisher flooding its channel
+/// (past every per-connection inbound limit, which are lifted for it).
 async fn flood_a_client_that_never_reads(policy: &str) -> (Relay, Client) {
     let relay = Relay::start(&[
         "--workers",
@@ -154,6 +155,10 @@ async fn flood_a_client_that_never_reads(policy: &str) -> (Relay, Client) {
         "--max-pending-bytes",
         "262144",
         "--max-publish-rate",
+        "0",
+        "--max-bytes-per-second",
+        "0",
+        "--max-frames-per-second",
         "0",
     ]);
     let mut stuck = Client::connect(&relay, Fmt::Json).await;

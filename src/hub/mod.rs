@@ -987,6 +987,8 @@ impl Shard {
                 conn.publishes_this_tick.set(0);
                 conn.subscribes_this_tick.set(0);
                 conn.pings_this_tick.set(0);
+                conn.frames_this_tick.set(0);
+                conn.bytes_this_tick.set(0);
                 if paused {
                     conn.wake();
                 }

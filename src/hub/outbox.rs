@@ -152,6 +152,10 @@ pub struct Conn {
     pub subscribes_this_tick: Cell<u32>,
     /// Pings this second: past [`PINGS_PER_SECOND`], input waits.
     pub pings_this_tick: Cell<u16>,
+    /// Frames and bytes read this second, for --max-frames-per-second and
+    /// --max-bytes-per-second.
+    pub frames_this_tick: Cell<u32>,
+    pub bytes_this_tick: Cell<u32>,
 }
 
 /// Replies a connection may await from other shards or Redis before its
@@ -179,6 +183,8 @@ impl Conn {
             publishes_this_tick: Cell::new(0),
             subscribes_this_tick: Cell::new(0),
             pings_this_tick: Cell::new(0),
+            frames_this_tick: Cell::new(0),
+            bytes_this_tick: Cell::new(0),
         }
     }
 

@@ -104,6 +104,22 @@ pub struct ConnTask {
 /// client's close, before the connection is ended without it.
 const LINGER_BYTES: u32 = 256 * 1024;
 
+/// Which per-second inbound limit a connection went past.
+#[derive(Debug, Clone, Copy)]
+enum InboundLimit {
+    Frames,
+    Bytes,
+}
+
+impl InboundLimit {
+    fn reason(self) -> &'static str {
+        match self {
+            InboundLimit::Frames => "too many frames per second",
+            InboundLimit::Bytes => "too many bytes per second",
+        }
+    }
+}
+
 enum ReadState {
     /// Waiting for readiness.
     Pending,
@@ -206,6 +222,12 @@ impl ConnTask {
     fn on_bytes(&mut self, data: &mut [u8]) {
         let metrics = &self.shard.metrics;
         metrics.bytes_in.add(data.len() as u64);
+        let read = self
+            .conn
+            .bytes_this_tick
+            .get()
+            .saturating_add(data.len() as u32);
+        self.conn.bytes_this_tick.set(read);
         if self.discarding {
             if self.shut {
                 self.lingered = self.lingered.saturating_add(data.len() as u32);
@@ -227,8 +249,23 @@ impl ConnTask {
         let now = Instant::now();
         let max_message = shard.config.limits.max_message_bytes;
         let max_batch = shard.config.limits.max_batch_requests;
+        let limits = &shard.config.limits;
+        let (max_frames, max_bytes) = (limits.max_frames_per_second, limits.max_bytes_per_second);
+        let mut over = None;
+        if max_bytes > 0 && read > max_bytes {
+            over = Some(InboundLimit::Bytes);
+        }
         let result = reader.feed(data, max_message, &mut |incoming| {
             shard.metrics.frames_in.add(1);
+            let frames = conn.frames_this_tick.get().saturating_add(1);
+            conn.frames_this_tick.set(frames);
+            if over.is_some() {
+                return false;
+            }
+            if max_frames > 0 && frames > max_frames {
+                over = Some(InboundLimit::Frames);
+                return false;
+            }
             // Only whole messages and control frames prove the client
             // alive: a frame trickled a byte at a time does not.
             conn.last_read.set(shard.now.get());
@@ -270,7 +307,18 @@ impl ConnTask {
         if !reader.is_idle() {
             self.reader = Some(Box::new(reader));
         }
-        if let Err(violation) = result {
+        if let Some(limit) = over {
+            let metrics = &self.shard.metrics;
+            match limit {
+                InboundLimit::Frames => metrics.inbound_limited_frames.increment(1),
+                InboundLimit::Bytes => metrics.inbound_limited_bytes.increment(1),
+            }
+            self.conn.request_close(CloseRequest {
+                code: frame::close::POLICY_VIOLATION,
+                reason: limit.reason(),
+                flush: false,
+            });
+        } else if let Err(violation) = result {
             self.shard.metrics.ws_violations.increment(1);
             self.conn.request_close(CloseRequest {
                 code: violation.code,

@@ -347,9 +347,14 @@ impl Contender {
                         "0",
                         "--max-subscriptions",
                         "10000",
-                        // The load generator publishes from WebSocket clients.
+                        // The load generator publishes from WebSocket clients,
+                        // as fast as the relay takes it.
                         "--allow-client-publish",
                         "true",
+                        "--max-frames-per-second",
+                        "0",
+                        "--max-bytes-per-second",
+                        "0",
                     ]);
                     if topology == Topology::TwoNodes {
                         args.extend(strings(&["--redis", &env.redis_url()]));
