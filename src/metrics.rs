@@ -464,6 +464,7 @@ impl ShardMetrics {
             "/metrics" => "/metrics",
             "/" => "/",
             r if r.starts_with("/publish/") => "/publish",
+            "/revoke" => "/revoke",
             _ => "other",
         };
         self.http_requests

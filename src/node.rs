@@ -30,6 +30,8 @@ pub struct NodeState {
     pub addresses: Addresses,
     /// Whole seconds are counted from here for the per-address rate.
     pub started: std::time::Instant,
+    /// Tokens revoked on any node.
+    pub revocations: crate::auth::Revocations,
 }
 
 /// A client socket counted against `--max-connections` (or against the
@@ -102,6 +104,7 @@ impl NodeState {
             epoch_nonce: fastrand::u32(..),
             addresses: Addresses::new(limits),
             started: std::time::Instant::now(),
+            revocations: crate::auth::Revocations::default(),
         }
     }
 

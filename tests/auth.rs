@@ -343,3 +343,104 @@ async fn one_address_is_capped_on_new_connections_per_second() {
     let (status, body) = handshake(&relay, "/ws", "").await;
     assert!(status == 429 || status == 101, "{status} {body}");
 }
+
+/// `POST /revoke` with `body`, with the operator key `key` when given.
+async fn revoke(relay: &Relay, body: &str, key: Option<&str>) -> (u16, String) {
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    let request = format!(
+        "POST /revoke HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n{auth}\r\n{body}",
+        body.len()
+    );
+    common::http(relay.addr, &request).await
+}
+
+#[tokio::test]
+async fn a_revoked_user_is_closed_with_4003_and_refused_until_the_revocation_ends() {
+    let open = with_tokens(&[]);
+    let (status, body) = revoke(&open, r#"{"sub":"eve"}"#, None).await;
+    assert_eq!(status, 403, "no operator key, no revocation: {body}");
+
+    let relay = with_tokens(&["--publish-key", "operator-key"]);
+    let eve = token(json!({"sub": "eve", "exp": now() + 600}));
+    let url = format!("{}?token={eve}", relay.url());
+    let mut connected = Client::connect_with(&url, &[], Fmt::Json).await.unwrap();
+    let other = token(json!({"sub": "bob", "exp": now() + 600}));
+    let mut bob = Client::connect_with(&format!("{}?token={other}", relay.url()), &[], Fmt::Json)
+        .await
+        .unwrap();
+    assert_eq!(
+        revoke(&relay, r#"{"sub":"eve"}"#, Some("wrong")).await.0,
+        401
+    );
+    for bad in [
+        r#"{}"#,
+        r#"{"sub":"a","jti":"b"}"#,
+        r#"{"sub":"eve","until":1}"#,
+        "x",
+    ] {
+        assert_eq!(
+            revoke(&relay, bad, Some("operator-key")).await.0,
+            400,
+            "{bad}"
+        );
+    }
+    let (status, body) = revoke(&relay, r#"{"sub":"eve"}"#, Some("operator-key")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(connected.close_code().await, Some(4003));
+    let (status, body) = handshake(&relay, &format!("/ws?token={eve}"), "").await;
+    assert_eq!(status, 401);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{body}"
+    );
+    bob.subscribe("still.here").await;
+}
+
+#[tokio::test]
+async fn behind_redis_a_revocation_reaches_every_node_and_outlives_them() {
+    let redis = common::redis::RedisServer::start();
+    let url = redis.url();
+    let node = |url: &str| {
+        Relay::start(&[
+            "--workers",
+            "2",
+            "--jwt-secret",
+            SECRET,
+            "--publish-key",
+            "k",
+            "--redis",
+            url,
+        ])
+    };
+    let a = node(&url);
+    let b = node(&url);
+    a.wait_readyz(200).await;
+    b.wait_readyz(200).await;
+    let eve = token(json!({"sub": "eve", "jti": "e1", "exp": now() + 600}));
+    let mut on_b = Client::connect_with(&format!("{}?token={eve}", b.url()), &[], Fmt::Json)
+        .await
+        .unwrap();
+    let (status, body) = revoke(&a, r#"{"jti":"e1"}"#, Some("k")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        on_b.close_code().await,
+        Some(4003),
+        "closed on the other node"
+    );
+    // A node started afterwards knows it from Redis.
+    let c = node(&url);
+    c.wait_readyz(200).await;
+    let (status, body) = handshake(&c, &format!("/ws?token={eve}"), "").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{body}"
+    );
+}

@@ -11,6 +11,7 @@
 
 mod caps;
 mod origins;
+mod revocations;
 
 use std::collections::BTreeMap;
 
@@ -20,6 +21,7 @@ use serde::Deserialize;
 
 pub use caps::{Capability, Caps};
 pub use origins::Origins;
+pub use revocations::{Revocations, Revoked};
 
 /// Leeway for `nbf` and `iat` (clocks of the issuer and the relay differ);
 /// `exp` is held to the second, since a connection is closed at it.

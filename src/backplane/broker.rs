@@ -232,6 +232,10 @@ pub trait Broker {
 
     /// What the broker holds now (and has evicted since the last call).
     fn holdings(&mut self) -> Holdings;
+
+    /// Tells the other nodes of a revocation (already in this node's
+    /// table); a broker of one node has nobody to tell.
+    fn propagate_revocation(&mut self, _what: &crate::auth::Revoked, _until: u64) {}
 }
 
 #[cfg(test)]

@@ -281,6 +281,10 @@ fn authenticate(shard: &Shard, head: &Head) -> Result<Option<Authenticated>, Res
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let grant = verifier.verify(&token, now).map_err(unauthorized)?;
+    let revocations = &shard.node.revocations;
+    if revocations.is_revoked(grant.sub.as_deref(), grant.jti.as_deref(), now) {
+        return Err(unauthorized(crate::auth::AuthError::Revoked));
+    }
     let expires_in = grant.exp.saturating_sub(now);
     Ok(Some(Authenticated { grant, expires_in }))
 }
@@ -384,6 +388,21 @@ async fn route(
         check_publish_key(shard, head)?;
         let body = read_body(shard, stream, head, buf, head_len).await?;
         return Ok(publish(shard, head, channel, &body).await);
+    }
+    if path == "/revoke" {
+        if head.method != "POST" {
+            return Err(Response::error(405, "bad_request", "use POST to revoke"));
+        }
+        if shard.config.access.publish_key.is_none() {
+            return Err(Response::error(
+                403,
+                "forbidden",
+                "POST /revoke needs the operator key: start the relay with --publish-key",
+            ));
+        }
+        check_publish_key(shard, head)?;
+        let body = read_body(shard, stream, head, buf, head_len).await?;
+        return Ok(revoke(shard, &body));
     }
     if content_length(head)?.unwrap_or(0) != 0 || head.header("transfer-encoding").is_some() {
         return Err(Response::text(400, "this route takes no request body"));
@@ -511,6 +530,53 @@ fn check_publish_key(shard: &Shard, head: &Head) -> Result<(), Response> {
         extra: "WWW-Authenticate: Bearer\r\n",
         ..Response::error(401, "forbidden", "missing or wrong API key")
     })
+}
+
+/// How long a revocation holds when the request names no `until`: longer
+/// than tokens are usually issued for.
+const DEFAULT_REVOCATION: u64 = 24 * 3600;
+
+/// `POST /revoke` with `{"sub": ...}` or `{"jti": ...}`, and optionally
+/// `"until"` (Unix seconds; by default a day from now): every node closes
+/// the matching connections with 4003 and refuses their tokens until then.
+fn revoke(shard: &Shard, body: &[u8]) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Request {
+        sub: Option<String>,
+        jti: Option<String>,
+        until: Option<u64>,
+    }
+    let request: Request = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return Response::error(400, "bad_request", &format!("invalid JSON: {e}")),
+    };
+    let what = match (request.sub, request.jti) {
+        (Some(sub), None) if !sub.is_empty() => crate::auth::Revoked::Sub(sub),
+        (None, Some(jti)) if !jti.is_empty() => crate::auth::Revoked::Jti(jti),
+        _ => {
+            return Response::error(
+                400,
+                "bad_request",
+                "give exactly one of `sub` and `jti`, not empty",
+            )
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let until = request.until.unwrap_or(now + DEFAULT_REVOCATION);
+    if until <= now {
+        return Response::error(400, "bad_request", "`until` is in the past");
+    }
+    shard.revoke(what.clone(), until);
+    let body = serde_json::json!({"revoked": what.encode(), "until": until});
+    Response {
+        status: 202,
+        content_type: "application/json",
+        body: body.to_string().into_bytes(),
+        extra: "",
+        head_only: false,
+    }
 }
 
 async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8]) -> Response {

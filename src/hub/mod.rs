@@ -88,6 +88,7 @@ struct ConnEntry {
 /// A verified token as the hub keeps it for its connection.
 struct ConnAuth {
     sub: Option<String>,
+    jti: Option<String>,
     caps: Caps,
     /// The shard tick at which the token expires.
     expires_at: u32,
@@ -218,6 +219,8 @@ pub struct Shard {
     pub now: Cell<u32>,
     /// Unix seconds, as the last tick gave them (token times).
     unix: Cell<u64>,
+    /// The generation of the node's revocations this shard last looked at.
+    revocations_seen: Cell<u64>,
 }
 
 impl Shard {
@@ -239,6 +242,7 @@ impl Shard {
             state: RefCell::new(State::default()),
             now: Cell::new(0),
             unix: Cell::new(0),
+            revocations_seen: Cell::new(0),
         }
     }
 
@@ -250,6 +254,7 @@ impl Shard {
         let auth = auth.map(|a| {
             Box::new(ConnAuth {
                 sub: a.grant.sub,
+                jti: a.grant.jti,
                 caps: a.grant.caps,
                 expires_at: tick_after(now, a.expires_in),
             })
@@ -625,6 +630,16 @@ impl Shard {
         };
         let unix = self.unix.get();
         let grant = match verifier.verify(token, unix) {
+            Ok(grant)
+                if self.node.revocations.is_revoked(
+                    grant.sub.as_deref(),
+                    grant.jti.as_deref(),
+                    unix,
+                ) =>
+            {
+                let message = crate::auth::AuthError::Revoked.to_string();
+                return self.reply_error(conn, refuse(ErrorCode::Unauthorized, message));
+            }
             Ok(grant) => grant,
             Err(e) => {
                 return self.reply_error(conn, refuse(ErrorCode::Unauthorized, e.to_string()))
@@ -645,6 +660,7 @@ impl Shard {
                 return self.reply_error(conn, refuse(ErrorCode::Unauthorized, message));
             }
             auth.caps = grant.caps;
+            auth.jti = grant.jti;
             auth.expires_at = tick_after(self.now.get(), grant.exp.saturating_sub(unix));
             let caps = &auth.caps;
             entry
@@ -970,18 +986,31 @@ impl Shard {
     pub fn tick_at(&self, now: u32, at: Instant, unix: u64) {
         self.now.set(now);
         self.unix.set(unix);
+        let revocations = &self.node.revocations;
+        let generation = revocations.generation();
+        let newly_revoked = generation != self.revocations_seen.replace(generation);
         let ping_interval = self.config.heartbeat.ping_interval.as_secs() as u32;
         let pong_timeout = self.config.heartbeat.pong_timeout.as_secs() as u32;
         {
             let st = self.state.borrow();
             for (_, entry) in &st.conns {
                 let conn = &entry.conn;
-                if entry.auth.as_ref().is_some_and(|a| now >= a.expires_at) {
-                    conn.request_close(CloseRequest {
-                        code: crate::protocol::close::TOKEN_EXPIRED,
-                        reason: "token expired",
-                        flush: true,
-                    });
+                if let Some(auth) = &entry.auth {
+                    if now >= auth.expires_at {
+                        conn.request_close(CloseRequest {
+                            code: crate::protocol::close::TOKEN_EXPIRED,
+                            reason: "token expired",
+                            flush: true,
+                        });
+                    } else if newly_revoked
+                        && revocations.is_revoked(auth.sub.as_deref(), auth.jti.as_deref(), unix)
+                    {
+                        conn.request_close(CloseRequest {
+                            code: crate::protocol::close::REVOKED,
+                            reason: "access revoked",
+                            flush: true,
+                        });
+                    }
                 }
                 let paused = self.over_request_rate(conn);
                 conn.publishes_this_tick.set(0);
@@ -1025,6 +1054,14 @@ impl Shard {
         self.metrics.channels_owned.set(held.channels as f64);
         self.metrics.history_evicted.increment(held.evicted as u64);
         self.metrics.flush();
+    }
+
+    /// Revokes `what` until `until` (Unix seconds) on this node, and on
+    /// every node behind the backplane; matching connections are closed
+    /// with 4003 at each shard's next tick.
+    pub fn revoke(&self, what: crate::auth::Revoked, until: u64) {
+        self.node.revocations.revoke(what.clone(), until);
+        self.broker.borrow_mut().propagate_revocation(&what, until);
     }
 
     /// The connections of this shard now (for draining).

@@ -844,3 +844,37 @@ fn a_token_past_its_exp_closes_its_connection_with_4001() {
     let close = client.conn.close.get().expect("closed at exp");
     assert_eq!(close.code, 4001);
 }
+
+#[test]
+fn a_revoked_user_is_closed_with_4003_and_cannot_refresh() {
+    let cluster = with_tokens();
+    let exp = cluster.unix() + 600;
+    let eve = cluster.connect_with_token(0, &token(json!({"sub": "eve", "exp": exp})));
+    let bob = cluster.connect_with_token(1, &token(json!({"sub": "bob", "exp": exp, "jti": "b1"})));
+    cluster.tick();
+    assert!(eve.conn.close.get().is_none());
+    cluster.shards[1].revoke(crate::auth::Revoked::Sub("eve".into()), cluster.unix() + 60);
+    cluster.tick();
+    assert_eq!(
+        eve.conn.close.get().map(|c| c.code),
+        Some(4003),
+        "on every shard"
+    );
+    assert!(bob.conn.close.get().is_none());
+    // By jti; and a refresh with a revoked token is refused.
+    cluster.shards[0].revoke(crate::auth::Revoked::Jti("b2".into()), cluster.unix() + 60);
+    let revoked = token(json!({"sub": "bob", "exp": exp, "jti": "b2"}));
+    cluster.send(
+        &bob,
+        json!({"action": "refresh", "token": revoked, "id": 1}),
+    );
+    cluster.settle();
+    let events = bob.events();
+    assert_eq!(kinds(&events), ["error:unauthorized"], "{events:?}");
+    assert!(events[0]["message"].as_str().unwrap().contains("revoked"));
+    cluster.tick();
+    assert!(
+        bob.conn.close.get().is_none(),
+        "bob's own token is not revoked"
+    );
+}

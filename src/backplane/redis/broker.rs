@@ -296,6 +296,13 @@ impl Broker for RedisBroker {
         }
     }
 
+    fn propagate_revocation(&mut self, what: &crate::auth::Revoked, until: u64) {
+        self.redis.control(RedisCmd::Revoke {
+            what: what.clone(),
+            until,
+        });
+    }
+
     fn holdings(&mut self) -> Holdings {
         let messages = self.channels.values().map(|ch| ch.history.len()).sum();
         self.kept.holdings(self.channels.len(), messages)

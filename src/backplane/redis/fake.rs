@@ -100,6 +100,8 @@ impl FakeRedis {
                 RedisCmd::Unsubscribe { channel } => {
                     self.subscribed.remove(&channel);
                 }
+                // One node: the revocation is in its table already.
+                RedisCmd::Revoke { .. } => {}
                 RedisCmd::Fetch {
                     channel,
                     fetch,

@@ -47,6 +47,16 @@ impl Queues {
     }
 }
 
+/// The sorted set of revocations and the channel they travel on, after
+/// the prefix.
+const REVOKED: &str = "$revoked";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// What the Redis thread is configured with: its own section, the
 /// history's (Redis keeps it), and whether Redis is a cluster.
 pub struct Settings {
@@ -87,6 +97,9 @@ enum Internal {
         channel: String,
         ok: bool,
     },
+    /// The revocations kept in Redis were read (or could not be), for the
+    /// resync numbered so.
+    RevocationsLoaded { resync: u64, ok: bool },
 }
 
 /// The pub/sub client's event streams, taken again when the client is
@@ -133,6 +146,13 @@ struct Link {
     resync_due: bool,
     /// Probes, sync and readiness.
     health: Health,
+    /// Resyncs begun, numbering the revocation loads they start.
+    resyncs: u64,
+    /// The revocations kept in Redis are in the node's table (since the
+    /// last resync).
+    revocations_loaded: bool,
+    /// The last read of the revocations failed: the next tick reads again.
+    revocations_retry: bool,
     node_tag: String,
     epoch_counter: u64,
     in_flight: Arc<AtomicUsize>,
@@ -175,6 +195,9 @@ impl Link {
                 format!("{}$fence:{node_tag}:", redis.prefix),
                 clustered,
             ),
+            resyncs: 0,
+            revocations_loaded: false,
+            revocations_retry: false,
             health: Health::new(
                 format!("{}$probe:{node_tag}", redis.prefix),
                 redis.probe_interval,
@@ -309,6 +332,7 @@ impl Link {
                     after,
                     epoch,
                 } => self.fetch(channel, fetch, after, epoch),
+                RedisCmd::Revoke { what, until } => self.revoke(what, until),
             }
             taken += 1;
             next = if taken < MAX_COMMANDS_PER_TURN {
@@ -483,7 +507,9 @@ impl Link {
     /// fence (and on a cluster by its SSUBSCRIBE replies) before the owners
     /// hear of it.
     fn subscribe(&mut self, channels: Vec<(Arc<str>, u64)>, resync: bool) {
-        let probes = self.health.probes();
+        let mut probes = self.health.probes();
+        // The channel revocations travel on, resubscribed with the probes.
+        probes.push((format!("{}{REVOKED}", self.redis.prefix), false));
         let probes: Vec<(&str, bool)> = probes.iter().map(|(c, s)| (c.as_str(), *s)).collect();
         for planned in self.subs.plan(channels, resync, &probes) {
             let pubsub = self.pubsub.clone();
@@ -527,6 +553,17 @@ impl Link {
                     self.on_proven(proven);
                 }
             }
+            Internal::RevocationsLoaded { resync, ok } => {
+                if resync != self.resyncs {
+                    return;
+                }
+                if ok {
+                    self.revocations_loaded = true;
+                    self.update_readiness();
+                } else {
+                    self.revocations_retry = true;
+                }
+            }
         }
     }
 
@@ -540,6 +577,81 @@ impl Link {
         if proven.resync_done {
             self.set_synced(true);
             self.send_probes();
+            // Revocations made while this node was not listening.
+            self.load_revocations();
+        }
+    }
+
+    /// Keeps a revocation in Redis and tells every node (this one hears
+    /// it too, which changes nothing: it is already in its table).
+    fn revoke(&mut self, what: crate::auth::Revoked, until: u64) {
+        let client = self.commands.clone();
+        let key = format!("{}{REVOKED}", self.redis.prefix);
+        let args: Vec<Value> = vec![
+            Value::from(what.encode()),
+            Value::Integer(until as i64),
+            Value::Integer(unix_now() as i64),
+            Value::from(key.clone()),
+        ];
+        tokio::spawn(async move {
+            let result: Result<Value, Error> = client.eval(scripts::REVOKE, vec![key], args).await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "a revocation could not be stored in Redis; other nodes may not hear of it");
+            }
+        });
+    }
+
+    /// Reads the revocations in force into the node's table; the node is
+    /// ready once they are in.
+    fn load_revocations(&self) {
+        let client = self.commands.clone();
+        let node = self.node.clone();
+        let internal = self.internal.clone();
+        let resync = self.resyncs;
+        let key = format!("{}{REVOKED}", self.redis.prefix);
+        tokio::spawn(async move {
+            let now = unix_now();
+            let args = vec![Value::Integer(now as i64)];
+            let result: Result<Value, Error> =
+                client.eval(scripts::REVOCATIONS, vec![key], args).await;
+            let ok = result.is_ok();
+            match result {
+                Ok(Value::Array(parts)) => {
+                    for pair in parts.chunks(2) {
+                        let (Some(member), Some(until)) = (
+                            pair.first().and_then(Value::as_string),
+                            pair.get(1).and_then(|v| v.as_f64()),
+                        ) else {
+                            continue;
+                        };
+                        if let Some(what) = crate::auth::Revoked::decode(&member) {
+                            node.revocations.revoke(what, until as u64);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the revocations kept in Redis")
+                }
+            }
+            let _ = internal.send(Internal::RevocationsLoaded { resync, ok });
+        });
+    }
+
+    /// Another node revoked a token: `<until> <member>`.
+    fn on_revocation(&self, payload: &[u8]) {
+        let text = String::from_utf8_lossy(payload);
+        let parsed = text.split_once(' ').and_then(|(until, member)| {
+            Some((
+                until.parse::<u64>().ok()?,
+                crate::auth::Revoked::decode(member)?,
+            ))
+        });
+        match parsed {
+            Some((until, what)) => {
+                self.node.revocations.revoke(what, until);
+            }
+            None => tracing::warn!(payload = %text, "a malformed revocation was ignored"),
         }
     }
 
@@ -547,6 +659,8 @@ impl Link {
     /// cluster change; the node is ready again once all of it is proven.
     fn resync(&mut self) {
         self.resync_due = false;
+        self.resyncs += 1;
+        self.revocations_loaded = false;
         self.set_synced(false);
         let channels = self.subs.begin_resync();
         self.refresh_probes();
@@ -632,6 +746,9 @@ impl Link {
         let Some(name) = msg.channel.strip_prefix(self.redis.prefix.as_str()) else {
             return;
         };
+        if name == REVOKED {
+            return self.on_revocation(&payload);
+        }
         if name.starts_with('$') {
             let channel = msg.channel.to_string();
             return self.on_control(&channel);
@@ -686,7 +803,8 @@ impl Link {
 
     fn update_readiness(&self) {
         let connections_up = self.commands.is_connected() && self.pubsub.is_connected();
-        let ready = self.health.ready(Instant::now(), connections_up);
+        // A node that may not know every revocation yet takes no traffic.
+        let ready = self.health.ready(Instant::now(), connections_up) && self.revocations_loaded;
         if self.node.set_backplane_ready(ready) {
             if ready {
                 tracing::info!("Redis backplane ready");
@@ -735,6 +853,9 @@ impl Link {
         }
         for (batch, channel) in self.subs.take_shard_retries() {
             self.shard_subscribe(batch, channel);
+        }
+        if std::mem::take(&mut self.revocations_retry) {
+            self.load_revocations();
         }
         let due = self.health.tick(now);
         if due.probe_due {

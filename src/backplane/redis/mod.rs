@@ -59,6 +59,11 @@ pub enum RedisCmd {
         after: Option<u64>,
         epoch: Arc<str>,
     },
+    /// A revocation to keep in Redis and tell every node of.
+    Revoke {
+        what: crate::auth::Revoked,
+        until: u64,
+    },
 }
 
 /// The shards' side of the queues to the Redis thread. Publications go

@@ -142,6 +142,25 @@ end
 return out
 "#;
 
+/// Records a revocation: KEYS[1] the sorted set of revocations (member
+/// `sub:<v>` or `jti:<v>`, score: until, Unix seconds); ARGV: member,
+/// until, now, the pub/sub channel other nodes hear it on. The set expires
+/// with its longest revocation.
+pub const REVOKE: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], 0, 0, 'REV', 'WITHSCORES')
+redis.call('EXPIREAT', KEYS[1], last[2])
+redis.call('PUBLISH', ARGV[4], ARGV[2] .. ' ' .. ARGV[1])
+return 1
+"#;
+
+/// The revocations still in force at ARGV[1] (now): member, until, ...
+pub const REVOCATIONS: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES')
+"#;
+
 /// Names of one channel in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelKeys {
