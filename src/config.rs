@@ -85,9 +85,10 @@ pub struct Config {
     #[command(flatten)]
     pub auth: AuthOptions,
 
-    /// Verifies tokens when `[auth]` names a key (built by `load_from`).
+    /// Verifies tokens when `[auth]` names a key (built by `load_from`,
+    /// read again on SIGHUP: [`Config::reload_keys`]).
     #[arg(skip)]
-    pub verifier: Option<std::sync::Arc<crate::auth::Verifier>>,
+    pub verifier: Option<std::sync::Arc<crate::auth::KeyRing>>,
 
     /// `--allowed-origins`, parsed (by `load_from`); `None`: any.
     #[arg(skip)]
@@ -626,7 +627,7 @@ impl Config {
         config.verifier = config
             .load_verifier()
             .map_err(|e| ConfigError::Invalid(format!("invalid configuration: {e}")))?
-            .map(std::sync::Arc::new);
+            .map(|v| std::sync::Arc::new(crate::auth::KeyRing::new(v)));
         Ok(config)
     }
 
@@ -648,6 +649,22 @@ impl Config {
             per_second: self.limits.max_new_connections_per_address,
             exempt,
         })
+    }
+
+    /// Reads the key files again (SIGHUP) and puts them in use; on any
+    /// error the keys in use stay, and the error is returned to be logged.
+    /// `Ok(false)`: no keys are configured, so there is nothing to read.
+    pub fn reload_keys(&self) -> Result<bool, String> {
+        let Some(ring) = &self.verifier else {
+            return Ok(false);
+        };
+        match self.load_verifier()? {
+            Some(verifier) => {
+                ring.replace(verifier);
+                Ok(true)
+            }
+            None => Err("the configuration names no key any more".into()),
+        }
     }
 
     /// Reads the keys `[auth]` names; `None` when it names none.

@@ -444,3 +444,64 @@ async fn behind_redis_a_revocation_reaches_every_node_and_outlives_them() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn sighup_reads_the_keys_again_and_a_bad_file_keeps_the_old_ones() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    let b64 = |s: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    };
+    let old_secret = b"the first secret, at least thirty-two bytes";
+    let new_secret = b"the second secret, at least thirty-two bytes";
+    let set = |keys: &[(&str, &[u8])]| {
+        let keys: Vec<Value> = keys
+            .iter()
+            .map(|(kid, k)| json!({"kty": "oct", "kid": kid, "alg": "HS256", "k": b64(k)}))
+            .collect();
+        json!({ "keys": keys }).to_string()
+    };
+    std::fs::write(&jwks, set(&[("old", old_secret)])).unwrap();
+    let mut relay = Relay::start_logging(
+        &["--jwks-file", jwks.to_str().unwrap()],
+        "info",
+        Stdio::piped(),
+    );
+    let signed = |kid: &str, secret: &[u8]| {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(kid.into());
+        let key = EncodingKey::from_secret(secret).unwrap();
+        encode(&header, &json!({"sub": "s", "exp": now() + 600}), &key).unwrap()
+    };
+    let (old, new) = (signed("old", old_secret), signed("new", new_secret));
+    let base = relay.url();
+    let url = |t: &str| format!("{base}?token={t}");
+    let mut kept = Client::connect_with(&url(&old), &[], Fmt::Json)
+        .await
+        .unwrap();
+    assert_eq!(
+        handshake(&relay, &format!("/ws?token={new}"), "").await.0,
+        401
+    );
+    // Rotation: the new key is added, the old one goes.
+    std::fs::write(&jwks, set(&[("new", new_secret)])).unwrap();
+    relay.signal(libc::SIGHUP);
+    relay.wait_log("token keys read again");
+    assert!(Client::connect_with(&url(&new), &[], Fmt::Json)
+        .await
+        .is_ok());
+    assert_eq!(
+        handshake(&relay, &format!("/ws?token={old}"), "").await.0,
+        401
+    );
+    kept.subscribe("opened.before.the.rotation").await;
+    // A broken file is refused and the keys in use stay.
+    std::fs::write(&jwks, "{ not json").unwrap();
+    relay.signal(libc::SIGHUP);
+    relay.wait_log("token keys kept as they were");
+    assert!(Client::connect_with(&url(&new), &[], Fmt::Json)
+        .await
+        .is_ok());
+}

@@ -250,6 +250,42 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
+/// The verifier in use, replaced whole when the keys are read again
+/// (SIGHUP): a handshake or refresh verifies with the keys of the moment,
+/// and connections keep what their token granted.
+pub struct KeyRing {
+    current: std::sync::RwLock<std::sync::Arc<Verifier>>,
+}
+
+impl KeyRing {
+    pub fn new(verifier: Verifier) -> KeyRing {
+        KeyRing {
+            current: std::sync::RwLock::new(std::sync::Arc::new(verifier)),
+        }
+    }
+
+    /// Verifies `token` at `now` with the keys of the moment.
+    pub fn verify(&self, token: &str, now: u64) -> Result<Grant, AuthError> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        current.verify(token, now)
+    }
+
+    /// Puts `verifier` in use.
+    pub fn replace(&self, verifier: Verifier) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(verifier);
+    }
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyRing(..)")
+    }
+}
+
 /// A PEM public key, with the algorithms its type allows.
 fn public_key(origin: &str, pem: &[u8]) -> Result<Key, String> {
     let (key, algorithms) = if let Ok(key) = DecodingKey::from_rsa_pem(pem) {

@@ -138,7 +138,7 @@ pub fn run(config: Config) -> Result<()> {
     ));
     let (mesh, inboxes) = Mesh::new(workers);
     let config = Arc::new(config);
-    install_signal_handler(node.clone(), mesh.clone(), hand_over)?;
+    install_signal_handler(node.clone(), mesh.clone(), hand_over, config.clone())?;
     let redis = if config.uses_redis() {
         // Not ready until Redis answers: /readyz is 503 and publishes get
         // `unavailable` meanwhile.
@@ -249,14 +249,30 @@ impl HandOver {
     }
 }
 
-fn install_signal_handler(node: Arc<NodeState>, mesh: Mesh, hand_over: HandOver) -> Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+fn install_signal_handler(
+    node: Arc<NodeState>,
+    mesh: Mesh,
+    hand_over: HandOver,
+    config: Arc<Config>,
+) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
     std::thread::Builder::new()
         .name("ringcast-signals".into())
         .spawn(move || {
             for signal in signals.forever() {
+                if signal == SIGHUP {
+                    // Keys are read again; nothing else is.
+                    match config.reload_keys() {
+                        Ok(true) => tracing::info!("SIGHUP: token keys read again"),
+                        Ok(false) => tracing::info!("SIGHUP: no token keys to read again"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGHUP: token keys kept as they were")
+                        }
+                    }
+                    continue;
+                }
                 if node.draining.swap(true, Ordering::SeqCst) {
                     tracing::warn!(signal, "second signal: exiting without draining");
                     std::process::exit(1);

@@ -24,6 +24,8 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 
 pub struct Relay {
     child: Child,
+    /// The relay's stderr, line by line, once a test waits on it.
+    log_lines: Option<std::sync::mpsc::Receiver<String>>,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
     pub workers: usize,
@@ -100,6 +102,7 @@ impl Relay {
                 .unwrap_or_else(|| panic!("relay did not print {name}=: {line:?}"))
         };
         Relay {
+            log_lines: None,
             addr: field("addr").parse().unwrap(),
             metrics: field("metrics").parse().unwrap(),
             workers: field("workers").parse().unwrap(),
@@ -138,20 +141,23 @@ impl Relay {
     /// keeps emptying the pipe in the background so the relay never blocks
     /// on it.
     pub fn wait_log(&mut self, needle: &str) -> String {
-        let stderr = self.child.stderr.take().expect("stderr was piped");
-        let mut reader = BufReader::new(stderr);
+        if self.log_lines.is_none() {
+            let stderr = self.child.stderr.take().expect("stderr was piped");
+            let (lines, rx) = std::sync::mpsc::channel();
+            // Read to the end, so the relay never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let _ = lines.send(line);
+                }
+            });
+            self.log_lines = Some(rx);
+        }
+        let lines = self.log_lines.as_ref().expect("set above");
         loop {
-            let mut line = String::new();
-            let n = reader
-                .read_line(&mut line)
-                .expect("reading the relay's stderr");
-            assert!(
-                n > 0,
-                "the relay's log ended without a line containing {needle:?}"
-            );
-            if line.contains(needle) {
-                std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-                return line;
+            match lines.recv_timeout(PATIENCE) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line containing {needle:?}: {e}"),
             }
         }
     }
