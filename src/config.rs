@@ -94,6 +94,10 @@ pub struct Config {
     #[arg(skip)]
     pub origins: Option<crate::auth::Origins>,
 
+    /// TLS, when --tls-cert and --tls-key are given (built by `load_from`).
+    #[arg(skip)]
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
+
     /// The per-address limits, parsed (by `load_from`).
     #[arg(skip)]
     pub address_limits: crate::addresses::AddressLimits,
@@ -124,6 +128,16 @@ pub struct Server {
     /// nothing but different --listen addresses. Port 0 picks a free port.
     #[arg(long, env = "RINGCAST_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// PEM certificate chain (leaf first): with --tls-key, every listener
+    /// serves TLS (wss:// and https://) on the same port and paths.
+    /// Read again on SIGHUP.
+    #[arg(long, env = "RINGCAST_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "RINGCAST_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<std::path::PathBuf>,
 
     /// Share --listen with other processes on purpose: for a hot upgrade
     /// (start the new binary on the same address, then SIGTERM the old one,
@@ -619,6 +633,18 @@ impl Config {
             .unwrap_or_else(|| connections_within(open_file_limit()));
         config.backplane = config.choose_backplane().map_err(ConfigError::Invalid)?;
         config.validate().map_err(ConfigError::Invalid)?;
+        config.tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(std::sync::Arc::new(
+                crate::tls::Tls::new(cert, key)
+                    .map_err(|e| ConfigError::Invalid(format!("invalid configuration: {e}")))?,
+            )),
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "invalid configuration: --tls-cert and --tls-key go together".into(),
+                ))
+            }
+        };
         config.address_limits = config
             .parse_address_limits()
             .map_err(|e| ConfigError::Invalid(format!("invalid configuration: {e}")))?;

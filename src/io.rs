@@ -1,15 +1,97 @@
-//! Small async helpers over monoio's poll-io streams (readiness based: no
-//! buffer is lent to the kernel while a connection waits), and the worker's
-//! shared read buffer.
+//! The byte stream of a client connection ([`Transport`]: a monoio
+//! poll-io TCP stream, readiness based so that no buffer is lent to the
+//! kernel while a connection waits, or TLS over one), small async helpers
+//! over it, and the worker's shared read buffer.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A client connection's bytes: plain TCP, or TLS over it (boxed: its
+/// state is large, and plain connections should not carry its size).
+pub enum Transport {
+    Plain(TcpStreamPoll),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStreamPoll>>),
+}
+
+impl Transport {
+    /// The peer's address, asked of the socket (connections carry none).
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        let tcp = match self {
+            Transport::Plain(s) => s,
+            Transport::Tls(s) => s.get_ref().0,
+        };
+        // SAFETY: the descriptor belongs to `tcp`, which outlives the borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
+        socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+    }
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    /// TLS may hold encrypted bytes the socket had no room for: a writer
+    /// that has nothing more to write flushes.
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Size of the per-worker read buffer shared by all its connections.
 const READ_CHUNK: usize = 64 * 1024;
@@ -29,10 +111,7 @@ pub fn with_read_buf<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 /// Waits for one read into the worker's shared buffer and hands the bytes
 /// to `f` at once (see [`with_read_buf`]); `None` at end of stream or on an
 /// error.
-pub async fn read_shared<R>(
-    stream: &mut TcpStreamPoll,
-    f: impl FnOnce(&mut [u8]) -> R,
-) -> Option<R> {
+pub async fn read_shared<R>(stream: &mut Transport, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
     let mut f = Some(f);
     poll_fn(|cx| {
         with_read_buf(|buf| {
@@ -57,7 +136,7 @@ pub async fn read_shared<R>(
 /// Reads what is available into the spare capacity of `buf` (growing it by
 /// up to `chunk`); returns the number of bytes read, 0 at end of stream.
 pub async fn read_some(
-    stream: &mut TcpStreamPoll,
+    stream: &mut Transport,
     buf: &mut Vec<u8>,
     chunk: usize,
 ) -> io::Result<usize> {
@@ -84,8 +163,8 @@ pub async fn read_some(
     .await
 }
 
-/// Writes all of `data`.
-pub async fn write_all(stream: &mut TcpStreamPoll, mut data: &[u8]) -> io::Result<()> {
+/// Writes all of `data`, flushed.
+pub async fn write_all(stream: &mut Transport, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         let n = poll_fn(|cx| Pin::new(&mut *stream).poll_write(cx, data)).await?;
         if n == 0 {
@@ -93,5 +172,5 @@ pub async fn write_all(stream: &mut TcpStreamPoll, mut data: &[u8]) -> io::Resul
         }
         data = &data[n..];
     }
-    Ok(())
+    poll_fn(|cx| Pin::new(&mut *stream).poll_flush(cx)).await
 }

@@ -7,7 +7,8 @@
 //! `backplane` (the broker contract, its embedded and Redis brokers, and the
 //! queues between shards), `node` (what the shards of a process share), `io`
 //! (the poll-io helpers and shared read buffer of the transports),
-//! `auth` (tokens and what they allow), `addresses` (per-address limits), `tables`, `config`, `metrics`,
+//! `auth` (tokens and what they allow), `addresses` (per-address limits),
+//! `tls` (certificates and the TLS acceptor), `tables`, `config`, `metrics`,
 //! `error`.
 
 pub mod addresses;
@@ -23,4 +24,5 @@ pub mod node;
 pub mod protocol;
 pub mod runtime;
 pub mod tables;
+pub mod tls;
 pub mod ws;

@@ -10,6 +10,7 @@ pub mod metrics_endpoint;
 use std::rc::Rc;
 use std::time::Duration;
 
+use crate::io::Transport;
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 
 pub use message::{Head, MalformedHead, Response};
@@ -28,7 +29,7 @@ const MAX_HEAD: usize = 16 * 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub async fn send(
-    stream: &mut TcpStreamPoll,
+    stream: &mut Transport,
     response: &Response,
     keep_alive: bool,
 ) -> std::io::Result<()> {
@@ -60,6 +61,63 @@ pub fn serve(
     async move {
         if let Some(connection) = http.await {
             connection.await;
+        }
+    }
+}
+
+/// TLS handshakes a worker runs at once; beyond, new connections are
+/// closed at once (a client without TLS cannot be told anything), so a
+/// handshake storm cannot starve the established connections.
+const MAX_TLS_HANDSHAKES: u32 = 256;
+
+thread_local! {
+    static TLS_HANDSHAKES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts a handshake in progress on this worker while it lives.
+struct HandshakeSlot;
+
+impl HandshakeSlot {
+    fn take() -> Option<HandshakeSlot> {
+        TLS_HANDSHAKES.with(|n| {
+            (n.get() < MAX_TLS_HANDSHAKES).then(|| {
+                n.set(n.get() + 1);
+                HandshakeSlot
+            })
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        TLS_HANDSHAKES.with(|n| n.set(n.get() - 1));
+    }
+}
+
+/// The TLS handshake of a new connection, within `limit`.
+async fn tls_handshake(
+    shard: &Shard,
+    tls: &crate::tls::Tls,
+    tcp: TcpStreamPoll,
+    limit: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStreamPoll>> {
+    let Some(_slot) = HandshakeSlot::take() else {
+        shard.metrics.tls_handshakes_shed.increment(1);
+        return None;
+    };
+    match monoio::time::timeout(limit, tls.acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            shard.metrics.tls_handshakes_ok.increment(1);
+            Some(stream)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            shard.metrics.tls_handshakes_failed.increment(1);
+            None
+        }
+        Err(_) => {
+            shard.metrics.tls_handshakes_failed.increment(1);
+            None
         }
     }
 }
@@ -117,10 +175,21 @@ const FULL_TIMEOUT: Duration = Duration::from_secs(2);
 /// `admission`). `turned_away`: see [`serve_turned_away`].
 async fn serve_http(
     shard: Rc<Shard>,
-    mut stream: TcpStreamPoll,
+    tcp: TcpStreamPoll,
     admission: Admission,
     turned_away: Option<TurnedAway>,
 ) -> Option<ConnTask> {
+    let mut stream = match &shard.config.tls {
+        None => Transport::Plain(tcp),
+        Some(tls) => {
+            let limit = if turned_away.is_some() {
+                FULL_TIMEOUT
+            } else {
+                shard.config.limits.handshake_timeout
+            };
+            Transport::Tls(Box::new(tls_handshake(&shard, tls, tcp, limit).await?))
+        }
+    };
     let mut buf = Vec::new();
     let mut first = true;
     loop {
@@ -190,7 +259,7 @@ async fn serve_http(
 /// followed the request.
 async fn upgrade(
     shard: Rc<Shard>,
-    mut stream: TcpStreamPoll,
+    mut stream: Transport,
     head: Head,
     leftover: Vec<u8>,
 ) -> Option<ConnTask> {
@@ -299,7 +368,7 @@ const LINGER_BYTES: usize = 256 * 1024;
 /// a socket with unread input resets the connection, and a reset can
 /// discard the answer before the client reads it (a 431 for a head sent in
 /// one piece, say).
-async fn refuse(stream: &mut TcpStreamPoll, response: &Response) {
+async fn refuse(stream: &mut Transport, response: &Response) {
     if send(stream, response, false).await.is_err() {
         return;
     }
@@ -341,7 +410,7 @@ fn judge_head(
 /// buffer (the usual case), and `buf` then holds only what followed it, so
 /// a WebSocket client costs no request buffer of its own.
 async fn read_head(
-    stream: &mut TcpStreamPoll,
+    stream: &mut Transport,
     buf: &mut Vec<u8>,
 ) -> Result<Option<(Head, usize)>, Response> {
     loop {
@@ -374,7 +443,7 @@ async fn read_head(
 /// Answers a plain HTTP request. `Err` responses close the connection.
 async fn route(
     shard: &Rc<Shard>,
-    stream: &mut TcpStreamPoll,
+    stream: &mut Transport,
     head: &Head,
     buf: &mut Vec<u8>,
     head_len: usize,
@@ -445,7 +514,7 @@ async fn route(
 /// Reads a `Content-Length` body (bounded by `--max-message-bytes`).
 async fn read_body(
     shard: &Shard,
-    stream: &mut TcpStreamPoll,
+    stream: &mut Transport,
     head: &Head,
     buf: &mut Vec<u8>,
     head_len: usize,
@@ -640,15 +709,8 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
 
 /// True when the connection's peer is on this host. Asked only when
 /// `/metrics` is requested, so connections carry no peer address.
-fn peer_is_local(stream: &TcpStreamPoll) -> bool {
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    // SAFETY: the descriptor belongs to `stream`, which outlives the borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-    socket2::SockRef::from(&fd)
-        .peer_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .is_some_and(|a| is_local(a.ip()))
+fn peer_is_local(stream: &Transport) -> bool {
+    stream.peer_addr().is_some_and(|a| is_local(a.ip()))
 }
 
 /// True for a client on this host: loopback, IPv4 or IPv6 (also written

@@ -263,12 +263,20 @@ fn install_signal_handler(
         .spawn(move || {
             for signal in signals.forever() {
                 if signal == SIGHUP {
-                    // Keys are read again; nothing else is.
+                    // Keys and the certificate are read again; nothing else is.
                     match config.reload_keys() {
                         Ok(true) => tracing::info!("SIGHUP: token keys read again"),
                         Ok(false) => tracing::info!("SIGHUP: no token keys to read again"),
                         Err(e) => {
                             tracing::error!(error = %e, "SIGHUP: token keys kept as they were")
+                        }
+                    }
+                    if let Some(tls) = &config.tls {
+                        match tls.reload() {
+                            Ok(()) => tracing::info!("SIGHUP: TLS certificate read again"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "SIGHUP: TLS certificate kept as it was")
+                            }
                         }
                     }
                     continue;

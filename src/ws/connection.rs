@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use crate::io::Transport;
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -39,7 +39,7 @@ impl ConnTask {
     /// bytes that followed the handshake, to be run until it ends.
     pub fn start(
         shard: Rc<Shard>,
-        stream: TcpStreamPoll,
+        stream: Transport,
         format: Format,
         auth: Option<Authenticated>,
         mut leftover: Vec<u8>,
@@ -81,7 +81,7 @@ pub struct ConnTask {
     shard: Rc<Shard>,
     key: usize,
     conn: Rc<Conn>,
-    stream: TcpStreamPoll,
+    stream: Transport,
     /// The frame reader's state, boxed and only while it holds a partial
     /// frame or message: most connections, most of the time, hold none.
     reader: Option<Box<WsReader>>,
@@ -377,7 +377,13 @@ impl ConnTask {
                     if out.items.is_empty() && out.items.capacity() > 64 {
                         out.items.shrink_to(8);
                     }
-                    return Ok(false);
+                    drop(out);
+                    // Nothing more to write: what TLS still holds goes now
+                    // (plain TCP holds nothing).
+                    return match Pin::new(&mut self.stream).poll_flush(cx) {
+                        Poll::Ready(Err(_)) => Err(()),
+                        _ => Ok(false),
+                    };
                 }
                 let frame = plan_frame(
                     &out.items,
@@ -445,6 +451,12 @@ impl ConnTask {
     /// After our close frame is out: shut our side down and wait for the
     /// client's close or end of stream (bounded by the heartbeat's deadline).
     fn after_close(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
+        // The close frame must leave before the connection ends.
+        match Pin::new(&mut self.stream).poll_flush(cx) {
+            Poll::Pending => return Ok(false),
+            Poll::Ready(Err(_)) => return Err(()),
+            Poll::Ready(Ok(())) => {}
+        }
         if self.peer_closed {
             return Ok(true);
         }

@@ -1,0 +1,131 @@
+//! TLS on the relay's own listeners (rustls with the `ring` provider): the
+//! certificate chain and key from `--tls-cert` / `--tls-key`, read at
+//! start and again on SIGHUP (a bad new file is logged and the old one
+//! kept, so new handshakes never fail for it); TLS 1.3 and 1.2 with
+//! rustls' modern suites only, ALPN `http/1.1`, and both session tickets
+//! and a session cache, so a reconnect storm resumes instead of paying a
+//! full handshake each.
+//!
+//! `wss://` and `https://` are served on the same port and paths as
+//! `ws://` would be: the connection's first bytes are the TLS handshake,
+//! done before the HTTP phase reads anything (`http::serve`).
+
+use std::sync::{Arc, RwLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+
+/// Sessions remembered for resumption by ID (tickets need none).
+const SESSION_CACHE: usize = 16_384;
+
+/// The certificate in use, replaced whole on reload.
+#[derive(Debug)]
+struct Certificate {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for Certificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// The relay's TLS: the acceptor every listener uses, and where its
+/// certificate comes from.
+pub struct Tls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    certificate: Arc<Certificate>,
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("cert", &self.cert_path)
+            .field("key", &self.key_path)
+            .finish()
+    }
+}
+
+/// Reads a PEM chain and its key; errors name the file and what is wrong.
+fn read_certified_key(
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+) -> Result<CertifiedKey, String> {
+    let cert_bytes =
+        std::fs::read(cert_path).map_err(|e| format!("--tls-cert {}: {e}", cert_path.display()))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("--tls-cert {}: {e}", cert_path.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "--tls-cert {}: no certificate in PEM",
+            cert_path.display()
+        ));
+    }
+    let key_bytes =
+        std::fs::read(key_path).map_err(|e| format!("--tls-key {}: {e}", key_path.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
+        format!(
+            "--tls-key {}: no private key in PEM: {e}",
+            key_path.display()
+        )
+    })?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("--tls-key {}: {e}", key_path.display()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|e| {
+        format!(
+            "--tls-key {} does not match --tls-cert {}: {e}",
+            key_path.display(),
+            cert_path.display()
+        )
+    })?;
+    Ok(certified)
+}
+
+impl Tls {
+    /// TLS from the PEM files at `cert_path` (a chain, leaf first) and
+    /// `key_path`.
+    pub fn new(cert_path: &std::path::Path, key_path: &std::path::Path) -> Result<Tls, String> {
+        let certificate = Arc::new(Certificate {
+            current: RwLock::new(Arc::new(read_certified_key(cert_path, key_path)?)),
+        });
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(certificate.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS: {e}"))?;
+        Ok(Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            certificate,
+            cert_path: cert_path.to_path_buf(),
+            key_path: key_path.to_path_buf(),
+        })
+    }
+
+    /// Reads the certificate files again and puts them in use for new
+    /// handshakes; on error the certificate in use stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let certified = read_certified_key(&self.cert_path, &self.key_path)?;
+        *self
+            .certificate
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(certified);
+        Ok(())
+    }
+}

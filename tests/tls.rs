@@ -1,0 +1,254 @@
+//! TLS on the relay's listener, end to end: certificates made by the test
+//! (rcgen), clients built on tokio-rustls (the WebSocket over it by
+//! tokio-tungstenite, HTTP by hand), reload on SIGHUP with a connection
+//! kept open across it, resumption, and a silent TLS client bounded.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::Arc;
+
+use common::{Relay, PATIENCE};
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, written to
+/// `dir` as cert.pem and key.pem; returns its DER for clients to trust.
+fn certificate(dir: &std::path::Path, name: &str) -> CertificateDer<'static> {
+    let made = rcgen::generate_simple_self_signed(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        name.to_string(),
+    ])
+    .unwrap();
+    std::fs::write(dir.join("cert.pem"), made.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), made.key_pair.serialize_pem()).unwrap();
+    made.cert.der().clone()
+}
+
+fn client_config(trusted: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in trusted {
+        roots.add(cert.clone()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+async fn tls_connect(
+    relay: &Relay,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(relay.addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    let name = ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
+        .await
+        .expect("TLS handshake in time")
+}
+
+/// One HTTPS request; the status and body.
+async fn https(relay: &Relay, config: &Arc<rustls::ClientConfig>, request: &str) -> (u16, String) {
+    let mut s = tls_connect(relay, config).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+type Wss = tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>;
+
+async fn wss(relay: &Relay, config: &Arc<rustls::ClientConfig>) -> Wss {
+    let tls = tls_connect(relay, config).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async("wss://localhost/ws", tls)
+        .await
+        .expect("WebSocket handshake over TLS");
+    ws
+}
+
+async fn next_event(ws: &mut Wss) -> Value {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            return match v {
+                Value::Array(mut a) => a.remove(0),
+                v => v,
+            };
+        }
+    }
+}
+
+fn tls_relay(dir: &std::path::Path, extra: &[&str]) -> Relay {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    // Metrics on a plain address of their own, for the test to read.
+    let mut args = vec![
+        "--workers",
+        "2",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Relay::start_logging(&args, "info", Stdio::piped())
+}
+
+#[tokio::test]
+async fn wss_and_https_share_the_port_and_carry_the_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let der = certificate(dir.path(), "first");
+    let relay = tls_relay(dir.path(), &[]);
+    let config = client_config(&[der]);
+    let mut ws = wss(&relay, &config).await;
+    ws.send(Message::text(
+        json!({"action": "subscribe", "channel": "secure"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_event(&mut ws).await["type"], "subscribed");
+    let body = r#"{"price":1}"#;
+    let (status, answer) = https(
+        &relay,
+        &config,
+        &format!(
+            "POST /publish/secure HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    let msg = next_event(&mut ws).await;
+    assert_eq!(msg["data"]["price"], 1);
+    let (status, _) = https(
+        &relay,
+        &config,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    // ALPN http/1.1 was chosen.
+    let s = tls_connect(&relay, &config).await.unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    // Plain text on a TLS port gets nowhere.
+    let mut plain = TcpStream::connect(relay.addr).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(PATIENCE, plain.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert!(!String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+}
+
+#[tokio::test]
+async fn a_reconnect_resumes_its_tls_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let der = certificate(dir.path(), "resume");
+    let relay = tls_relay(dir.path(), &[]);
+    let config = client_config(&[der]);
+    // The client keeps its sessions in its config.
+    let mut first = tls_connect(&relay, &config).await.unwrap();
+    // TLS 1.3 tickets arrive after the handshake; read until the server
+    // has said something (the 400 for a line that is no request).
+    first.write_all(b"x\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, first.read_to_end(&mut sink)).await;
+    let second = tls_connect(&relay, &config).await.unwrap();
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the second handshake resumed"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_and_keeps_open_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = certificate(dir.path(), "old");
+    let mut relay = tls_relay(dir.path(), &[]);
+    let trusts_old = client_config(std::slice::from_ref(&old));
+    let mut kept = wss(&relay, &trusts_old).await;
+    let new = certificate(dir.path(), "new");
+    relay.signal(libc::SIGHUP);
+    relay.wait_log("TLS certificate read again");
+    let trusts_new_only = client_config(&[new]);
+    assert!(
+        tls_connect(&relay, &trusts_new_only).await.is_ok(),
+        "new handshakes use the new one"
+    );
+    assert!(
+        tls_connect(&relay, &client_config(&[old])).await.is_err(),
+        "the old one is gone"
+    );
+    // The connection opened before the reload still works.
+    kept.send(Message::text(
+        json!({"action": "subscribe", "channel": "kept"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_event(&mut kept).await["type"], "subscribed");
+    // A broken file keeps the certificate in use.
+    std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
+    relay.signal(libc::SIGHUP);
+    relay.wait_log("TLS certificate kept as it was");
+    assert!(tls_connect(&relay, &trusts_new_only).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_tls_client_that_never_finishes_its_handshake_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let der = certificate(dir.path(), "slow");
+    let relay = tls_relay(dir.path(), &["--handshake-timeout", "1"]);
+    let mut silent = TcpStream::connect(relay.addr).await.unwrap();
+    // The first bytes of a ClientHello, then nothing.
+    silent
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(PATIENCE, silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "closed, not left open"
+    );
+    assert!(
+        relay
+            .metric("ringcast_tls_handshakes_total", &["result=\"failed\""])
+            .await
+            >= 1.0
+    );
+    // Others are served meanwhile.
+    let config = client_config(&[der]);
+    let _ws = wss(&relay, &config).await;
+}
