@@ -151,13 +151,14 @@ pub struct Target {
     pub addr: SocketAddr,
 }
 
-/// Refuses anything but a `ws://` URL on loopback: this tool must never load
-/// a host other than the one it runs on.
+/// Refuses anything but a `ws://` or `wss://` URL on loopback: this tool
+/// must never load a host other than the one it runs on. (`wss://` accepts
+/// any certificate: the relay under test has a throwaway one.)
 pub fn parse_target(url: &str) -> Result<Target> {
     let uri: Uri = url.parse().with_context(|| format!("bad --url {url:?}"))?;
     match uri.scheme_str() {
-        Some("ws") => {}
-        Some(other) => bail!("--url scheme {other:?} is not supported (use ws://)"),
+        Some("ws" | "wss") => {}
+        Some(other) => bail!("--url scheme {other:?} is not supported (use ws:// or wss://)"),
         None => bail!("--url {url:?} has no scheme (use ws://HOST:PORT/ws)"),
     }
     let host = uri.host().context("--url has no host")?;
@@ -174,7 +175,12 @@ pub fn parse_target(url: &str) -> Result<Target> {
         ip.is_loopback(),
         "--url host {ip} is not loopback: only 127.0.0.0/8, localhost and ::1 may be loaded"
     );
-    let port = uri.port_u16().unwrap_or(80);
+    let default_port = if uri.scheme_str() == Some("wss") {
+        443
+    } else {
+        80
+    };
+    let port = uri.port_u16().unwrap_or(default_port);
     Ok(Target {
         url: url.to_string(),
         addr: SocketAddr::new(ip, port),
@@ -225,9 +231,11 @@ mod tests {
         assert!(parse_target("ws://127.3.4.5:1/ws").is_ok());
         assert!(parse_target("ws://localhost:8080/ws").is_ok());
         assert!(parse_target("ws://[::1]:8080/ws").is_ok());
+        assert!(parse_target("wss://127.0.0.1:8443/ws").is_ok());
+        assert!(parse_target("wss://example.com/ws").is_err());
         assert!(parse_target("ws://10.0.0.1:8080/ws").is_err());
         assert!(parse_target("ws://example.com/ws").is_err());
-        assert!(parse_target("wss://127.0.0.1/ws").is_err());
+        assert_eq!(parse_target("wss://127.0.0.1/ws").unwrap().addr.port(), 443);
         assert_eq!(parse_target("ws://[::1]/ws").unwrap().addr.port(), 80);
     }
 
