@@ -458,3 +458,48 @@ async fn past_a_per_second_inbound_limit_a_connection_is_closed_with_1008() {
     let mut calm = Client::connect(&relay, Fmt::Json).await;
     calm.subscribe("calm").await;
 }
+
+#[tokio::test]
+async fn data_nested_a_hundred_thousand_deep_is_refused_cleanly() {
+    let relay = Relay::start(&["--workers", "1", "--max-message-bytes", "1048576"]);
+    let depth = 100_000;
+    let json_data = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+    let mut msgpack_data = vec![0x91u8; depth];
+    msgpack_data.push(1);
+    // Over WebSocket, in both formats: an error, and the connection lives.
+    let mut c = Client::connect(&relay, Fmt::Json).await;
+    let request = format!(r#"{{"action":"publish","channel":"deep","data":{json_data},"id":1}}"#);
+    c.ws.send(Message::text(request)).await.unwrap();
+    let e = c.expect_type("error").await;
+    assert_eq!(e["code"], "bad_request", "{e}");
+    c.subscribe("still.open").await;
+    let mut m = Client::connect(&relay, Fmt::MsgPack).await;
+    let mut frame_bytes = vec![0x84];
+    for (k, v) in [("action", "publish"), ("channel", "deep")] {
+        frame_bytes.extend(rmp_serde::to_vec(k).unwrap());
+        frame_bytes.extend(rmp_serde::to_vec(v).unwrap());
+    }
+    frame_bytes.extend(rmp_serde::to_vec("id").unwrap());
+    frame_bytes.push(2);
+    frame_bytes.extend(rmp_serde::to_vec("data").unwrap());
+    frame_bytes.extend(&msgpack_data);
+    m.ws.send(Message::binary(frame_bytes)).await.unwrap();
+    assert_eq!(m.expect_type("error").await["code"], "bad_request");
+    m.subscribe("still.open").await;
+    // Over HTTP, in both formats: 400.
+    let (status, body) = http_publish(relay.addr, "deep", &json_data, "").await;
+    assert_eq!(status, 400, "{body}");
+    let head = format!(
+        "POST /publish/deep HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        msgpack_data.len()
+    );
+    let (status, _, body) = http_full(relay.addr, &[head.as_bytes(), &msgpack_data].concat()).await;
+    assert_eq!(status, 400, "{body}");
+    // The relay is still here.
+    let (status, _) = common::http(
+        relay.addr,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+}
