@@ -424,6 +424,9 @@ async fn behind_redis_a_revocation_reaches_every_node_and_outlives_them() {
     let mut on_b = Client::connect_with(&format!("{}?token={eve}", b.url()), &[], Fmt::Json)
         .await
         .unwrap();
+    // Garbage on the revocations channel is ignored, and costs nothing.
+    redis.cli(&["PUBLISH", "ringcast:$revoked", "not a revocation"]);
+    redis.cli(&["PUBLISH", "ringcast:$revoked", "99999999999 nosuchkind:x"]);
     let (status, body) = revoke(&a, r#"{"jti":"e1"}"#, Some("k")).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(
