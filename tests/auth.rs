@@ -373,10 +373,12 @@ async fn a_revoked_user_is_closed_with_4003_and_refused_until_the_revocation_end
         revoke(&relay, r#"{"sub":"eve"}"#, Some("wrong")).await.0,
         401
     );
+    let forever = format!(r#"{{"sub":"eve","until":{}}}"#, u64::MAX);
     for bad in [
         r#"{}"#,
         r#"{"sub":"a","jti":"b"}"#,
         r#"{"sub":"eve","until":1}"#,
+        forever.as_str(),
         "x",
     ] {
         assert_eq!(

@@ -604,6 +604,8 @@ fn check_publish_key(shard: &Shard, head: &Head) -> Result<(), Response> {
 /// How long a revocation holds when the request names no `until`: longer
 /// than tokens are usually issued for.
 const DEFAULT_REVOCATION: u64 = 24 * 3600;
+/// The longest a revocation may be asked to hold.
+const MAX_REVOCATION: u64 = 366 * 24 * 3600;
 
 /// `POST /revoke` with `{"sub": ...}` or `{"jti": ...}`, and optionally
 /// `"until"` (Unix seconds; by default a day from now): every node closes
@@ -636,6 +638,13 @@ fn revoke(shard: &Shard, body: &[u8]) -> Response {
     let until = request.until.unwrap_or(now + DEFAULT_REVOCATION);
     if until <= now {
         return Response::error(400, "bad_request", "`until` is in the past");
+    }
+    if until > now + MAX_REVOCATION {
+        return Response::error(
+            400,
+            "bad_request",
+            "`until` is more than a year away: no token should live that long",
+        );
     }
     shard.revoke(what.clone(), until);
     let body = serde_json::json!({"revoked": what.encode(), "until": until});
