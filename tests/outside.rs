@@ -30,3 +30,44 @@ fn python_clients_see_the_documented_protocol() {
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("acceptance: ok"), "{stdout}{stderr}");
 }
+
+#[test]
+fn python_clients_see_the_same_protocol_over_tls() {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/outside-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run tests/run, which installs the Python clients",
+        python.display()
+    );
+    // A certificate of the test's own, trusted by the Python clients only.
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    let relay = Relay::start(&[
+        "--workers",
+        "2",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let out = std::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/outside/acceptance.py"
+        ))
+        .arg(format!("https://{}", relay.addr))
+        .arg(&cert)
+        .output()
+        .expect("running the Python acceptance script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("acceptance: ok"), "{stdout}{stderr}");
+}

@@ -6,10 +6,12 @@ requests whose channels have owners on other cores. Exits non-zero, with
 the reason, at the first behaviour that differs from docs/protocol.md.
 
     python acceptance.py http://127.0.0.1:8080
+    python acceptance.py https://127.0.0.1:8443 ca.pem   # over TLS
 """
 
 import asyncio
 import json
+import ssl
 import sys
 
 import msgpack
@@ -17,7 +19,11 @@ import requests
 import websockets
 
 BASE = sys.argv[1].rstrip("/")
-WS = BASE.replace("http://", "ws://") + "/ws"
+WS = BASE.replace("https://", "wss://").replace("http://", "ws://") + "/ws"
+# Over TLS, the certificate authority to trust (the test's own).
+CA = sys.argv[2] if len(sys.argv) > 2 else None
+SSL = ssl.create_default_context(cafile=CA) if CA else None
+VERIFY = CA if CA else True
 
 
 def check(condition, what):
@@ -40,7 +46,7 @@ async def next_events(ws, binary, n):
 
 async def replies_in_order(subprotocol):
     binary = subprotocol.endswith("msgpack")
-    async with websockets.connect(WS, subprotocols=[subprotocol]) as ws:
+    async with websockets.connect(WS, subprotocols=[subprotocol], ssl=SSL) as ws:
         check(ws.subprotocol == subprotocol, f"subprotocol {ws.subprotocol}")
         for round in range(20):
             a, b = f"py.{subprotocol}.a{round}", f"py.{subprotocol}.b{round}"
@@ -70,8 +76,8 @@ async def replies_in_order(subprotocol):
 
 
 async def http_publish_reaches_both_formats():
-    async with websockets.connect(WS, subprotocols=["ringcast.v1.json"]) as j, \
-            websockets.connect(WS, subprotocols=["ringcast.v1.msgpack"]) as m:
+    async with websockets.connect(WS, subprotocols=["ringcast.v1.json"], ssl=SSL) as j, \
+            websockets.connect(WS, subprotocols=["ringcast.v1.msgpack"], ssl=SSL) as m:
         for ws, binary in ((j, False), (m, True)):
             await ws.send(
                 msgpack.packb({"action": "subscribe", "channel": "py.http", "id": 1})
@@ -87,6 +93,7 @@ async def http_publish_reaches_both_formats():
                 data=body,
                 headers={"Content-Type": "application/json"},
                 timeout=20,
+                verify=VERIFY,
             )
             check(r.status_code == 202, f"POST {body!r}: {r.status_code} {r.text}")
             for ws, binary in ((j, False), (m, True)):
@@ -97,20 +104,23 @@ async def http_publish_reaches_both_formats():
             data=b"\xc1",
             headers={"Content-Type": "application/msgpack"},
             timeout=20,
+            verify=VERIFY,
         )
         check(r.status_code == 400, f"0xc1 answered {r.status_code}")
         check(r.json()["error"]["code"] == "bad_request", r.text)
-        r = requests.post(f"{BASE}/publish/py.http", data={"form": "1"}, timeout=20)
+        r = requests.post(
+            f"{BASE}/publish/py.http", data={"form": "1"}, timeout=20, verify=VERIFY
+        )
         check(r.status_code == 415, f"a form answered {r.status_code}")
         check("application/json" in r.json()["error"]["message"], r.text)
 
 
 def head_has_no_body():
     with requests.Session() as s:
-        r = s.head(f"{BASE}/", timeout=20)
+        r = s.head(f"{BASE}/", timeout=20, verify=VERIFY)
         check(r.status_code == 200 and r.content == b"", f"HEAD / gave {len(r.content)} bytes")
         check(int(r.headers["Content-Length"]) > 0, "HEAD keeps the length")
-        r = s.get(f"{BASE}/healthz", timeout=20)
+        r = s.get(f"{BASE}/healthz", timeout=20, verify=VERIFY)
         check(r.text == "ok\n", f"the request after HEAD got {r.text!r}")
 
 
