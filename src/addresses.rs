@@ -40,6 +40,9 @@ pub struct AddressLimits {
     /// Most new connections per address per second (0: no limit).
     pub per_second: u32,
     pub exempt: Vec<ipnet::IpNet>,
+    /// Peers whose word on the client's address is taken (PROXY protocol
+    /// or `X-Forwarded-For`); they are not counted themselves.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Why an address may not open another connection now.
@@ -134,6 +137,14 @@ impl Addresses {
         }
     }
 
+    /// Whether `ip` is a trusted proxy.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.limits
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&ip))
+    }
+
     /// Connections open from `ip` now (for tests and metrics).
     pub fn open_from(&self, ip: IpAddr) -> u32 {
         let key = AddressKey::of(ip);
@@ -150,6 +161,7 @@ mod tests {
             open,
             per_second,
             exempt: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            trusted_proxies: Vec::new(),
         })
     }
 
@@ -218,6 +230,7 @@ mod tests {
             open: 0,
             per_second: 0,
             exempt: Vec::new(),
+            trusted_proxies: Vec::new(),
         });
         assert!(!off.key(ip("203.0.113.1")).is_counted());
     }

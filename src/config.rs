@@ -272,6 +272,22 @@ pub struct Limits {
     )]
     pub address_limits_exempt: Vec<String>,
 
+    /// Peers (CIDRs, comma-separated) trusted to name the client's address:
+    /// by a PROXY protocol v2 header with --proxy-protocol, else by
+    /// `X-Forwarded-For`. The per-address limits then count the client.
+    #[arg(
+        long,
+        env = "RINGCAST_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub trusted_proxies: Vec<String>,
+
+    /// Connections from --trusted-proxies start with a PROXY protocol v2
+    /// header (before TLS); one that does not is closed.
+    #[arg(long, env = "RINGCAST_PROXY_PROTOCOL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub proxy_protocol: bool,
+
     /// Publications one WebSocket connection may make per second (counted
     /// per one-second tick); beyond, publish gets error `rate_limited`. 0: no limit.
     #[arg(long, env = "RINGCAST_MAX_PUBLISH_RATE", default_value_t = 1000)]
@@ -658,6 +674,21 @@ impl Config {
     }
 
     fn parse_address_limits(&self) -> Result<crate::addresses::AddressLimits, String> {
+        let mut trusted_proxies = Vec::new();
+        for cidr in &self.limits.trusted_proxies {
+            let cidr = cidr.trim();
+            if cidr.is_empty() {
+                continue;
+            }
+            let net = cidr
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("--trusted-proxies `{cidr}` is not a CIDR"))?;
+            trusted_proxies.push(net);
+        }
+        if self.limits.proxy_protocol && trusted_proxies.is_empty() {
+            return Err("--proxy-protocol needs --trusted-proxies (the peers that send it)".into());
+        }
         let mut exempt = Vec::new();
         for cidr in &self.limits.address_limits_exempt {
             let cidr = cidr.trim();
@@ -674,6 +705,7 @@ impl Config {
             open: self.limits.max_connections_per_address,
             per_second: self.limits.max_new_connections_per_address,
             exempt,
+            trusted_proxies,
         })
     }
 
@@ -1204,6 +1236,11 @@ mod tests {
             ),
             (vec!["--jwks-file", secret.to_str().unwrap()], "not a JWKS"),
             (vec!["--allowed-origins", "example.com"], "is not an origin"),
+            (
+                vec!["--proxy-protocol", "true"],
+                "--proxy-protocol needs --trusted-proxies",
+            ),
+            (vec!["--trusted-proxies", "10.0.0.0/33"], "is not a CIDR"),
         ] {
             let e = parse(&args).unwrap_err();
             assert!(e.contains(why), "{args:?}: {e}");

@@ -45,6 +45,9 @@ pub struct Admission {
     /// The client's address, counted in `NodeState::addresses` while the
     /// socket is open.
     address: AddressKey,
+    /// The peer is a trusted proxy: the client's address is still to be
+    /// read (PROXY header or `X-Forwarded-For`).
+    from_proxy: bool,
 }
 
 impl Admission {
@@ -59,6 +62,15 @@ impl Admission {
     /// Counts the client's address with this socket.
     pub fn hold_address(&mut self, address: AddressKey) {
         self.address = address;
+    }
+
+    /// The peer is a trusted proxy, which will name the client.
+    pub fn mark_from_proxy(&mut self) {
+        self.from_proxy = true;
+    }
+
+    pub fn from_proxy(&self) -> bool {
+        self.from_proxy
     }
 }
 
@@ -122,6 +134,7 @@ impl NodeState {
             node: Some(self.clone()),
             overflow,
             address: AddressKey::default(),
+            from_proxy: false,
         };
         if take(&self.sockets, max) {
             Admit::Served(admission(false))
@@ -165,6 +178,7 @@ impl NodeState {
                 node: Some(self.clone()),
                 overflow: true,
                 address: AddressKey::default(),
+                from_proxy: false,
             })
     }
 

@@ -510,3 +510,97 @@ async fn sighup_reads_the_keys_again_and_a_bad_file_keeps_the_old_ones() {
         .await
         .is_ok());
 }
+
+/// A PROXY protocol v2 header naming `client` (IPv4) as the source.
+fn proxy_v2(client: [u8; 4]) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&client);
+    h.extend_from_slice(&[127, 0, 0, 1, 0x30, 0x39, 0x1f, 0x90]);
+    h
+}
+
+const UPGRADE: &str =
+    "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+/// Sends `bytes` on a new connection and returns the status of the answer
+/// (0 when the connection closed without one); the socket stays open.
+async fn status_after(relay: &Relay, bytes: &[u8]) -> (u16, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(common::PATIENCE, s.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => return (0, s),
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    (text.split_whitespace().nth(1).unwrap().parse().unwrap(), s)
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_client_it_names_is_counted() {
+    // PROXY protocol v2 from a trusted peer.
+    let relay = Relay::start(&[
+        "--trusted-proxies",
+        "127.0.0.1/32",
+        "--proxy-protocol",
+        "true",
+        "--address-limits-exempt",
+        "none",
+        "--max-connections-per-address",
+        "2",
+    ]);
+    let upgrade = format!("{UPGRADE}\r\n");
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (status, s) = status_after(
+            &relay,
+            &[proxy_v2([203, 0, 113, 7]), upgrade.clone().into_bytes()].concat(),
+        )
+        .await;
+        assert_eq!(status, 101);
+        open.push(s);
+    }
+    let (status, _) = status_after(
+        &relay,
+        &[proxy_v2([203, 0, 113, 7]), upgrade.clone().into_bytes()].concat(),
+    )
+    .await;
+    assert_eq!(status, 429, "the third from the same client");
+    let (status, _s) = status_after(
+        &relay,
+        &[proxy_v2([198, 51, 100, 1]), upgrade.clone().into_bytes()].concat(),
+    )
+    .await;
+    assert_eq!(status, 101, "another client behind the same proxy");
+    let (status, _) = status_after(&relay, upgrade.as_bytes()).await;
+    assert_eq!(
+        status, 0,
+        "no PROXY header from a proxy that must send one: closed"
+    );
+
+    // X-Forwarded-For from a trusted peer, the right-most untrusted hop.
+    let relay = Relay::start(&[
+        "--trusted-proxies",
+        "127.0.0.1/32",
+        "--address-limits-exempt",
+        "none",
+        "--max-connections-per-address",
+        "1",
+    ]);
+    let with = |xff: &str| format!("{UPGRADE}X-Forwarded-For: {xff}\r\n\r\n");
+    let (status, _first) = status_after(&relay, with("192.0.2.1, 203.0.113.9").as_bytes()).await;
+    assert_eq!(status, 101);
+    let (status, _) = status_after(&relay, with("198.51.100.77, 203.0.113.9").as_bytes()).await;
+    assert_eq!(
+        status, 429,
+        "the same client, whatever it forged on the left"
+    );
+    let (status, _other) = status_after(&relay, with("203.0.113.10").as_bytes()).await;
+    assert_eq!(status, 101);
+}

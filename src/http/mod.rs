@@ -6,6 +6,7 @@
 mod demo;
 pub mod message;
 pub mod metrics_endpoint;
+pub mod proxy;
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -63,6 +64,56 @@ pub fn serve(
             connection.await;
         }
     }
+}
+
+/// Counts the client a trusted proxy named against the per-address limits;
+/// the socket holds the count from now on.
+fn count_client(
+    shard: &Shard,
+    admission: &mut Admission,
+    client: std::net::IpAddr,
+) -> Result<(), AddressRefusal> {
+    let addresses = &shard.node.addresses;
+    let key = addresses.key(client);
+    let second = shard.node.started.elapsed().as_secs();
+    addresses.open(key, second).inspect_err(|&refusal| {
+        shard.metrics.address_limited(refusal);
+    })?;
+    admission.hold_address(key);
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes (never more: what follows belongs to
+/// TLS or HTTP).
+async fn read_exactly(tcp: &mut TcpStreamPoll, buf: &mut [u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncRead;
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = std::future::poll_fn(|cx| {
+            let mut rb = tokio::io::ReadBuf::new(&mut buf[filled..]);
+            std::pin::Pin::new(&mut *tcp)
+                .poll_read(cx, &mut rb)
+                .map_ok(|()| rb.filled().len())
+        })
+        .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        filled += n;
+    }
+    Ok(())
+}
+
+/// The PROXY protocol v2 header a trusted proxy sends first: the client's
+/// address, or `None` for the proxy's own LOCAL connection.
+async fn read_proxy_header(
+    tcp: &mut TcpStreamPoll,
+) -> Result<Option<std::net::SocketAddr>, Box<dyn std::error::Error>> {
+    let mut fixed = [0u8; proxy::FIXED];
+    read_exactly(tcp, &mut fixed).await?;
+    let mut body = vec![0u8; proxy::body_length(&fixed)?];
+    read_exactly(tcp, &mut body).await?;
+    Ok(proxy::source(&fixed, &body)?)
 }
 
 /// TLS handshakes a worker runs at once; beyond, new connections are
@@ -175,10 +226,33 @@ const FULL_TIMEOUT: Duration = Duration::from_secs(2);
 /// `admission`). `turned_away`: see [`serve_turned_away`].
 async fn serve_http(
     shard: Rc<Shard>,
-    tcp: TcpStreamPoll,
-    admission: Admission,
-    turned_away: Option<TurnedAway>,
+    mut tcp: TcpStreamPoll,
+    mut admission: Admission,
+    mut turned_away: Option<TurnedAway>,
 ) -> Option<ConnTask> {
+    // Behind a trusted proxy, the client's address comes from it: first
+    // from its PROXY header, else from the first request's
+    // X-Forwarded-For.
+    let mut client_pending = admission.from_proxy() && turned_away.is_none();
+    if client_pending && shard.config.limits.proxy_protocol {
+        let limit = shard.config.limits.handshake_timeout;
+        let read = monoio::time::timeout(limit, read_proxy_header(&mut tcp)).await;
+        match read {
+            Ok(Ok(client)) => {
+                client_pending = false;
+                if let Some(client) = client {
+                    if let Err(refusal) = count_client(&shard, &mut admission, client.ip()) {
+                        turned_away = Some(TurnedAway::Address(refusal));
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "a trusted proxy's connection was refused");
+                return None;
+            }
+            Err(_) => return None,
+        }
+    }
     let mut stream = match &shard.config.tls {
         None => Transport::Plain(tcp),
         Some(tls) => {
@@ -211,6 +285,16 @@ async fn serve_http(
         };
         first = false;
         let (head, head_len) = head;
+        if std::mem::take(&mut client_pending) {
+            let addresses = &shard.node.addresses;
+            let forwarded = head.headers_named("x-forwarded-for");
+            let client = proxy::forwarded_for(forwarded, |ip| addresses.is_trusted_proxy(ip));
+            if let Some(client) = client {
+                if let Err(refusal) = count_client(&shard, &mut admission, client) {
+                    turned_away = Some(TurnedAway::Address(refusal));
+                }
+            }
+        }
         if let Err(refusal) = check_framing(&head) {
             shard.metrics.http_request(head.route(), refusal.status);
             refuse(&mut stream, &refusal).await;

@@ -124,7 +124,13 @@ impl Worker {
 fn admit(shard: &Rc<Shard>, stream: monoio::net::TcpStream, peer: std::net::SocketAddr) {
     let config = &shard.config;
     let node = &shard.node;
-    let address = node.addresses.key(peer.ip());
+    // A trusted proxy is not counted: the client it names will be.
+    let from_proxy = node.addresses.is_trusted_proxy(peer.ip());
+    let address = if from_proxy {
+        Default::default()
+    } else {
+        node.addresses.key(peer.ip())
+    };
     let second = node.started.elapsed().as_secs();
     let admission = match node.addresses.open(address, second) {
         Err(refusal) => {
@@ -140,6 +146,9 @@ fn admit(shard: &Rc<Shard>, stream: monoio::net::TcpStream, peer: std::net::Sock
         Ok(()) => match node.admit(config.limits.max_connections, config.overflow_connections()) {
             Admit::Served(mut a) => {
                 a.hold_address(address);
+                if from_proxy {
+                    a.mark_from_proxy();
+                }
                 Ok(a)
             }
             Admit::Full(a) => {
