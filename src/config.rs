@@ -674,37 +674,17 @@ impl Config {
     }
 
     fn parse_address_limits(&self) -> Result<crate::addresses::AddressLimits, String> {
-        let mut trusted_proxies = Vec::new();
-        for cidr in &self.limits.trusted_proxies {
-            let cidr = cidr.trim();
-            if cidr.is_empty() {
-                continue;
-            }
-            let net = cidr
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| format!("--trusted-proxies `{cidr}` is not a CIDR"))?;
-            trusted_proxies.push(net);
-        }
+        let trusted_proxies = cidrs("--trusted-proxies", &self.limits.trusted_proxies)?;
         if self.limits.proxy_protocol && trusted_proxies.is_empty() {
             return Err("--proxy-protocol needs --trusted-proxies (the peers that send it)".into());
-        }
-        let mut exempt = Vec::new();
-        for cidr in &self.limits.address_limits_exempt {
-            let cidr = cidr.trim();
-            if cidr.is_empty() || cidr.eq_ignore_ascii_case("none") {
-                continue;
-            }
-            let net = cidr
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| format!("--address-limits-exempt `{cidr}` is not a CIDR"))?;
-            exempt.push(net);
         }
         Ok(crate::addresses::AddressLimits {
             open: self.limits.max_connections_per_address,
             per_second: self.limits.max_new_connections_per_address,
-            exempt,
+            exempt: cidrs(
+                "--address-limits-exempt",
+                &self.limits.address_limits_exempt,
+            )?,
             trusted_proxies,
         })
     }
@@ -1024,6 +1004,24 @@ fn name_the_source(e: clap::Error, args: &[std::ffi::OsString]) -> ConfigError {
         }
         _ => ConfigError::CommandLine(e),
     }
+}
+
+/// The networks a list of CIDRs (or single addresses) names; empty
+/// entries and `none` name none.
+fn cidrs(flag: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    let mut nets = Vec::new();
+    for cidr in list {
+        let cidr = cidr.trim();
+        if cidr.is_empty() || cidr.eq_ignore_ascii_case("none") {
+            continue;
+        }
+        let net = cidr
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| format!("{flag} `{cidr}` is not a CIDR"))?;
+        nets.push(net);
+    }
+    Ok(nets)
 }
 
 /// The file's sections: the fields of [`Config`] that hold them, and the

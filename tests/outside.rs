@@ -1,13 +1,13 @@
 //! The relay driven by clients it did not write: Python `requests` and
 //! `websockets` (tests/outside/acceptance.py), installed by tests/run into
-//! target/outside-venv.
+//! target/outside-venv; over plain TCP and over TLS.
 
 mod common;
 
 use common::Relay;
 
-#[test]
-fn python_clients_see_the_documented_protocol() {
+/// Runs the acceptance script against `base`, trusting `ca` over TLS.
+fn acceptance(base: &str, ca: Option<&std::path::Path>) {
     let python =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/outside-venv/bin/python");
     assert!(
@@ -16,13 +16,17 @@ fn python_clients_see_the_documented_protocol() {
          (tests/outside/requirements.txt)",
         python.display()
     );
-    let relay = Relay::start(&["--workers", "2"]);
-    let out = std::process::Command::new(&python)
+    let mut command = std::process::Command::new(&python);
+    command
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/outside/acceptance.py"
         ))
-        .arg(format!("http://{}", relay.addr))
+        .arg(base);
+    if let Some(ca) = ca {
+        command.arg(ca);
+    }
+    let out = command
         .output()
         .expect("running the Python acceptance script");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -32,14 +36,13 @@ fn python_clients_see_the_documented_protocol() {
 }
 
 #[test]
+fn python_clients_see_the_documented_protocol() {
+    let relay = Relay::start(&["--workers", "2"]);
+    acceptance(&format!("http://{}", relay.addr), None);
+}
+
+#[test]
 fn python_clients_see_the_same_protocol_over_tls() {
-    let python =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/outside-venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run tests/run, which installs the Python clients",
-        python.display()
-    );
     // A certificate of the test's own, trusted by the Python clients only.
     let dir = tempfile::tempdir().unwrap();
     let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
@@ -57,17 +60,5 @@ fn python_clients_see_the_same_protocol_over_tls() {
         "--tls-key",
         key.to_str().unwrap(),
     ]);
-    let out = std::process::Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/outside/acceptance.py"
-        ))
-        .arg(format!("https://{}", relay.addr))
-        .arg(&cert)
-        .output()
-        .expect("running the Python acceptance script");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(stdout.contains("acceptance: ok"), "{stdout}{stderr}");
+    acceptance(&format!("https://{}", relay.addr), Some(&cert));
 }
