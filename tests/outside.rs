@@ -45,11 +45,9 @@ fn python_clients_see_the_documented_protocol() {
 fn python_clients_see_the_same_protocol_over_tls() {
     // A certificate of the test's own, trusted by the Python clients only.
     let dir = tempfile::tempdir().unwrap();
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    common::self_signed_certificate(dir.path(), "outside");
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
-    std::fs::write(&cert, made.cert.pem()).unwrap();
-    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
     let relay = Relay::start(&[
         "--workers",
         "2",

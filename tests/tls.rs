@@ -17,20 +17,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::Message;
 
-/// A self-signed certificate for `localhost` and 127.0.0.1, written to
-/// `dir` as cert.pem and key.pem; returns its DER for clients to trust.
-fn certificate(dir: &std::path::Path, name: &str) -> CertificateDer<'static> {
-    let made = rcgen::generate_simple_self_signed(vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        name.to_string(),
-    ])
-    .unwrap();
-    std::fs::write(dir.join("cert.pem"), made.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), made.key_pair.serialize_pem()).unwrap();
-    made.cert.der().clone()
-}
-
 fn client_config(trusted: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in trusted {
@@ -123,7 +109,7 @@ fn tls_relay(dir: &std::path::Path, extra: &[&str]) -> Relay {
 #[tokio::test]
 async fn wss_and_https_share_the_port_and_carry_the_protocol() {
     let dir = tempfile::tempdir().unwrap();
-    let der = certificate(dir.path(), "first");
+    let der = common::self_signed_certificate(dir.path(), "first");
     let relay = tls_relay(dir.path(), &[]);
     let config = client_config(&[der]);
     let mut ws = wss(&relay, &config).await;
@@ -174,7 +160,7 @@ async fn wss_and_https_share_the_port_and_carry_the_protocol() {
 #[tokio::test]
 async fn a_reconnect_resumes_its_tls_session() {
     let dir = tempfile::tempdir().unwrap();
-    let der = certificate(dir.path(), "resume");
+    let der = common::self_signed_certificate(dir.path(), "resume");
     let relay = tls_relay(dir.path(), &[]);
     let config = client_config(&[der]);
     // The client keeps its sessions in its config.
@@ -195,11 +181,11 @@ async fn a_reconnect_resumes_its_tls_session() {
 #[tokio::test]
 async fn sighup_reloads_the_certificate_and_keeps_open_connections() {
     let dir = tempfile::tempdir().unwrap();
-    let old = certificate(dir.path(), "old");
+    let old = common::self_signed_certificate(dir.path(), "old");
     let mut relay = tls_relay(dir.path(), &[]);
     let trusts_old = client_config(std::slice::from_ref(&old));
     let mut kept = wss(&relay, &trusts_old).await;
-    let new = certificate(dir.path(), "new");
+    let new = common::self_signed_certificate(dir.path(), "new");
     relay.signal(libc::SIGHUP);
     relay.wait_log("TLS certificate read again");
     let trusts_new_only = client_config(&[new]);
@@ -228,7 +214,7 @@ async fn sighup_reloads_the_certificate_and_keeps_open_connections() {
 #[tokio::test]
 async fn a_tls_client_that_never_finishes_its_handshake_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let der = certificate(dir.path(), "slow");
+    let der = common::self_signed_certificate(dir.path(), "slow");
     let relay = tls_relay(dir.path(), &["--handshake-timeout", "1"]);
     let mut silent = TcpStream::connect(relay.addr).await.unwrap();
     // The first bytes of a ClientHello, then nothing.

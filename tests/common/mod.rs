@@ -640,3 +640,21 @@ pub async fn array_requests_are_answered_in_order(relay: &Relay, rounds: usize, 
         assert!(messages.windows(2).all(|w| w[0] < w[1]) && messages.iter().all(|s| *s <= 2));
     }
 }
+
+/// A self-signed certificate for `localhost`, 127.0.0.1 and `name`,
+/// written to `dir` as cert.pem and key.pem; returns its DER for clients
+/// to trust.
+pub fn self_signed_certificate(
+    dir: &std::path::Path,
+    name: &str,
+) -> rustls::pki_types::CertificateDer<'static> {
+    let made = rcgen::generate_simple_self_signed(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        name.to_string(),
+    ])
+    .unwrap();
+    std::fs::write(dir.join("cert.pem"), made.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), made.key_pair.serialize_pem()).unwrap();
+    made.cert.der().clone()
+}
