@@ -471,8 +471,9 @@ pub struct AuthOptions {
 pub struct RedisOptions {
     /// Use one Redis (or Sentinel) as the backplane between nodes, e.g.
     /// `redis://127.0.0.1:6379/0` or
-    /// `redis-sentinel://host:26379/0?sentinelServiceName=mymaster`
-    /// (TLS, `rediss://`, is refused: this build has no TLS to Redis).
+    /// `redis-sentinel://host:26379/0?sentinelServiceName=mymaster`;
+    /// `rediss://` and `rediss-sentinel://` connect over TLS and verify the
+    /// server's certificate (see --redis-ca-file).
     /// Unset (and no --redis-cluster): the embedded, single-node backplane.
     #[arg(
         long = "redis",
@@ -484,6 +485,7 @@ pub struct RedisOptions {
 
     /// Use a Redis Cluster as the backplane: comma-separated seed nodes
     /// (`host:port,host:port`; the rest of the cluster is discovered).
+    /// Seeds written `rediss://host:port` connect over TLS (all or none).
     /// Needs Redis 7 (sharded pub/sub).
     #[arg(
         long = "redis-cluster",
@@ -513,6 +515,33 @@ pub struct RedisOptions {
     #[arg(long = "redis-state-ttl", env = "RINGCAST_REDIS_STATE_TTL", default_value = "86400", value_name = "SECONDS",
         value_parser = seconds)]
     pub state_ttl: Duration,
+
+    /// PEM file of the certificate authorities that sign Redis's
+    /// certificate, for `rediss://`. Unset: the system's trusted roots.
+    #[arg(
+        long = "redis-ca-file",
+        env = "RINGCAST_REDIS_CA_FILE",
+        value_name = "PATH"
+    )]
+    pub ca_file: Option<std::path::PathBuf>,
+
+    /// PEM certificate (chain) this node presents to Redis over TLS, for a
+    /// Redis that authenticates clients (`tls-auth-clients yes`, Redis's
+    /// default); with --redis-client-key.
+    #[arg(
+        long = "redis-client-cert",
+        env = "RINGCAST_REDIS_CLIENT_CERT",
+        value_name = "PATH"
+    )]
+    pub client_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --redis-client-cert.
+    #[arg(
+        long = "redis-client-key",
+        env = "RINGCAST_REDIS_CLIENT_KEY",
+        value_name = "PATH"
+    )]
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 /// The backplane between the shards of this node and other nodes.
@@ -522,16 +551,31 @@ pub enum Backplane {
     #[default]
     Embedded,
     /// One Redis, or a Sentinel group, by URL (`redis://`,
-    /// `redis-sentinel://`).
+    /// `redis-sentinel://`, and their TLS forms `rediss://`,
+    /// `rediss-sentinel://`).
     Redis { url: String },
-    /// A Redis Cluster, by its seed nodes.
-    RedisCluster { seeds: Vec<(String, u16)> },
+    /// A Redis Cluster, by its seed nodes, over TLS when `tls`.
+    RedisCluster {
+        seeds: Vec<(String, u16)>,
+        tls: bool,
+    },
+}
+
+impl Backplane {
+    /// Redis is reached over TLS.
+    pub fn uses_tls(&self) -> bool {
+        match self {
+            Backplane::Embedded => false,
+            Backplane::Redis { url } => url
+                .split_once("://")
+                .is_some_and(|(scheme, _)| scheme.to_ascii_lowercase().starts_with("rediss")),
+            Backplane::RedisCluster { tls, .. } => *tls,
+        }
+    }
 }
 
 /// Refuses, with a sentence an operator can act on, URLs the Redis client
-/// would misread: no scheme, or a TLS scheme. The client is built without
-/// TLS, and with `rediss://` it would connect in plain text after a mere
-/// warning, so TLS URLs stop start-up instead.
+/// would misread: no scheme, or one it does not speak.
 fn check_redis_url(url: &str) -> Result<(), String> {
     let url = url.trim();
     if url.is_empty() {
@@ -545,16 +589,11 @@ fn check_redis_url(url: &str) -> Result<(), String> {
         );
     };
     match scheme.to_ascii_lowercase().as_str() {
-        "redis" | "redis-sentinel" => {}
-        "rediss" | "rediss-sentinel" => {
-            return Err(format!(
-                "{scheme}:// (TLS) is not supported by this build; it would connect in plain \
-                 text, so it is refused. Use redis:// over a private network or a TLS tunnel"
-            ))
-        }
+        "redis" | "redis-sentinel" | "rediss" | "rediss-sentinel" => {}
         other => {
             return Err(format!(
-                "unknown scheme `{other}://`; use redis:// or redis-sentinel://"
+                "unknown scheme `{other}://`; use redis://, rediss:// (TLS), \
+                 redis-sentinel:// or rediss-sentinel://"
             ))
         }
     }
@@ -566,14 +605,29 @@ fn check_redis_url(url: &str) -> Result<(), String> {
 }
 
 /// One `host:port` seed of --redis-cluster (`[::1]:7000` for IPv6).
-fn parse_seed(node: &str) -> Result<(String, u16), String> {
-    let (host, port) = node
+/// A cluster seed, `host:port` or `redis[s]://host:port`; true when it
+/// asks for TLS.
+fn parse_seed(node: &str) -> Result<((String, u16), bool), String> {
+    let (tls, address) = match node.split_once("://") {
+        None => (false, node),
+        Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
+            "redis" => (false, rest),
+            "rediss" => (true, rest),
+            other => {
+                return Err(format!(
+                    "`{node}`: unknown scheme `{other}://`; use host:port, redis:// or rediss://"
+                ))
+            }
+        },
+    };
+    let address = address.trim_end_matches('/');
+    let (host, port) = address
         .rsplit_once(':')
         .ok_or_else(|| format!("`{node}` is not host:port"))?;
     let port: u16 = port
         .parse()
         .map_err(|_| format!("`{node}` has no valid port"))?;
-    Ok((host.trim_matches(['[', ']']).to_string(), port))
+    Ok(((host.trim_matches(['[', ']']).to_string(), port), tls))
 }
 
 /// Why configuration could not be loaded.
@@ -648,6 +702,7 @@ impl Config {
             .max_connections_given
             .unwrap_or_else(|| connections_within(open_file_limit()));
         config.backplane = config.choose_backplane().map_err(ConfigError::Invalid)?;
+        config.check_redis_tls().map_err(ConfigError::Invalid)?;
         config.validate().map_err(ConfigError::Invalid)?;
         config.tls = match (&config.server.tls_cert, &config.server.tls_key) {
             (None, None) => None,
@@ -884,6 +939,29 @@ impl Config {
         self.backplane != Backplane::Embedded
     }
 
+    /// The Redis TLS files go with a TLS backplane, the client certificate
+    /// with its key.
+    fn check_redis_tls(&self) -> Result<(), String> {
+        let redis = &self.redis;
+        let given =
+            redis.ca_file.is_some() || redis.client_cert.is_some() || redis.client_key.is_some();
+        if given && !self.backplane.uses_tls() {
+            return Err(
+                "invalid configuration: --redis-ca-file, --redis-client-cert and \
+                 --redis-client-key are for Redis over TLS: use a rediss:// URL (or \
+                 rediss:// cluster seeds)"
+                    .into(),
+            );
+        }
+        if redis.client_cert.is_some() != redis.client_key.is_some() {
+            return Err(
+                "invalid configuration: --redis-client-cert and --redis-client-key go together"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// The backplane the options name, or why they name none.
     fn choose_backplane(&self) -> Result<Backplane, String> {
         if let Some(url) = &self.redis.url {
@@ -897,19 +975,25 @@ impl Config {
         if self.redis.cluster.is_empty() {
             return Ok(Backplane::Embedded);
         }
-        let seeds = self
+        let shown = self.redis.cluster.join(",");
+        let parsed: Vec<_> = self
             .redis
             .cluster
             .iter()
             .map(|node| parse_seed(node))
             .collect::<Result<_, _>>()
-            .map_err(|e| {
-                format!(
-                    "invalid configuration: --redis-cluster {}: {e}",
-                    self.redis.cluster.join(",")
-                )
-            })?;
-        Ok(Backplane::RedisCluster { seeds })
+            .map_err(|e| format!("invalid configuration: --redis-cluster {shown}: {e}"))?;
+        let tls = parsed.first().is_some_and(|(_, tls)| *tls);
+        if parsed.iter().any(|(_, t)| *t != tls) {
+            return Err(format!(
+                "invalid configuration: --redis-cluster {shown}: seeds mix rediss:// (TLS) \
+                 and plain ones; a cluster is reached one way"
+            ));
+        }
+        Ok(Backplane::RedisCluster {
+            seeds: parsed.into_iter().map(|(seed, _)| seed).collect(),
+            tls,
+        })
     }
 }
 
@@ -1359,10 +1443,45 @@ mod tests {
         );
         let e = parse(&["--redis", ""]).unwrap_err();
         assert!(e.contains("the URL is empty"), "{e}");
-        for tls in ["rediss://127.0.0.1:6380/0", "rediss-sentinel://h:26379/0"] {
-            let e = parse(&["--redis", tls]).unwrap_err();
-            assert!(e.contains("(TLS) is not supported by this build"), "{e}");
+        for tls in [
+            "rediss://127.0.0.1:6380/0",
+            "rediss-sentinel://h:26379/0?sentinelServiceName=m",
+        ] {
+            assert!(
+                parse(&["--redis", tls]).unwrap().backplane.uses_tls(),
+                "{tls}"
+            );
         }
+        assert!(!c.backplane.uses_tls());
+        let e = parse(&["--redis", "redis://h:1/0", "--redis-ca-file", "ca.pem"]).unwrap_err();
+        assert!(
+            e.contains("are for Redis over TLS: use a rediss:// URL"),
+            "{e}"
+        );
+        let e = parse(&["--redis", "rediss://h:1/0", "--redis-client-cert", "c.pem"]).unwrap_err();
+        assert!(
+            e.contains("--redis-client-cert and --redis-client-key go together"),
+            "{e}"
+        );
+        let c = parse(&[
+            "--redis-cluster",
+            "rediss://127.0.0.1:7000,rediss://[::1]:7001/",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.backplane,
+            Backplane::RedisCluster {
+                seeds: vec![("127.0.0.1".into(), 7000), ("::1".into(), 7001)],
+                tls: true
+            }
+        );
+        let e = parse(&["--redis-cluster", "rediss://127.0.0.1:7000,127.0.0.1:7001"]).unwrap_err();
+        assert!(
+            e.contains("seeds mix rediss:// (TLS) and plain ones"),
+            "{e}"
+        );
+        let e = parse(&["--redis-cluster", "http://127.0.0.1:7000"]).unwrap_err();
+        assert!(e.contains("unknown scheme `http://`"), "{e}");
         let e = parse(&["--redis", "http://127.0.0.1:6379"]).unwrap_err();
         assert!(e.contains("unknown scheme `http://`"), "{e}");
         assert!(parse(&[
@@ -1433,7 +1552,7 @@ mod tests {
         let cluster = "[redis]\ncluster = [\"127.0.0.1:7000\", \"[::1]:7001\"]\n";
         std::fs::write(&path, cluster).unwrap();
         let seeds = match parse(&["--config", p]).unwrap().backplane {
-            Backplane::RedisCluster { seeds } => seeds,
+            Backplane::RedisCluster { seeds, .. } => seeds,
             other => panic!("{other:?}"),
         };
         assert_eq!(seeds, [("127.0.0.1".into(), 7000), ("::1".into(), 7001)]);

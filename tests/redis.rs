@@ -891,3 +891,175 @@ async fn array_requests_behind_redis_are_answered_in_order_on_two_nodes() {
     common::array_requests_are_answered_in_order(&a, 20, "redis node a").await;
     common::array_requests_are_answered_in_order(&b, 20, "redis node b").await;
 }
+
+/// Certificates for a Redis over TLS on 127.0.0.1: the CA that signs them
+/// (`ca.pem`), Redis's own, and one for the relay to present.
+struct RedisTlsFiles {
+    _dir: tempfile::TempDir,
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+    /// A CA that signed none of them.
+    stranger: String,
+}
+
+fn redis_tls_files() -> RedisTlsFiles {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::TestCa::new(dir.path(), "ca");
+    let server = ca.issue("redis", &["127.0.0.1", "localhost"]);
+    let client = ca.issue("relay", &["relay.test"]);
+    common::TestCa::new(dir.path(), "stranger");
+    RedisTlsFiles {
+        ca: dir.path().join("ca.pem").to_string_lossy().into_owned(),
+        stranger: dir
+            .path()
+            .join("stranger.pem")
+            .to_string_lossy()
+            .into_owned(),
+        _dir: dir,
+        server,
+        client,
+    }
+}
+
+/// The local ports of Redis's clients other than the one asking.
+fn redis_client_ports(redis: &RedisServer) -> Vec<u16> {
+    redis
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|line| !line.contains("cmd=client|list"))
+        .filter_map(|line| {
+            let laddr = line.split(' ').find_map(|f| f.strip_prefix("laddr="))?;
+            laddr.rsplit_once(':')?.1.parse().ok()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn over_rediss_two_nodes_share_one_seq_and_every_link_is_tls() {
+    let files = redis_tls_files();
+    let redis = RedisServer::start_tls(&files.server.0, &files.server.1, &files.ca, true);
+    let url = redis.tls_url();
+    let args = [
+        "--redis",
+        url.as_str(),
+        "--redis-ca-file",
+        files.ca.as_str(),
+        "--redis-client-cert",
+        files.client.0.as_str(),
+        "--redis-client-key",
+        files.client.1.as_str(),
+        "--workers",
+        "2",
+    ];
+    let a = Relay::start(&args);
+    let b = Relay::start(&args);
+    a.wait_readyz(200).await;
+    b.wait_readyz(200).await;
+    let mut on_b = Client::connect(&b, Fmt::Json).await;
+    assert_eq!(on_b.subscribe("secure").await["seq"], 0);
+    for (i, body) in ["1", "2"].iter().enumerate() {
+        let (status, reply) = http_publish(a.addr, "secure", body, "").await;
+        assert_eq!(status, 202, "{reply}");
+        let reply: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["seq"], i as u64 + 1);
+    }
+    let got = messages(&mut on_b, 2).await;
+    assert_eq!(seqs(&got), vec![1, 2]);
+    let ports = redis_client_ports(&redis);
+    let tls_port = redis.tls_port.unwrap();
+    assert!(ports.len() >= 4, "two clients per node: {ports:?}");
+    assert!(
+        ports.iter().all(|p| *p == tls_port),
+        "every relay connection came in on the TLS port {tls_port}: {ports:?}"
+    );
+}
+
+#[tokio::test]
+async fn over_rediss_an_unverified_server_or_a_missing_client_certificate_keeps_the_node_unready() {
+    let files = redis_tls_files();
+    let redis = RedisServer::start_tls(&files.server.0, &files.server.1, &files.ca, true);
+    let url = redis.tls_url();
+    // Redis's certificate is not signed by the CA this relay trusts.
+    let mut untrusting = Relay::start_logging(
+        &[
+            "--redis",
+            &url,
+            "--redis-ca-file",
+            &files.stranger,
+            "--redis-client-cert",
+            &files.client.0,
+            "--redis-client-key",
+            &files.client.1,
+            "--workers",
+            "1",
+        ],
+        "warn",
+        std::process::Stdio::piped(),
+    );
+    let line = untrusting.wait_log("Redis pub/sub connection error");
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    untrusting.wait_readyz(503).await;
+    // Trusted, but without the client certificate Redis asks for.
+    let mut anonymous = Relay::start_logging(
+        &[
+            "--redis",
+            &url,
+            "--redis-ca-file",
+            &files.ca,
+            "--workers",
+            "1",
+        ],
+        "warn",
+        std::process::Stdio::piped(),
+    );
+    let line = anonymous.wait_log("Redis pub/sub connection error");
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    anonymous.wait_readyz(503).await;
+    // Neither got a connection through: Redis holds none on its TLS port.
+    assert_eq!(redis_client_ports(&redis), Vec::<u16>::new());
+    let (status, body) = http_publish(untrusting.addr, "x", "1", "").await;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = http_publish(anonymous.addr, "x", "1", "").await;
+    assert_eq!(status, 503, "{body}");
+}
+
+#[test]
+fn a_rediss_file_that_cannot_be_read_stops_the_start_with_its_name() {
+    let files = redis_tls_files();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args([
+            "--redis",
+            "rediss://127.0.0.1:1/0",
+            "--redis-ca-file",
+            "/nonexistent/ca.pem",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--redis-ca-file /nonexistent/ca.pem"),
+        "{stderr}"
+    );
+    // A client key that is not the client certificate's.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args([
+            "--redis",
+            "rediss://127.0.0.1:1/0",
+            "--redis-ca-file",
+            &files.ca,
+            "--redis-client-cert",
+            &files.client.0,
+            "--redis-client-key",
+            &files.server.1,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not match --redis-client-cert"),
+        "{stderr}"
+    );
+}

@@ -56,37 +56,80 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-/// Reads a PEM chain and its key; errors name the file and what is wrong.
-fn read_certified_key(
+/// The flags a certificate and its key come from, for errors.
+struct Flags {
+    cert: &'static str,
+    key: &'static str,
+}
+
+const SERVER_FILES: Flags = Flags {
+    cert: "--tls-cert",
+    key: "--tls-key",
+};
+
+const REDIS_CLIENT_FILES: Flags = Flags {
+    cert: "--redis-client-cert",
+    key: "--redis-client-key",
+};
+
+/// Reads a PEM chain and its key; errors name the flag, the file and what
+/// is wrong.
+fn read_pem_pair(
     cert_path: &std::path::Path,
     key_path: &std::path::Path,
-) -> Result<CertifiedKey, String> {
-    let cert_bytes =
-        std::fs::read(cert_path).map_err(|e| format!("--tls-cert {}: {e}", cert_path.display()))?;
+    flags: &Flags,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let cert_flag = flags.cert;
+    let key_flag = flags.key;
+    let cert_bytes = std::fs::read(cert_path)
+        .map_err(|e| format!("{cert_flag} {}: {e}", cert_path.display()))?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("--tls-cert {}: {e}", cert_path.display()))?;
+        .map_err(|e| format!("{cert_flag} {}: {e}", cert_path.display()))?;
     if chain.is_empty() {
         return Err(format!(
-            "--tls-cert {}: no certificate in PEM",
+            "{cert_flag} {}: no certificate in PEM",
             cert_path.display()
         ));
     }
     let key_bytes =
-        std::fs::read(key_path).map_err(|e| format!("--tls-key {}: {e}", key_path.display()))?;
+        std::fs::read(key_path).map_err(|e| format!("{key_flag} {}: {e}", key_path.display()))?;
     let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
         format!(
-            "--tls-key {}: no private key in PEM: {e}",
+            "{key_flag} {}: no private key in PEM: {e}",
             key_path.display()
         )
     })?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| format!("--tls-key {}: {e}", key_path.display()))?;
+    Ok((chain, key))
+}
+
+/// Reads a PEM chain and its key, checked to match.
+fn read_certified_key(
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+    flags: &Flags,
+) -> Result<CertifiedKey, String> {
+    let (chain, key) = read_pem_pair(cert_path, key_path, flags)?;
+    certify(chain, &key, cert_path, key_path, flags)
+}
+
+/// The chain with its key, if they match.
+fn certify(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'static>,
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+    flags: &Flags,
+) -> Result<CertifiedKey, String> {
+    let signing = rustls::crypto::ring::sign::any_supported_type(key)
+        .map_err(|e| format!("{} {}: {e}", flags.key, key_path.display()))?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|e| {
         format!(
-            "--tls-key {} does not match --tls-cert {}: {e}",
+            "{} {} does not match {} {}: {e}",
+            flags.key,
             key_path.display(),
+            flags.cert,
             cert_path.display()
         )
     })?;
@@ -98,7 +141,11 @@ impl Tls {
     /// `key_path`.
     pub fn new(cert_path: &std::path::Path, key_path: &std::path::Path) -> Result<Tls, String> {
         let certificate = Arc::new(Certificate {
-            current: RwLock::new(Arc::new(read_certified_key(cert_path, key_path)?)),
+            current: RwLock::new(Arc::new(read_certified_key(
+                cert_path,
+                key_path,
+                &SERVER_FILES,
+            )?)),
         });
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
@@ -120,12 +167,75 @@ impl Tls {
     /// Reads the certificate files again and puts them in use for new
     /// handshakes; on error the certificate in use stays.
     pub fn reload(&self) -> Result<(), String> {
-        let certified = read_certified_key(&self.cert_path, &self.key_path)?;
+        let certified = read_certified_key(&self.cert_path, &self.key_path, &SERVER_FILES)?;
         *self
             .certificate
             .current
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(certified);
         Ok(())
+    }
+}
+
+/// The TLS client configuration for reaching Redis (`rediss://`): the
+/// server's certificate is verified against the CAs in `ca_file` (the
+/// system's trusted roots when unset), and the node presents
+/// `client` (certificate chain, key) when given.
+pub fn redis_client_config(
+    ca_file: Option<&std::path::Path>,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .map_err(|e| format!("--redis-ca-file {}: {e}", path.display()))?;
+            for cert in CertificateDer::pem_slice_iter(&bytes) {
+                let cert = cert.map_err(|e| format!("--redis-ca-file {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("--redis-ca-file {}: {e}", path.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "--redis-ca-file {}: no certificate in PEM",
+                    path.display()
+                ));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(
+                    "rediss://: no trusted root certificates found on this system; \
+                     name the CA that signs Redis's certificate with --redis-ca-file"
+                        .into(),
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS to Redis: {e}"))?
+        .with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_path, key_path)) => {
+            let (chain, key) = read_pem_pair(cert_path, key_path, &REDIS_CLIENT_FILES)?;
+            certify(
+                chain.clone(),
+                &key,
+                cert_path,
+                key_path,
+                &REDIS_CLIENT_FILES,
+            )?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("--redis-client-cert {}: {e}", cert_path.display()))
+        }
     }
 }

@@ -658,3 +658,49 @@ pub fn self_signed_certificate(
     std::fs::write(dir.join("key.pem"), made.key_pair.serialize_pem()).unwrap();
     made.cert.der().clone()
 }
+
+/// A certificate authority made for one test, issuing certificates into
+/// its directory.
+pub struct TestCa {
+    pub dir: std::path::PathBuf,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    /// A new CA; its certificate is written to `dir/{name}.pem`.
+    pub fn new(dir: &std::path::Path, name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("ringcast test CA {name}"),
+        );
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        TestCa {
+            dir: dir.to_path_buf(),
+            cert,
+            key,
+        }
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses) signed by this
+    /// CA, written to `{stem}.pem` and `{stem}-key.pem`; returns both paths.
+    pub fn issue(&self, stem: &str, names: &[&str]) -> (String, String) {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let cert_path = self.dir.join(format!("{stem}.pem"));
+        let key_path = self.dir.join(format!("{stem}-key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (
+            cert_path.to_string_lossy().into_owned(),
+            key_path.to_string_lossy().into_owned(),
+        )
+    }
+}

@@ -13,6 +13,8 @@ use super::PATIENCE;
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+    /// The TLS port, for a server started with [`RedisServer::start_tls`].
+    pub tls_port: Option<u16>,
     dir: PathBuf,
     extra: Vec<String>,
 }
@@ -54,11 +56,47 @@ impl RedisServer {
         let mut server = RedisServer {
             child: None,
             port,
+            tls_port: None,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.launch();
         server
+    }
+
+    /// A Redis that also serves TLS on a port of its own, with the
+    /// certificate and key at `cert`/`key`, checking clients' certificates
+    /// against `ca` when `verify_clients` (Redis's default). The plain port
+    /// stays for the test's own commands.
+    pub fn start_tls(cert: &str, key: &str, ca: &str, verify_clients: bool) -> RedisServer {
+        let tls_port = free_port();
+        let tls_port_arg = tls_port.to_string();
+        let verify = if verify_clients { "yes" } else { "no" };
+        let mut server = Self::start_with(
+            free_port(),
+            &[
+                "--tls-port",
+                &tls_port_arg,
+                "--tls-cert-file",
+                cert,
+                "--tls-key-file",
+                key,
+                "--tls-ca-cert-file",
+                ca,
+                "--tls-auth-clients",
+                verify,
+            ],
+        );
+        server.tls_port = Some(tls_port);
+        server
+    }
+
+    /// The `rediss://` URL of a server started with [`RedisServer::start_tls`].
+    pub fn tls_url(&self) -> String {
+        format!(
+            "rediss://127.0.0.1:{}/0",
+            self.tls_port.expect("started with start_tls")
+        )
     }
 
     fn launch(&mut self) {

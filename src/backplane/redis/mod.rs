@@ -114,20 +114,39 @@ impl RedisHandle {
 
 /// The fred configuration for a Redis backplane (the URL or seeds were
 /// checked with the configuration; fred may still refuse what it cannot
-/// read).
-pub fn client_config(backplane: &Backplane) -> Result<fred::prelude::Config> {
+/// read). Over TLS the server's certificate is always verified, against
+/// `--redis-ca-file` or the system's roots.
+pub fn client_config(backplane: &Backplane, redis: &RedisOptions) -> Result<fred::prelude::Config> {
     use fred::prelude::{Config as FredConfig, ServerConfig};
+    use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping};
     let mut fred_config = match backplane {
         Backplane::Redis { url } => FredConfig::from_url(url)
             .map_err(|e| Error::msg(e.details().to_string()))
             .with_context(|| format!("--redis `{url}`"))?,
-        Backplane::RedisCluster { seeds } => FredConfig {
+        Backplane::RedisCluster { seeds, .. } => FredConfig {
             server: ServerConfig::new_clustered(seeds.clone()),
             ..FredConfig::default()
         },
         Backplane::Embedded => {
             return Err(Error::msg("the embedded backplane needs no Redis client"))
         }
+    };
+    fred_config.tls = if backplane.uses_tls() {
+        let client = redis
+            .client_cert
+            .as_deref()
+            .zip(redis.client_key.as_deref());
+        let rustls = crate::tls::redis_client_config(redis.ca_file.as_deref(), client)
+            .map_err(Error::msg)
+            .context("TLS to Redis")?;
+        Some(TlsConfig {
+            connector: TlsConnector::from(rustls),
+            // The names to verify are the addresses the node connects to,
+            // as given or as the cluster announces them.
+            hostnames: TlsHostMapping::None,
+        })
+    } else {
+        None
     };
     // Keep retrying in the background: a relay starts (not ready) while
     // Redis is unreachable.
@@ -143,7 +162,7 @@ pub fn start(
     shards: Arc<dyn Shards>,
     node: Arc<NodeState>,
 ) -> Result<RedisHandle> {
-    let fred_config = client_config(backplane)?;
+    let fred_config = client_config(backplane, redis)?;
     let settings = link::Settings {
         redis: redis.clone(),
         history: history.clone(),
