@@ -160,6 +160,17 @@ pub struct Server {
     #[arg(long, env = "RINGCAST_PIN_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub pin_workers: bool,
 
+    /// The URL clients reach this node at (`wss://node3.example.com/ws`),
+    /// announced in the node directory: `GET /nodes` on every node of the
+    /// same Redis lists it with its load, and draining nodes name it in
+    /// their 1012. Unset: this node is listed nowhere.
+    #[arg(
+        long = "advertise-url",
+        env = "RINGCAST_ADVERTISE_URL",
+        value_name = "URL"
+    )]
+    pub advertise_url: Option<String>,
+
     /// On SIGTERM/SIGINT, clients are closed with 1012 spread over this many seconds.
     #[arg(long = "drain-seconds", env = "RINGCAST_DRAIN_SECONDS", default_value = "10", value_name = "SECONDS",
         value_parser = seconds)]
@@ -605,6 +616,22 @@ fn check_redis_url(url: &str) -> Result<(), String> {
 }
 
 /// One `host:port` seed of --redis-cluster (`[::1]:7000` for IPv6).
+/// A URL a browser can open a WebSocket to, and short enough for a close
+/// reason to name it.
+fn check_advertise_url(url: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a valid URL: {e}"))?;
+    if !matches!(parsed.scheme(), "ws" | "wss") {
+        return Err("use a ws:// or wss:// URL, e.g. wss://node1.example.com/ws".into());
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("the URL names no host".into());
+    }
+    if url.len() > 100 {
+        return Err("longer than 100 bytes (a 1012 close reason could not name it)".into());
+    }
+    Ok(())
+}
+
 /// A cluster seed, `host:port` or `redis[s]://host:port`; true when it
 /// asks for TLS.
 fn parse_seed(node: &str) -> Result<((String, u16), bool), String> {
@@ -845,6 +872,11 @@ impl Config {
     /// Checks relations between values once, so the rest of the code can trust them.
     pub fn validate(&self) -> Result<(), String> {
         let fail = |m: String| Err(format!("invalid configuration: {m}"));
+        if let Some(url) = &self.server.advertise_url {
+            if let Err(e) = check_advertise_url(url) {
+                return fail(format!("{} `{url}`: {e}", self.shown("advertise-url")));
+            }
+        }
         if !(128..=MAX_MESSAGE_LIMIT).contains(&self.limits.max_message_bytes) {
             return fail(format!(
                 "--max-message-bytes must be between 128 and {MAX_MESSAGE_LIMIT} (64 MiB)"
@@ -1480,6 +1512,23 @@ mod tests {
             e.contains("seeds mix rediss:// (TLS) and plain ones"),
             "{e}"
         );
+        assert!(parse(&["--advertise-url", "wss://node1.example.com/ws"]).is_ok());
+        for (url, why) in [
+            ("node1:8080", "not a valid URL"),
+            ("https://node1.example.com/ws", "use a ws:// or wss:// URL"),
+            ("ws://", "not a valid URL"),
+        ] {
+            let e = parse(&["--advertise-url", url]).unwrap_err();
+            assert!(
+                e.starts_with(&format!(
+                    "invalid configuration: --advertise-url `{url}`: {why}"
+                )),
+                "{e}"
+            );
+        }
+        let long = format!("wss://{}.example.com/ws", "n".repeat(100));
+        let e = parse(&["--advertise-url", &long]).unwrap_err();
+        assert!(e.contains("longer than 100 bytes"), "{e}");
         let e = parse(&["--redis-cluster", "http://127.0.0.1:7000"]).unwrap_err();
         assert!(e.contains("unknown scheme `http://`"), "{e}");
         let e = parse(&["--redis", "http://127.0.0.1:6379"]).unwrap_err();

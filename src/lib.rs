@@ -8,6 +8,7 @@
 //! queues between shards), `node` (what the shards of a process share), `io`
 //! (the poll-io helpers and shared read buffer of the transports),
 //! `auth` (tokens and what they allow), `addresses` (per-address limits),
+//! `directory` (the nodes clients may be sent to, and their load),
 //! `tls` (certificates and the TLS acceptor), `tables`, `config`, `metrics`,
 //! `error`.
 
@@ -15,6 +16,7 @@ pub mod addresses;
 pub mod auth;
 pub mod backplane;
 pub mod config;
+pub mod directory;
 pub mod error;
 pub mod http;
 pub mod hub;

@@ -1,8 +1,8 @@
 //! What every shard of one relay process shares: a handful of atomics
 //! (draining, backplane readiness, counts of connections, sockets and
 //! subscriptions), the per-address counts, and the admission of accepted
-//! sockets against `--max-connections`. It sits below the hub and the
-//! backplanes, which both read it.
+//! sockets against `--max-connections`, and the directory of nodes. It sits
+//! below the hub and the backplanes, which both read it.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -32,6 +32,9 @@ pub struct NodeState {
     pub started: std::time::Instant,
     /// Tokens revoked on any node.
     pub revocations: crate::auth::Revocations,
+    /// The nodes clients may be sent to, this one included if it
+    /// advertises itself.
+    pub directory: crate::directory::Directory,
 }
 
 /// A client socket counted against `--max-connections` (or against the
@@ -117,7 +120,23 @@ impl NodeState {
             addresses: Addresses::new(limits),
             started: std::time::Instant::now(),
             revocations: crate::auth::Revocations::default(),
+            directory: crate::directory::Directory::new(None),
         }
+    }
+
+    /// The node announces itself in the directory under `url`.
+    pub fn advertising(mut self, url: Option<String>) -> Self {
+        self.directory = crate::directory::Directory::new(url);
+        self
+    }
+
+    /// This node's entry in the directory, as of now.
+    pub fn own_entry(&self, max_connections: usize) -> Option<crate::directory::Entry> {
+        self.directory.own_entry(
+            self.connections.load(Ordering::Relaxed),
+            max_connections,
+            self.is_draining(),
+        )
     }
 
     /// Counts an accepted socket against `max` (and the overflow

@@ -249,3 +249,57 @@ async fn data_both_formats_cannot_carry_is_refused_at_publish_time() {
         assert_eq!(ev["data"], expected);
     }
 }
+
+#[tokio::test]
+async fn a_single_node_lists_itself_in_the_directory_only_when_it_advertises() {
+    const GET_NODES: &[u8] = b"GET /nodes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let quiet = Relay::start(&["--workers", "1"]);
+    let (status, head, body) = http_full(quiet.addr, GET_NODES).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains("Access-Control-Allow-Origin: *"), "{head}");
+    assert_eq!(body, r#"{"nodes":[]}"#);
+
+    let port = common::redis::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("wss://edge.example.com:{port}/ws");
+    let mut relay = Relay::start(&[
+        "--workers",
+        "1",
+        "--listen",
+        &listen,
+        "--advertise-url",
+        &url,
+        "--max-connections",
+        "100",
+        "--drain-seconds",
+        "3",
+    ]);
+    let mut client = Client::connect(&relay, Fmt::Json).await;
+    let (status, _, body) = http_full(relay.addr, GET_NODES).await;
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        listed,
+        serde_json::json!({"nodes": [{"url": url, "connections": 1,
+            "max_connections": 100, "load": 0.01}]})
+    );
+    let (status, _, _) = http_full(
+        relay.addr,
+        b"POST /nodes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 405);
+
+    // Draining, it lists nobody, and with no other node to name, its 1012
+    // says only that it restarts.
+    relay.signal(libc::SIGTERM);
+    relay.wait_readyz(503).await;
+    let (_, _, body) = http_full(relay.addr, GET_NODES).await;
+    assert_eq!(body, r#"{"nodes":[]}"#);
+    assert_eq!(
+        client.close_frame().await,
+        Some((1012, "server restarting".to_string()))
+    );
+    drop(client);
+    assert!(relay.wait_exit().success());
+}

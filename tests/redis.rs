@@ -1063,3 +1063,119 @@ fn a_rediss_file_that_cannot_be_read_stops_the_start_with_its_name() {
         "{stderr}"
     );
 }
+
+/// A node on `redis` advertising itself at `ws://127.0.0.1:{port}/ws`
+/// (listening there), announcing every 0.2 s.
+async fn advertised_node(redis: &RedisServer, port: u16, extra: &[&str]) -> (Relay, String) {
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("ws://{listen}/ws");
+    let mut args = vec![
+        "--listen",
+        listen.as_str(),
+        "--advertise-url",
+        url.as_str(),
+        "--redis-probe-interval",
+        "0.2",
+    ];
+    args.extend_from_slice(extra);
+    (node(redis, &args).await, url)
+}
+
+/// `GET /nodes` on `relay`: each listed node's URL and connections.
+async fn listed_nodes(relay: &Relay) -> Vec<(String, u64)> {
+    let (status, body) = common::http(
+        relay.addr,
+        "GET /nodes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let load = n["load"].as_f64().unwrap();
+            let (connections, max) = (
+                n["connections"].as_u64().unwrap(),
+                n["max_connections"].as_u64().unwrap(),
+            );
+            assert!((load - connections as f64 / max as f64).abs() < 1e-3, "{n}");
+            (n["url"].as_str().unwrap().to_string(), connections)
+        })
+        .collect()
+}
+
+/// Waits until `relay` lists exactly the nodes `wanted` says (URL and, where
+/// given, connections); returns what it listed.
+async fn wait_listing(relay: &Relay, wanted: &[(&str, Option<u64>)]) -> Vec<(String, u64)> {
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    loop {
+        let listed = listed_nodes(relay).await;
+        let matches = listed.len() == wanted.len()
+            && listed
+                .iter()
+                .zip(wanted)
+                .all(|((url, conns), (want_url, want_conns))| {
+                    url == want_url && want_conns.is_none_or(|c| c == *conns)
+                });
+        if matches {
+            return listed;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} lists {listed:?}, expected {wanted:?}",
+            relay.addr
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn three_nodes_list_each_other_and_a_draining_node_sends_its_clients_to_a_live_one() {
+    let redis = RedisServer::start();
+    let mut ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    ports.sort();
+    let (a, url_a) = advertised_node(&redis, ports[0], &[]).await;
+    let (mut b, url_b) = advertised_node(&redis, ports[1], &[]).await;
+    let (mut c, url_c) = advertised_node(&redis, ports[2], &["--drain-seconds", "2"]).await;
+    // A node that does not advertise itself still sees the others.
+    let hidden = node(&redis, &["--redis-probe-interval", "0.2"]).await;
+
+    let mut on_b = Vec::new();
+    for _ in 0..2 {
+        on_b.push(Client::connect(&b, Fmt::Json).await);
+    }
+    let mut on_c = Client::connect(&c, Fmt::Json).await;
+    let everyone = [
+        (url_a.as_str(), Some(0)),
+        (url_b.as_str(), Some(2)),
+        (url_c.as_str(), Some(1)),
+    ];
+    for relay in [&a, &b, &c, &hidden] {
+        wait_listing(relay, &everyone).await;
+    }
+
+    // C drains: it leaves every listing at once and names A or B in its 1012.
+    c.signal(libc::SIGTERM);
+    for relay in [&a, &b, &hidden] {
+        wait_listing(relay, &[(url_a.as_str(), None), (url_b.as_str(), None)]).await;
+    }
+    let (code, reason) = on_c.close_frame().await.expect("a close frame");
+    assert_eq!(code, 1012);
+    let named = reason
+        .strip_prefix("reconnect to ")
+        .unwrap_or_else(|| panic!("the reason names no node: {reason:?}"));
+    assert!(named == url_a || named == url_b, "{reason}");
+    drop(on_c);
+    // The node it names takes the client.
+    let mut moved = Client::connect_with(named, &[], Fmt::Json).await.unwrap();
+    assert_eq!(moved.subscribe("moved").await["seq"], 0);
+    assert!(c.wait_exit().success());
+
+    // A node that dies without a word drops out when its entry expires.
+    b.signal(libc::SIGKILL);
+    b.wait_exit();
+    wait_listing(&a, &[(url_a.as_str(), None)]).await;
+    wait_listing(&hidden, &[(url_a.as_str(), None)]).await;
+}

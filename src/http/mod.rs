@@ -586,11 +586,24 @@ async fn route(
             extra: "",
             head_only: false,
         },
+        "/nodes" if get => {
+            let own = shard.node.own_entry(shard.config.limits.max_connections);
+            Response {
+                status: 200,
+                content_type: "application/json",
+                body: crate::directory::listing_json(&shard.node.directory.listing(own))
+                    .into_bytes(),
+                // Public, like the nodes it names: pages on any origin
+                // may read it to pick a node.
+                extra: "Access-Control-Allow-Origin: *\r\nCache-Control: no-store\r\n",
+                head_only: false,
+            }
+        }
         "/ws" => Response::text(
             426,
             "this endpoint speaks WebSocket only: send Upgrade: websocket",
         ),
-        "/healthz" | "/readyz" | "/" => Response::text(405, "method not allowed"),
+        "/healthz" | "/readyz" | "/" | "/nodes" => Response::text(405, "method not allowed"),
         _ => Response::text(404, "not found"),
     })
 }

@@ -133,9 +133,10 @@ pub fn run(config: Config) -> Result<()> {
         }
     };
 
-    let node = Arc::new(NodeState::with_address_limits(
-        config.address_limits.clone(),
-    ));
+    let node = Arc::new(
+        NodeState::with_address_limits(config.address_limits.clone())
+            .advertising(config.server.advertise_url.clone()),
+    );
     let (mesh, inboxes) = Mesh::new(workers);
     let config = Arc::new(config);
     install_signal_handler(node.clone(), mesh.clone(), hand_over, config.clone())?;
@@ -147,6 +148,7 @@ pub fn run(config: Config) -> Result<()> {
             &config.backplane,
             &config.redis,
             &config.history,
+            config.limits.max_connections,
             Arc::new(mesh.clone()),
             node.clone(),
         )?)

@@ -337,7 +337,7 @@ async fn ticker(shard: Rc<Shard>) {
 async fn drain(shard: Rc<Shard>, stop: Rc<Stop>) {
     let request = CloseRequest {
         code: close::SERVICE_RESTART,
-        reason: "server restarting",
+        reason: crate::directory::DRAINING_REASON,
         flush: true,
     };
     let conns = shard.connections();

@@ -364,7 +364,8 @@ impl ConnTask {
                         if req.code == 0 {
                             out.append_control(|c| frame::push_control(c, frame::OP_CLOSE, b""));
                         } else {
-                            out.append_control(|c| frame::push_close(c, req.code, req.reason));
+                            let reason = self.close_reason(req);
+                            out.append_control(|c| frame::push_close(c, req.code, &reason));
                         }
                         self.close_queued = true;
                         if self.conn.closing_since.get().is_none() {
@@ -432,6 +433,21 @@ impl ConnTask {
     }
 
     /// Pops a fully written frame's items and records its metrics.
+    /// The close's reason as sent: a draining node's 1012 names another
+    /// node for the client to go to, chosen for this connection so that
+    /// the node's clients spread over the others.
+    fn close_reason(&self, req: CloseRequest) -> std::borrow::Cow<'static, str> {
+        if req.code == frame::close::SERVICE_RESTART {
+            self.shard
+                .node
+                .directory
+                .drain_reason(|n| fastrand::usize(..n))
+                .into()
+        } else {
+            req.reason.into()
+        }
+    }
+
     fn finish_frame(&mut self, items: usize) {
         let mut out = self.conn.out.borrow_mut();
         let format = self.conn.format;

@@ -457,12 +457,19 @@ impl Client {
 
     /// Reads until the server closes; returns the close code.
     pub async fn close_code(&mut self) -> Option<u16> {
+        self.close_frame().await.map(|(code, _)| code)
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    pub async fn close_frame(&mut self) -> Option<(u16, String)> {
         loop {
             match tokio::time::timeout(PATIENCE, self.ws.next())
                 .await
                 .expect("timed out waiting for close")
             {
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code.into()),
+                Some(Ok(Message::Close(frame))) => {
+                    return frame.map(|f| (f.code.into(), f.reason.to_string()))
+                }
                 Some(Ok(_)) => continue,
                 _ => return None,
             }

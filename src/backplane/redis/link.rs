@@ -58,11 +58,22 @@ fn unix_now() -> u64 {
 }
 
 /// What the Redis thread is configured with: its own section, the
-/// history's (Redis keeps it), and whether Redis is a cluster.
+/// history's (Redis keeps it), whether Redis is a cluster, and the
+/// `--max-connections` the node announces in the directory.
 pub struct Settings {
     pub redis: RedisOptions,
     pub history: HistoryOptions,
     pub clustered: bool,
+    pub max_connections: usize,
+}
+
+/// The node directory's hash, after the prefix.
+const NODES: &str = "$nodes";
+
+/// How long a node's entry in the directory lives unless announced again:
+/// three announcements (one per probe interval), and never under 3 s.
+fn directory_entry_lifetime(probe_interval: Duration) -> Duration {
+    (probe_interval * 3).max(Duration::from_secs(3))
 }
 
 pub fn run(
@@ -154,6 +165,12 @@ struct Link {
     /// The last read of the revocations failed: the next tick reads again.
     revocations_retry: bool,
     node_tag: String,
+    /// The next time this node reads the directory and renews its entry.
+    next_announcement: Instant,
+    /// Whether the last announcement said the node drains: a change is
+    /// announced at once, not at the next interval.
+    announced_draining: bool,
+    max_connections: usize,
     epoch_counter: u64,
     in_flight: Arc<AtomicUsize>,
 }
@@ -186,6 +203,7 @@ impl Link {
             redis,
             history,
             clustered,
+            max_connections,
         } = settings;
         Ok(Link {
             builder,
@@ -216,6 +234,9 @@ impl Link {
             internal_rx: Some(internal_rx),
             resync_due: false,
             node_tag,
+            next_announcement: Instant::now(),
+            announced_draining: false,
+            max_connections,
             epoch_counter: 0,
             in_flight: Arc::new(AtomicUsize::new(0)),
         })
@@ -638,6 +659,40 @@ impl Link {
         });
     }
 
+    /// Renews this node's entry in the directory (if it advertises one)
+    /// and reads every live entry into the node's table.
+    fn announce(&mut self, now: Instant) {
+        self.next_announcement = now + self.redis.probe_interval;
+        let own = self.node.own_entry(self.max_connections);
+        self.announced_draining = self.node.is_draining();
+        let entry = own
+            .as_ref()
+            .and_then(|e| serde_json::to_string(e).ok())
+            .unwrap_or_default();
+        let lifetime = directory_entry_lifetime(self.redis.probe_interval);
+        let key = format!("{}{NODES}", self.redis.prefix);
+        let args: Vec<Value> = vec![
+            Value::from(self.node_tag.clone()),
+            Value::from(entry),
+            Value::Integer(lifetime.as_millis() as i64),
+        ];
+        let client = self.commands.clone();
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            let result: Result<Vec<String>, Error> =
+                client.eval(scripts::NODES, vec![key], args).await;
+            match result {
+                Ok(entries) => node.directory.update(
+                    entries
+                        .iter()
+                        .filter_map(|e| serde_json::from_str(e).ok())
+                        .collect(),
+                ),
+                Err(e) => tracing::debug!(error = %e, "could not read the node directory"),
+            }
+        });
+    }
+
     /// Another node revoked a token: `<until> <member>`.
     fn on_revocation(&self, payload: &[u8]) {
         let text = String::from_utf8_lossy(payload);
@@ -856,6 +911,9 @@ impl Link {
         }
         if std::mem::take(&mut self.revocations_retry) {
             self.load_revocations();
+        }
+        if now >= self.next_announcement || self.node.is_draining() != self.announced_draining {
+            self.announce(now);
         }
         let due = self.health.tick(now);
         if due.probe_due {

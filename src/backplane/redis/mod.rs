@@ -159,6 +159,7 @@ pub fn start(
     backplane: &Backplane,
     redis: &RedisOptions,
     history: &HistoryOptions,
+    max_connections: usize,
     shards: Arc<dyn Shards>,
     node: Arc<NodeState>,
 ) -> Result<RedisHandle> {
@@ -167,6 +168,7 @@ pub fn start(
         redis: redis.clone(),
         history: history.clone(),
         clustered: matches!(backplane, Backplane::RedisCluster { .. }),
+        max_connections,
     };
     crate::metrics::register_redis();
     let (publications, publications_rx) = flume::bounded(PUBLISH_QUEUE_CAPACITY);

@@ -161,6 +161,36 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES')
 "#;
 
+/// The node directory, one hash (KEYS[1]): field, a node's id; value,
+/// `<expires, Unix ms> <entry JSON>`. ARGV: this node's id, its entry
+/// (empty: it announces nothing, only reads), the entry's lifetime in ms.
+/// Expired entries are removed; the live ones are returned. Expiry is by
+/// Redis's clock, so the nodes' clocks need not agree.
+pub const NODES: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1], (now + ttl) .. ' ' .. ARGV[2])
+  if redis.call('PTTL', KEYS[1]) < ttl then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+  end
+end
+local all = redis.call('HGETALL', KEYS[1])
+local live = {}
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local space = string.find(v, ' ', 1, true)
+  local expires = space and tonumber(string.sub(v, 1, space - 1))
+  if expires == nil or expires <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    live[#live + 1] = string.sub(v, space + 1)
+  end
+end
+return live
+"#;
+
 /// Names of one channel in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelKeys {
