@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// state is large, and plain connections should not carry its size).
 pub enum Transport {
     Plain(TcpStreamPoll),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStreamPoll>>),
+    Tls(Box<crate::tls::stream::TlsStream>),
 }
 
 impl Transport {
@@ -25,7 +25,7 @@ impl Transport {
         use std::os::fd::{AsRawFd, BorrowedFd};
         let tcp = match self {
             Transport::Plain(s) => s,
-            Transport::Tls(s) => s.get_ref().0,
+            Transport::Tls(s) => s.tcp(),
         };
         // SAFETY: the descriptor belongs to `tcp`, which outlives the borrow.
         let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };

@@ -86,6 +86,23 @@ async fn next_event(ws: &mut Wss) -> Value {
     }
 }
 
+/// The events of the next text frame (a batch holds several).
+async fn next_events(ws: &mut Wss) -> Vec<Value> {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = msg {
+            return match serde_json::from_str(&t).unwrap() {
+                Value::Array(a) => a,
+                v => vec![v],
+            };
+        }
+    }
+}
+
 fn tls_relay(dir: &std::path::Path, extra: &[&str]) -> Relay {
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
@@ -237,4 +254,132 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_dropped() {
     // Others are served meanwhile.
     let config = client_config(&[der]);
     let _ws = wss(&relay, &config).await;
+}
+
+/// A TCP proxy in front of `upstream` that passes the client's bytes on in
+/// pieces of 1 to 7 bytes, each written on its own (Nagle off), so TLS
+/// records reach the relay cut at every offset; the relay's bytes go back
+/// as they come.
+async fn splitting_proxy(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = TcpStream::connect(upstream).await.unwrap();
+            server.set_nodelay(true).unwrap();
+            let (mut client_rx, mut client_tx) = client.into_split();
+            let (mut server_rx, mut server_tx) = server.into_split();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut piece = 0;
+                loop {
+                    let n = match client_rx.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let mut at = 0;
+                    while at < n {
+                        let len = (piece % 7 + 1).min(n - at);
+                        piece += 1;
+                        if server_tx.write_all(&buf[at..at + len]).await.is_err() {
+                            return;
+                        }
+                        at += len;
+                    }
+                }
+                let _ = server_tx.shutdown().await;
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn records_cut_anywhere_large_messages_and_key_updates_get_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let der = common::self_signed_certificate(dir.path(), "split");
+    let relay = tls_relay(dir.path(), &[]);
+    let config = client_config(&[der]);
+    let proxy = splitting_proxy(relay.addr).await;
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/ws", tls)
+        .await
+        .expect("WebSocket handshake through the splitting proxy");
+    ws.send(Message::text(
+        json!({"action": "subscribe", "channel": "big"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_event(&mut ws).await["type"], "subscribed");
+
+    // Larger than a TLS record, and than what the relay encrypts per write.
+    let large: String = (0..60_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    for round in 0..3 {
+        if round > 0 {
+            // The client changes its keys; the relay must follow, and
+            // answers with its own update.
+            ws.get_mut().get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        ws.send(Message::text(
+            json!({"action": "publish", "channel": "big", "data": {"round": round, "text": large}, "id": round})
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+        let mut got_message = false;
+        let mut got_ack = false;
+        while !(got_message && got_ack) {
+            for ev in next_events(&mut ws).await {
+                match ev["type"].as_str() {
+                    Some("message") => {
+                        assert_eq!(ev["data"]["round"], round);
+                        assert_eq!(ev["data"]["text"].as_str(), Some(large.as_str()));
+                        got_message = true;
+                    }
+                    Some("published") => got_ack = true,
+                    _ => panic!("unexpected {ev}"),
+                }
+            }
+        }
+    }
+
+    // Many messages at once leave in batches bigger than one write.
+    let item: String = "x".repeat(5_000);
+    for i in 0..40 {
+        ws.send(Message::text(
+            json!({"action": "publish", "channel": "big", "data": {"i": i, "text": item}})
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+    let mut next = 0;
+    while next < 40 {
+        for ev in next_events(&mut ws).await {
+            if ev["type"] == "message" {
+                assert_eq!(ev["data"]["i"], next, "in order, none lost");
+                assert_eq!(ev["data"]["text"].as_str().map(str::len), Some(5_000));
+                next += 1;
+            }
+        }
+    }
+    // A clean close: the relay answers the client's close over TLS.
+    ws.close(None).await.unwrap();
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("{e}"),
+        }
+    }
 }

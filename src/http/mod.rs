@@ -151,12 +151,12 @@ async fn tls_handshake(
     tls: &crate::tls::Tls,
     tcp: TcpStreamPoll,
     limit: Duration,
-) -> Option<tokio_rustls::server::TlsStream<TcpStreamPoll>> {
+) -> Option<crate::tls::stream::TlsStream> {
     let Some(_slot) = HandshakeSlot::take() else {
         shard.metrics.tls_handshakes_shed.increment(1);
         return None;
     };
-    match monoio::time::timeout(limit, tls.acceptor.accept(tcp)).await {
+    match monoio::time::timeout(limit, crate::tls::stream::accept(tls.config.clone(), tcp)).await {
         Ok(Ok(stream)) => {
             shard.metrics.tls_handshakes_ok.increment(1);
             Some(stream)

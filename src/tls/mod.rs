@@ -8,7 +8,11 @@
 //!
 //! `wss://` and `https://` are served on the same port and paths as
 //! `ws://` would be: the connection's first bytes are the TLS handshake,
-//! done before the HTTP phase reads anything (`http::serve`).
+//! done before the HTTP phase reads anything (`http::serve`). Each
+//! connection runs on rustls' unbuffered API (`stream.rs`), so an idle one
+//! holds no TLS buffer.
+
+pub mod stream;
 
 use std::sync::{Arc, RwLock};
 
@@ -41,7 +45,8 @@ impl ResolvesServerCert for Certificate {
 /// The relay's TLS: the acceptor every listener uses, and where its
 /// certificate comes from.
 pub struct Tls {
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// What every handshake is made with.
+    pub config: Arc<ServerConfig>,
     certificate: Arc<Certificate>,
     cert_path: std::path::PathBuf,
     key_path: std::path::PathBuf,
@@ -157,7 +162,7 @@ impl Tls {
         config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
         config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS: {e}"))?;
         Ok(Tls {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            config: Arc::new(config),
             certificate,
             cert_path: cert_path.to_path_buf(),
             key_path: key_path.to_path_buf(),
