@@ -8,15 +8,7 @@ use common::Relay;
 
 /// Runs the acceptance script against `base`, trusting `ca` over TLS.
 fn acceptance(base: &str, ca: Option<&std::path::Path>) {
-    let python =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/outside-venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run tests/run, which installs the Python clients \
-         (tests/outside/requirements.txt)",
-        python.display()
-    );
-    let mut command = std::process::Command::new(&python);
+    let mut command = std::process::Command::new(common::outside_python());
     command
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),

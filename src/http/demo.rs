@@ -11,7 +11,11 @@ pub const PAGE: &str = r#"<!doctype html>
 <div id="log"></div>
 <script>
 const log = (t) => { const l = document.getElementById('log'); l.textContent += t + '\n'; l.scrollTop = l.scrollHeight; };
-const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws', 'ringcast.v1.json');
+// A relay that requires tokens takes one from this page's own URL:
+// https://host/?token=JWT.
+const token = new URLSearchParams(location.search).get('token');
+const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws' +
+  (token ? '?token=' + encodeURIComponent(token) : ''), 'ringcast.v1.json');
 let id = 0;
 ws.onopen = () => log('connected');
 ws.onclose = (e) => log('closed ' + e.code + ' ' + e.reason);

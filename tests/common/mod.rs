@@ -711,3 +711,17 @@ impl TestCa {
         )
     }
 }
+
+/// The Python of the clients ringcast did not write (tests/outside), which
+/// tests/run installs into target/outside-venv.
+pub fn outside_python() -> std::path::PathBuf {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/outside-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run tests/run, which installs the Python clients \
+         (tests/outside/requirements.txt)",
+        python.display()
+    );
+    python
+}

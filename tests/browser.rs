@@ -1,0 +1,137 @@
+//! A real browser at the edge: headless Chromium (Debian's, which
+//! tests/run installs) opens the relay's demo page over `https://`, and the
+//! page's WebSocket goes over `wss://` with a JWT from the page's URL,
+//! through the relay's origin check. Chromium trusts the test's own
+//! certificate by its key alone. It is driven over the DevTools protocol
+//! by tests/browser/cdp.py.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::Relay;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+const SECRET: &str = "an HMAC secret of at least thirty-two bytes";
+
+fn chromium() -> &'static str {
+    for path in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
+        if std::path::Path::new(path).exists() {
+            return path;
+        }
+    }
+    panic!("chromium not found: the browser test needs it (tests/run installs it: apt-get install chromium)");
+}
+
+/// Runs the DevTools plan; what each page read at its end.
+fn drive(plan: &Value, spki: &std::path::Path) -> Value {
+    use std::io::Write;
+    let mut child = std::process::Command::new(common::outside_python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/cdp.py"))
+        .arg(chromium())
+        .arg(spki)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running tests/browser/cdp.py");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(plan.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the browser run failed: {stdout}{stderr}"
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}"))
+}
+
+#[test]
+fn chromium_opens_the_page_over_https_and_its_websocket_over_wss_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), made.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), made.key_pair.serialize_pem()).unwrap();
+    let spki = dir.path().join("spki.der");
+    std::fs::write(&spki, made.key_pair.public_key_der()).unwrap();
+
+    let port = common::redis::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let origin = format!("https://localhost:{port}");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let _relay = Relay::start_as_shipped(&[
+        "--workers",
+        "2",
+        "--listen",
+        &listen,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--jwt-secret",
+        SECRET,
+        "--allowed-origins",
+        &origin,
+    ]);
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "browser", "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let screenshot = dir.path().join("demo.png");
+    let log = "document.getElementById('log').textContent";
+    let shows = |text: &str| format!("{log}.includes({})", json!(text));
+    let plan = json!([
+        {
+            "name": "with_token",
+            "url": format!("{origin}/?token={token}"),
+            "read": log,
+            "steps": [
+                {"wait": shows("connected")},
+                {"eval": "document.getElementById('ch').value = 'browser.test'; \
+                          document.getElementById('sub').click()"},
+                {"wait": shows("\"type\":\"subscribed\"")},
+                // The page publishes as a backend does, over HTTPS.
+                {"eval": "document.getElementById('data').value = '{\"from\":\"chromium\"}'; \
+                          document.getElementById('pub').click()"},
+                {"wait": shows("\"from\":\"chromium\"")},
+                {"screenshot": screenshot.to_str().unwrap()},
+            ],
+        },
+        {
+            "name": "without_token",
+            "url": format!("{origin}/"),
+            "read": log,
+            "steps": [{"wait": shows("closed")}],
+        },
+    ]);
+    let pages = drive(&plan, &spki);
+    let with_token = pages["with_token"].as_str().unwrap();
+    assert!(with_token.contains("POST /publish: 202"), "{with_token}");
+    assert!(
+        with_token.contains(
+            r#""type":"message","channel":"browser.test","seq":1,"data":{"from":"chromium"}"#
+        ),
+        "{with_token}"
+    );
+    let png = std::fs::read(&screenshot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a screenshot was taken");
+    // The relay refused the handshake (401), which a browser reports as a
+    // connection that never opened: close 1006.
+    let without = pages["without_token"].as_str().unwrap();
+    assert!(!without.contains("connected"), "{without}");
+    assert!(without.contains("closed 1006"), "{without}");
+}
