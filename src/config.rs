@@ -1514,7 +1514,8 @@ mod tests {
         );
         assert!(parse(&["--advertise-url", "wss://node1.example.com/ws"]).is_ok());
         for (url, why) in [
-            ("node1:8080", "not a valid URL"),
+            ("node1:8080", "use a ws:// or wss:// URL"),
+            ("/ws", "not a valid URL"),
             ("https://node1.example.com/ws", "use a ws:// or wss:// URL"),
             ("ws://", "not a valid URL"),
         ] {

@@ -1179,3 +1179,55 @@ async fn three_nodes_list_each_other_and_a_draining_node_sends_its_clients_to_a_
     wait_listing(&a, &[(url_a.as_str(), None)]).await;
     wait_listing(&hidden, &[(url_a.as_str(), None)]).await;
 }
+
+#[tokio::test]
+async fn on_a_cluster_over_tls_two_nodes_share_each_channels_seq() {
+    let files = redis_tls_files();
+    let cluster = RedisCluster::start_tls(3, &files.server.0, &files.server.1, &files.ca);
+    let seeds = cluster.tls_seeds();
+    let args = [
+        "--redis-cluster",
+        seeds.as_str(),
+        "--redis-ca-file",
+        files.ca.as_str(),
+        "--workers",
+        "2",
+    ];
+    let a = Relay::start(&args);
+    let b = Relay::start(&args);
+    a.wait_readyz(200).await;
+    b.wait_readyz(200).await;
+    let channels = channels_on_every_master(&cluster, 1);
+    let mut on_b = Client::connect(&b, Fmt::Json).await;
+    for (channel, _) in &channels {
+        assert_eq!(on_b.subscribe(channel).await["seq"], 0);
+    }
+    for (channel, _) in &channels {
+        let (status, reply) = http_publish(a.addr, channel, "1", "").await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    let got = messages(&mut on_b, channels.len()).await;
+    let mut seen: Vec<(String, u64)> = got
+        .iter()
+        .map(|m| {
+            (
+                m["channel"].as_str().unwrap().to_string(),
+                m["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let mut wanted: Vec<(String, u64)> = channels.iter().map(|(c, _)| (c.clone(), 1)).collect();
+    wanted.sort();
+    assert_eq!(seen, wanted, "one message on each master's channel");
+    // Every relay connection to every master came in on its TLS port.
+    for node in &cluster.nodes {
+        let tls_port = node.tls_port.unwrap();
+        let ports = redis_client_ports(node);
+        assert!(!ports.is_empty(), "the relays reach every master");
+        assert!(
+            ports.iter().all(|p| *p == tls_port),
+            "{ports:?} on {tls_port}"
+        );
+    }
+}

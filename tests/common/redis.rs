@@ -195,12 +195,50 @@ fn free_cluster_port() -> u16 {
 
 impl RedisCluster {
     pub fn start(n: usize) -> RedisCluster {
+        Self::start_nodes(n, None)
+    }
+
+    /// A cluster whose nodes also serve TLS (and talk TLS among
+    /// themselves) with the certificate `cert`/`key`, not asking clients
+    /// for one; Redis tells TLS clients the nodes' TLS ports.
+    pub fn start_tls(n: usize, cert: &str, key: &str, ca: &str) -> RedisCluster {
+        Self::start_nodes(
+            n,
+            Some(&[
+                "--tls-cluster",
+                "yes",
+                "--tls-cert-file",
+                cert,
+                "--tls-key-file",
+                key,
+                "--tls-ca-cert-file",
+                ca,
+                "--tls-auth-clients",
+                "no",
+            ]),
+        )
+    }
+
+    /// `tls`: the TLS configuration of every node, each also given a TLS
+    /// port of its own.
+    fn start_nodes(n: usize, tls: Option<&[&str]>) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..n)
             .map(|_| {
-                RedisServer::start_with(
-                    free_cluster_port(),
-                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"],
-                )
+                let mut args = vec![
+                    "--cluster-enabled".to_string(),
+                    "yes".into(),
+                    "--cluster-node-timeout".into(),
+                    "5000".into(),
+                ];
+                let tls_port = tls.map(|_| free_port());
+                if let (Some(port), Some(tls)) = (tls_port, tls) {
+                    args.extend(["--tls-port".to_string(), port.to_string()]);
+                    args.extend(tls.iter().map(|s| s.to_string()));
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let mut server = RedisServer::start_with(free_cluster_port(), &args);
+                server.tls_port = tls_port;
+                server
             })
             .collect();
         let addrs: Vec<String> = nodes
@@ -229,6 +267,21 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         cluster
+    }
+
+    /// The `--redis-cluster` argument for TLS: every node's TLS port as a
+    /// `rediss://` seed.
+    pub fn tls_seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "rediss://127.0.0.1:{}",
+                    n.tls_port.expect("started with start_tls")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The `--redis-cluster` argument: every node as a seed.
