@@ -1199,10 +1199,25 @@ async fn on_a_cluster_over_tls_two_nodes_share_each_channels_seq() {
     b.wait_readyz(200).await;
     let channels = channels_on_every_master(&cluster, 1);
     let mut on_b = Client::connect(&b, Fmt::Json).await;
+    // A node resyncs while it learns the cluster's TLS topology and says
+    // `unavailable` meanwhile; clients retry, as the protocol tells them.
     for (channel, _) in &channels {
-        assert_eq!(on_b.subscribe(channel).await["seq"], 0);
+        let deadline = tokio::time::Instant::now() + common::PATIENCE;
+        loop {
+            on_b.send(json!({"action": "subscribe", "channel": channel, "id": channel}))
+                .await;
+            let ev = on_b.next().await;
+            if ev["type"] == "subscribed" {
+                assert_eq!(ev["seq"], 0);
+                break;
+            }
+            assert_eq!(ev["code"], "unavailable", "{ev}");
+            assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
     for (channel, _) in &channels {
+        a.wait_readyz(200).await;
         let (status, reply) = http_publish(a.addr, channel, "1", "").await;
         assert_eq!(status, 202, "{reply}");
     }
