@@ -70,20 +70,7 @@ async fn wss(relay: &Relay, config: &Arc<rustls::ClientConfig>) -> Wss {
 }
 
 async fn next_event(ws: &mut Wss) -> Value {
-    loop {
-        let msg = tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = msg {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            return match v {
-                Value::Array(mut a) => a.remove(0),
-                v => v,
-            };
-        }
-    }
+    next_events(ws).await.remove(0)
 }
 
 /// The events of the next text frame (a batch holds several).
