@@ -975,47 +975,37 @@ async fn over_rediss_two_nodes_share_one_seq_and_every_link_is_tls() {
     );
 }
 
+/// A one-worker node whose TLS link to Redis fails over a certificate:
+/// waited until it logs why, and checked not ready.
+async fn node_refused_over_tls(args: &[&str]) -> Relay {
+    let mut args = args.to_vec();
+    args.extend(["--workers", "1"]);
+    let mut relay = Relay::start_logging(&args, "warn", std::process::Stdio::piped());
+    let line = relay.wait_log("Redis pub/sub connection error");
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    relay.wait_readyz(503).await;
+    relay
+}
+
 #[tokio::test]
 async fn over_rediss_an_unverified_server_or_a_missing_client_certificate_keeps_the_node_unready() {
     let files = redis_tls_files();
     let redis = RedisServer::start_tls(&files.server.0, &files.server.1, &files.ca, true);
     let url = redis.tls_url();
     // Redis's certificate is not signed by the CA this relay trusts.
-    let mut untrusting = Relay::start_logging(
-        &[
-            "--redis",
-            &url,
-            "--redis-ca-file",
-            &files.stranger,
-            "--redis-client-cert",
-            &files.client.0,
-            "--redis-client-key",
-            &files.client.1,
-            "--workers",
-            "1",
-        ],
-        "warn",
-        std::process::Stdio::piped(),
-    );
-    let line = untrusting.wait_log("Redis pub/sub connection error");
-    assert!(line.to_lowercase().contains("certificate"), "{line}");
-    untrusting.wait_readyz(503).await;
+    let untrusting = node_refused_over_tls(&[
+        "--redis",
+        &url,
+        "--redis-ca-file",
+        &files.stranger,
+        "--redis-client-cert",
+        &files.client.0,
+        "--redis-client-key",
+        &files.client.1,
+    ])
+    .await;
     // Trusted, but without the client certificate Redis asks for.
-    let mut anonymous = Relay::start_logging(
-        &[
-            "--redis",
-            &url,
-            "--redis-ca-file",
-            &files.ca,
-            "--workers",
-            "1",
-        ],
-        "warn",
-        std::process::Stdio::piped(),
-    );
-    let line = anonymous.wait_log("Redis pub/sub connection error");
-    assert!(line.to_lowercase().contains("certificate"), "{line}");
-    anonymous.wait_readyz(503).await;
+    let anonymous = node_refused_over_tls(&["--redis", &url, "--redis-ca-file", &files.ca]).await;
     // Neither got a connection through: Redis holds none on its TLS port.
     assert_eq!(redis_client_ports(&redis), Vec::<u16>::new());
     let (status, body) = http_publish(untrusting.addr, "x", "1", "").await;

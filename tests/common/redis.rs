@@ -19,6 +19,21 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
+/// Redis's TLS configuration: its certificate and key, the CA clients'
+/// certificates are checked against, and whether it asks for them.
+fn tls_files<'a>(cert: &'a str, key: &'a str, ca: &'a str, verify: &'a str) -> [&'a str; 8] {
+    [
+        "--tls-cert-file",
+        cert,
+        "--tls-key-file",
+        key,
+        "--tls-ca-cert-file",
+        ca,
+        "--tls-auth-clients",
+        verify,
+    ]
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -75,17 +90,10 @@ impl RedisServer {
         let mut server = Self::start_with(
             free_port(),
             &[
-                "--tls-port",
-                &tls_port_arg,
-                "--tls-cert-file",
-                cert,
-                "--tls-key-file",
-                key,
-                "--tls-ca-cert-file",
-                ca,
-                "--tls-auth-clients",
-                verify,
-            ],
+                &["--tls-port", &tls_port_arg][..],
+                &tls_files(cert, key, ca, verify),
+            ]
+            .concat(),
         );
         server.tls_port = Some(tls_port);
         server
@@ -204,18 +212,13 @@ impl RedisCluster {
     pub fn start_tls(n: usize, cert: &str, key: &str, ca: &str) -> RedisCluster {
         Self::start_nodes(
             n,
-            Some(&[
-                "--tls-cluster",
-                "yes",
-                "--tls-cert-file",
-                cert,
-                "--tls-key-file",
-                key,
-                "--tls-ca-cert-file",
-                ca,
-                "--tls-auth-clients",
-                "no",
-            ]),
+            Some(
+                &[
+                    &["--tls-cluster", "yes"][..],
+                    &tls_files(cert, key, ca, "no"),
+                ]
+                .concat(),
+            ),
         )
     }
 
