@@ -1,7 +1,9 @@
 //! TLS on the relay's listener, end to end: certificates made by the test
 //! (rcgen), clients built on tokio-rustls (the WebSocket over it by
 //! tokio-tungstenite, HTTP by hand), reload on SIGHUP with a connection
-//! kept open across it, resumption, and a silent TLS client bounded.
+//! kept open across it, resumption, a silent TLS client bounded, fatal
+//! alerts sent, a ClientHello in one-byte records, and bytes after a
+//! close_notify.
 
 mod common;
 
@@ -369,4 +371,145 @@ async fn records_cut_anywhere_large_messages_and_key_updates_get_through() {
             Some(Err(e)) => panic!("{e}"),
         }
     }
+}
+
+#[tokio::test]
+async fn a_client_without_a_shared_protocol_is_told_so_by_an_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let der = common::self_signed_certificate(dir.path(), "alpn");
+    let relay = tls_relay(dir.path(), &[]);
+    let mut config = (*client_config(&[der])).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let error = tls_connect(&relay, &Arc::new(config))
+        .await
+        .expect_err("the relay speaks only HTTP/1.1");
+    let cause = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .unwrap_or_else(|| panic!("a TLS error, not {error:?}"));
+    assert_eq!(
+        cause,
+        &rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol),
+        "the relay's fatal alert reaches the client"
+    );
+}
+
+/// A proxy that cuts the client's handshake records (its ClientHello)
+/// into records of one byte each, as TLS allows, and copies the rest.
+async fn hello_fragmenting_proxy(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = TcpStream::connect(upstream).await.unwrap();
+        let (mut client_rx, mut client_tx) = client.into_split();
+        let (mut server_rx, mut server_tx) = server.into_split();
+        tokio::spawn(async move {
+            loop {
+                let mut header = [0u8; 5];
+                client_rx.read_exact(&mut header).await.unwrap();
+                let len = u16::from_be_bytes([header[3], header[4]]) as usize;
+                let mut body = vec![0u8; len];
+                client_rx.read_exact(&mut body).await.unwrap();
+                if header[0] != 22 {
+                    server_tx.write_all(&header).await.unwrap();
+                    server_tx.write_all(&body).await.unwrap();
+                    break;
+                }
+                let mut cut = Vec::with_capacity(len * 6);
+                for byte in body {
+                    cut.extend_from_slice(&[22, header[1], header[2], 0, 1, byte]);
+                }
+                server_tx.write_all(&cut).await.unwrap();
+            }
+            let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+        });
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+        });
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_large_client_hello_in_one_byte_records_completes_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let der = common::self_signed_certificate(dir.path(), "fragments");
+    let relay = tls_relay(dir.path(), &[]);
+    let mut config = (*client_config(&[der])).clone();
+    // Protocols the relay does not speak make the ClientHello about 12 KB:
+    // cut into one-byte records it is about 73 KB on the wire, more than
+    // one read takes, so the relay keeps far more than a record's worth
+    // while the message is incomplete.
+    let mut protocols: Vec<Vec<u8>> = (0..48).map(|i| vec![b'a' + i % 26; 250]).collect();
+    protocols.push(b"http/1.1".to_vec());
+    config.alpn_protocols = protocols;
+    let proxy = hello_fragmenting_proxy(relay.addr).await;
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let tls = tokio::time::timeout(
+        PATIENCE,
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .unwrap()
+    .expect("the handshake completes");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/ws", tls)
+        .await
+        .expect("WebSocket handshake");
+    ws.send(Message::text(
+        json!({"action": "subscribe", "channel": "c"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_event(&mut ws).await["type"], "subscribed");
+}
+
+#[tokio::test]
+async fn data_before_a_close_notify_is_used_and_bytes_after_it_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let der = common::self_signed_certificate(dir.path(), "notify");
+    let relay = tls_relay(dir.path(), &[]);
+    let config = client_config(&[der]);
+    let mut watcher = wss(&relay, &config).await;
+    watcher
+        .send(Message::text(
+            json!({"action": "subscribe", "channel": "last"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut watcher).await["type"], "subscribed");
+
+    let mut tls = tls_connect(&relay, &config).await.unwrap();
+    tls.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tls.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // One write holds a publish, the client's close_notify and more than a
+    // record's worth of bytes after it.
+    let (mut tcp, mut conn) = tls.into_inner();
+    let publish = json!({"action": "publish", "channel": "last", "data": "bye"}).to_string();
+    std::io::Write::write_all(
+        &mut conn.writer(),
+        &common::frame(true, 1, publish.as_bytes(), common::MASK),
+    )
+    .unwrap();
+    conn.send_close_notify();
+    let mut wire = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut wire).unwrap();
+    }
+    wire.extend(std::iter::repeat_n(0x17, 20_000));
+    tcp.write_all(&wire).await.unwrap();
+
+    let ev = next_event(&mut watcher).await;
+    assert_eq!(ev["type"], "message");
+    assert_eq!(ev["data"], "bye");
 }

@@ -38,7 +38,7 @@ const READ_CHUNK: usize = 4 * (16 * 1024 + 256);
 
 thread_local! {
     /// Ciphertext being decrypted, for every TLS connection of the worker.
-    static CIPHERTEXT_IN: RefCell<Vec<u8>> = RefCell::new(vec![0u8; READ_CHUNK + MAX_RECORD]);
+    static CIPHERTEXT_IN: RefCell<Vec<u8>> = RefCell::new(vec![0u8; READ_CHUNK + MAX_KEPT_HANDSHAKING]);
     /// Ciphertext being written, for every TLS connection of the worker.
     static CIPHERTEXT_OUT: RefCell<Vec<u8>> = RefCell::new(vec![0u8; WRITE_CHUNK + WRITE_OVERHEAD]);
     /// Plaintext gathered from a vectored write, to fill whole records.
@@ -49,6 +49,13 @@ thread_local! {
 /// at most, the 5-byte header): the most a record begun but not complete
 /// may hold.
 const MAX_RECORD: usize = 16 * 1024 + 2048 + 5;
+
+/// The most kept while the handshake runs. rustls accepts a handshake
+/// message of up to 64 KiB spanning records, and the records stay in the
+/// buffer until the message is complete: this admits one that large in
+/// full records, or a smaller one cut finer (a 12 KB ClientHello in
+/// one-byte records).
+const MAX_KEPT_HANDSHAKING: usize = 64 * 1024 + MAX_RECORD;
 
 /// What to do once the connection may send application data.
 enum Then<'a> {
@@ -125,7 +132,13 @@ impl TlsStream {
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut records[used..]);
-            let state = state.map_err(tls_error)?;
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    self.queue_alert();
+                    return Err(tls_error(e));
+                }
+            };
             let reached = match state {
                 ConnectionState::ReadTraffic(mut traffic) => {
                     while let Some(record) = traffic.next_record() {
@@ -134,21 +147,8 @@ impl TlsStream {
                     }
                     None
                 }
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    let start = self.unsent.len();
-                    self.unsent.resize(start + 1024, 0);
-                    loop {
-                        match encode.encode(&mut self.unsent[start..]) {
-                            Ok(n) => {
-                                self.unsent.truncate(start + n);
-                                break;
-                            }
-                            Err(rustls::unbuffered::EncodeError::InsufficientSize(e)) => {
-                                self.unsent.resize(start + e.required_size, 0);
-                            }
-                            Err(e) => return Err(io::Error::other(e.to_string())),
-                        }
-                    }
+                ConnectionState::EncodeTlsData(encode) => {
+                    Self::encode_into(&mut self.unsent, encode)?;
                     None
                 }
                 // What it wants sent is in `unsent`, which goes before
@@ -199,6 +199,52 @@ impl TlsStream {
                 return Ok((stage, used, encrypted));
             }
         }
+    }
+
+    /// Appends a handshake message or alert rustls wants sent to `unsent`.
+    fn encode_into(
+        unsent: &mut Vec<u8>,
+        mut encode: rustls::unbuffered::EncodeTlsData<'_, rustls::server::ServerConnectionData>,
+    ) -> io::Result<()> {
+        let start = unsent.len();
+        unsent.resize(start + 1024, 0);
+        loop {
+            match encode.encode(&mut unsent[start..]) {
+                Ok(n) => {
+                    unsent.truncate(start + n);
+                    return Ok(());
+                }
+                Err(rustls::unbuffered::EncodeError::InsufficientSize(e)) => {
+                    unsent.resize(start + e.required_size, 0);
+                }
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+    }
+
+    /// After rustls failed: the fatal alert it queued (a handshake without
+    /// a shared protocol, a bad record) goes to `unsent`, so the peer
+    /// learns why instead of seeing the connection just end.
+    fn queue_alert(&mut self) {
+        loop {
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            match state {
+                Ok(ConnectionState::EncodeTlsData(encode)) => {
+                    if Self::encode_into(&mut self.unsent, encode).is_err() {
+                        return;
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+                _ => return,
+            }
+        }
+    }
+
+    /// A failure that ends the connection: what is unsent (the alert) gets
+    /// one try at the socket, without waiting.
+    fn fail(&mut self, cx: &mut Context<'_>, e: io::Error) -> io::Error {
+        let _ = self.poll_send_unsent(cx);
+        e
     }
 
     /// Runs rustls over the partial record kept, with nothing new; the
@@ -254,9 +300,22 @@ impl TlsStream {
             }
             let filled = kept + read;
             let mut no_output = Vec::new();
-            let (_, used, _) = self.process(&mut buf[..filled], Then::Nothing, &mut no_output)?;
-            let rest = &buf[used..filled];
-            if rest.len() > MAX_RECORD {
+            let (stage, used, _) =
+                match self.process(&mut buf[..filled], Then::Nothing, &mut no_output) {
+                    Ok(reached) => reached,
+                    Err(e) => return Poll::Ready(Err(self.fail(cx, e))),
+                };
+            // Nothing after the peer's close_notify means anything.
+            let rest = if self.peer_closed {
+                &[][..]
+            } else {
+                &buf[used..filled]
+            };
+            let most = match stage {
+                Stage::Handshaking => MAX_KEPT_HANDSHAKING,
+                _ => MAX_RECORD,
+            };
+            if rest.len() > most {
                 return Poll::Ready(Err(io::Error::other("TLS record larger than allowed")));
             }
             self.partial.clear();
@@ -275,7 +334,10 @@ impl TlsStream {
                 return Poll::Pending;
             }
             let mut no_output = Vec::new();
-            let (stage, _) = self.process_kept(Then::Nothing, &mut no_output)?;
+            let (stage, _) = match self.process_kept(Then::Nothing, &mut no_output) {
+                Ok(reached) => reached,
+                Err(e) => return Poll::Ready(Err(self.fail(cx, e))),
+            };
             if !self.unsent.is_empty() {
                 continue;
             }

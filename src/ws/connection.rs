@@ -57,6 +57,7 @@ impl ConnTask {
             close_queued: false,
             discarding: false,
             shut: false,
+            shut_done: false,
             lingered: 0,
             address: AddressKey::default(),
         };
@@ -92,8 +93,11 @@ pub struct ConnTask {
     close_queued: bool,
     /// Input is read and dropped (after a violation or our close).
     discarding: bool,
-    /// Our side of TCP is shut down after the close frame went out.
+    /// Our side is being shut down after the close frame went out.
     shut: bool,
+    /// ... and the shutdown is complete (over TLS, once our close_notify
+    /// left and the TCP FIN with it).
+    shut_done: bool,
     /// Bytes read and dropped since then, bounded by [`LINGER_BYTES`].
     lingered: u32,
     /// The client's address, counted while the connection lives.
@@ -476,9 +480,11 @@ impl ConnTask {
         if self.peer_closed {
             return Ok(true);
         }
-        if !self.shut {
-            self.shut = true;
-            let _ = Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.shut = true;
+        // Over TLS a full socket leaves the shutdown pending; it is polled
+        // again when the socket has room, until the FIN is out.
+        if !self.shut_done && Pin::new(&mut self.stream).poll_shutdown(cx).is_ready() {
+            self.shut_done = true;
         }
         Ok(false)
     }
