@@ -204,6 +204,68 @@ async fn array_answers_keep_the_requests_order(backplane: Backplane) {
     common::array_requests_are_answered_in_order(&setup.relay, 6, "contract").await;
 }
 
+/// Keys: a publication's `key`, from a WebSocket in either format or from
+/// `POST /publish/{channel}?key=`, reaches subscribers in both formats;
+/// keyless ones carry none, and a bad key is refused.
+async fn keys_travel_with_their_messages_in_both_formats(backplane: Backplane) {
+    let setup = start(backplane, &["--allow-client-publish", "true"]).await;
+    let relay = &setup.relay;
+    let mut json_sub = Client::connect(relay, Fmt::Json).await;
+    let mut mp_sub = Client::connect(relay, Fmt::MsgPack).await;
+    json_sub.subscribe("prices").await;
+    mp_sub.subscribe("prices").await;
+    let mut json_pub = Client::connect(relay, Fmt::Json).await;
+    let mut mp_pub = Client::connect(relay, Fmt::MsgPack).await;
+    json_pub
+        .send(json!({"action": "publish", "channel": "prices", "key": "AAPL", "data": 1, "id": 1}))
+        .await;
+    assert_eq!(json_pub.expect_type("published").await["seq"], 1);
+    mp_pub
+        .send(
+            json!({"action": "publish", "channel": "prices", "key": "MSFT é", "data": 2, "id": 2}),
+        )
+        .await;
+    assert_eq!(mp_pub.expect_type("published").await["seq"], 2);
+    let (status, body) = http_publish(relay.addr, "prices?key=GOOG%2FA", "3", "").await;
+    assert_eq!(status, 202, "{body}");
+    json_pub
+        .send(json!({"action": "publish", "channel": "prices", "data": 4, "id": 4}))
+        .await;
+    assert_eq!(json_pub.expect_type("published").await["seq"], 4);
+    for sub in [&mut json_sub, &mut mp_sub] {
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            let event = sub.next().await;
+            if event["type"] == "message" {
+                got.push((
+                    event["seq"].clone(),
+                    event["key"].clone(),
+                    event["data"].clone(),
+                ));
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                (json!(1), json!("AAPL"), json!(1)),
+                (json!(2), json!("MSFT é"), json!(2)),
+                (json!(3), json!("GOOG/A"), json!(3)),
+                (json!(4), Value::Null, json!(4)),
+            ],
+            "{:?}",
+            sub.fmt
+        );
+    }
+    for key in [json!(""), json!("k".repeat(256)), json!(5)] {
+        json_pub
+            .send(json!({"action": "publish", "channel": "prices", "key": key, "data": 0, "id": 9}))
+            .await;
+        json_pub.expect_error("bad_request", 9).await;
+    }
+    let (status, body) = http_publish(relay.addr, "prices?key=", "0", "").await;
+    assert_eq!(status, 400, "{body}");
+}
+
 /// Runs each named scenario as a test on one backplane.
 macro_rules! on_backplane {
     ($module:ident, $backplane:expr, $($scenario:ident),* $(,)?) => {
@@ -230,4 +292,5 @@ contract!(
     since_is_whole_or_refused_at_every_boundary,
     replay_and_live_meet_without_gap_or_duplicate,
     array_answers_keep_the_requests_order,
+    keys_travel_with_their_messages_in_both_formats,
 );

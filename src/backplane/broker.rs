@@ -52,6 +52,8 @@ use crate::protocol::Data;
 pub struct Publication {
     pub channel: Arc<str>,
     pub seq: Option<u64>,
+    /// The entity it updates, if the publisher named one.
+    pub key: Option<Arc<str>>,
     /// When the owner accepted it, for the publish-to-write latency metric
     /// and the history TTL.
     pub at: Instant,
@@ -63,11 +65,18 @@ pub struct Publication {
 
 impl Publication {
     /// Encodes `data` as the `message` event of `channel` in both formats.
-    pub fn encode(channel: &Arc<str>, seq: Option<u64>, data: &Data, at: Instant) -> Arc<Self> {
-        let (json, msgpack) = crate::protocol::encode_message(channel, seq, data);
+    pub fn encode(
+        channel: &Arc<str>,
+        seq: Option<u64>,
+        key: Option<Arc<str>>,
+        data: &Data,
+        at: Instant,
+    ) -> Arc<Self> {
+        let (json, msgpack) = crate::protocol::encode_message(channel, seq, key.as_deref(), data);
         Arc::new(Publication {
             channel: channel.clone(),
             seq,
+            key,
             at,
             json: json.into_boxed_slice(),
             msgpack: msgpack.into_boxed_slice(),
@@ -96,6 +105,7 @@ impl Publication {
         Arc::new(Publication {
             channel: "c".into(),
             seq: Some(seq),
+            key: None,
             at,
             json: vec![b'j'; bytes].into(),
             msgpack: Box::new([]),
@@ -172,6 +182,7 @@ pub enum BrokerEvent {
 #[derive(Debug)]
 pub struct Forwarded {
     pub channel: Arc<str>,
+    pub key: Option<Arc<str>>,
     pub data: Data,
     /// The shard it was made on, which the answer goes to.
     pub from: usize,
@@ -212,6 +223,7 @@ pub trait Broker {
     fn publish(
         &mut self,
         channel: Arc<str>,
+        key: Option<Arc<str>>,
         data: Data,
         token: Option<u32>,
         now: Instant,

@@ -113,6 +113,7 @@ impl EmbeddedBroker {
     fn sequence(&mut self, publication: Forwarded, now: Instant, fx: &mut Vec<Effect>) {
         let Forwarded {
             channel,
+            key,
             data,
             from,
             token,
@@ -121,7 +122,7 @@ impl EmbeddedBroker {
         let ch = self.channel(&channel);
         ch.seq += 1;
         let seq = ch.seq;
-        let publication = Publication::encode(&channel, Some(seq), &data, now);
+        let publication = Publication::encode(&channel, Some(seq), key, &data, now);
         ch.remember(&publication, limits);
         let to = ch.interested;
         if to == 0 && ch.history.is_empty() {
@@ -168,6 +169,7 @@ impl Broker for EmbeddedBroker {
     fn publish(
         &mut self,
         channel: Arc<str>,
+        key: Option<Arc<str>>,
         data: Data,
         token: Option<u32>,
         now: Instant,
@@ -175,6 +177,7 @@ impl Broker for EmbeddedBroker {
     ) {
         let publication = Forwarded {
             channel,
+            key,
             data,
             from: self.shard,
             token,

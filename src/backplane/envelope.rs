@@ -2,7 +2,10 @@
 //!
 //! An *item* is one publication's data: a format tag (`j` JSON text, `m`
 //! MessagePack) then the body, exactly as the publisher sent it, so Redis
-//! only moves bytes and each node converts once per publication.
+//! only moves bytes and each node converts once per publication. A keyed
+//! publication's item starts with `K`, the key's length in decimal, `"\n"`
+//! and the key, before the tag (the publish script reads the key there to
+//! keep the channel's latest value per key).
 //!
 //! The publish script wraps the items of one call for one channel into an
 //! *envelope*: `"\0rc1\n" epoch "\n" first-seq "\n"` then, per item, its
@@ -17,23 +20,29 @@ use crate::protocol::DataError;
 /// The reserved start of every envelope.
 pub const MAGIC: &[u8] = b"\0rc1\n";
 
-/// Encodes one publication's data as a script argument.
-pub fn encode_item(data: &Data) -> Vec<u8> {
+/// Encodes one publication's key and data as a script argument.
+pub fn encode_item(key: Option<&str>, data: &Data) -> Vec<u8> {
+    let mut item = Vec::new();
+    if let Some(key) = key {
+        item.push(b'K');
+        item.extend_from_slice(itoa::Buffer::new().format(key.len()).as_bytes());
+        item.push(b'\n');
+        item.extend_from_slice(key.as_bytes());
+    }
     match data {
         Data::Json { text, .. } => {
             let text = text.get().as_bytes();
-            let mut item = Vec::with_capacity(1 + text.len());
+            item.reserve(1 + text.len());
             item.push(b'j');
             item.extend_from_slice(text);
-            item
         }
         Data::MsgPack(value) => {
-            let mut item = vec![b'm'];
+            item.push(b'm');
             rmpv::encode::write_value(&mut item, value)
                 .expect("writing MessagePack to a Vec cannot fail");
-            item
         }
     }
+    item
 }
 
 /// Why an item cannot be read.
@@ -41,6 +50,8 @@ pub fn encode_item(data: &Data) -> Vec<u8> {
 pub enum ItemError {
     #[error("unknown item format")]
     UnknownFormat,
+    #[error("malformed item key")]
+    BadKey,
     #[error(transparent)]
     Data(#[from] DataError),
 }
@@ -64,13 +75,30 @@ pub enum EnvelopeError {
     NoItems,
 }
 
+/// A decoded item: the publication's key, if any, and its data.
+pub type Item = (Option<std::sync::Arc<str>>, Data);
+
 /// Decodes an item written by [`encode_item`] (possibly by another node).
-pub fn decode_item(item: &[u8]) -> Result<Data, ItemError> {
-    match item.split_first() {
-        Some((b'j', body)) => Ok(Data::from_json_slice(body)?),
-        Some((b'm', body)) => Ok(Data::from_msgpack_slice(body)?),
-        _ => Err(ItemError::UnknownFormat),
-    }
+pub fn decode_item(item: &[u8]) -> Result<Item, ItemError> {
+    let (key, rest) = match item.strip_prefix(b"K") {
+        None => (None, item),
+        Some(mut rest) => {
+            let len = take_number(&mut rest).ok_or(ItemError::BadKey)? as usize;
+            if len > rest.len() {
+                return Err(ItemError::BadKey);
+            }
+            let (key, rest) = rest.split_at(len);
+            let key = std::str::from_utf8(key).map_err(|_| ItemError::BadKey)?;
+            crate::protocol::validate_key(key).map_err(|_| ItemError::BadKey)?;
+            (Some(key.into()), rest)
+        }
+    };
+    let data = match rest.split_first() {
+        Some((b'j', body)) => Data::from_json_slice(body)?,
+        Some((b'm', body)) => Data::from_msgpack_slice(body)?,
+        _ => return Err(ItemError::UnknownFormat),
+    };
+    Ok((key, data))
 }
 
 /// A pub/sub message from Redis, classified.
@@ -173,16 +201,28 @@ mod tests {
     #[test]
     fn items_round_trip_in_both_formats() {
         let json = Data::from_json_slice(br#"{"p":1.5,"s":"x"}"#).unwrap();
+        let (key, back) = decode_item(&encode_item(None, &json)).unwrap();
         assert_eq!(
-            json_of(&decode_item(&encode_item(&json)).unwrap()),
-            r#"{"p":1.5,"s":"x"}"#
+            (key, json_of(&back).as_str()),
+            (None, r#"{"p":1.5,"s":"x"}"#)
         );
         let mp = Data::MsgPack(rmpv::Value::Binary(vec![0, 255]));
-        let back = decode_item(&encode_item(&mp)).unwrap();
+        let (key, back) = decode_item(&encode_item(Some("AAPL\n2"), &mp)).unwrap();
+        assert_eq!(key.as_deref(), Some("AAPL\n2"));
         assert!(matches!(back, Data::MsgPack(rmpv::Value::Binary(ref b)) if b == &[0, 255]));
-        assert!(decode_item(b"xabc").is_err());
-        assert!(decode_item(b"").is_err());
-        assert!(decode_item(b"j{").is_err());
+        assert_eq!(&encode_item(Some("ab"), &json)[..5], b"K2\nab");
+        for bad in [
+            &b"xabc"[..],
+            b"",
+            b"j{",
+            b"K",
+            b"K9\nab{}",
+            b"K0\nj1",
+            b"K2\n\xff\xfej1",
+            b"K2\nab",
+        ] {
+            assert!(decode_item(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -762,6 +762,10 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
     if let Err(why) = validate_channel(&channel) {
         return Response::error(400, "bad_channel", why);
     }
+    let key = match publication_key(&head.path) {
+        Ok(key) => key,
+        Err(why) => return Response::error(400, "bad_request", why),
+    };
     let content_type = head.header("content-type").unwrap_or("application/json");
     let mime = content_type
         .split(';')
@@ -794,7 +798,7 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
         Err(e) => return Response::error(400, "bad_request", &e.to_string()),
     };
     let Some(seq) = shard
-        .publish_http(&channel, data, std::time::Instant::now())
+        .publish_http(&channel, key, data, std::time::Instant::now())
         .seq()
         .await
     else {
@@ -811,6 +815,23 @@ async fn publish(shard: &Rc<Shard>, head: &Head, raw_channel: &str, body: &[u8])
         extra: "",
         head_only: false,
     }
+}
+
+/// The `key` of `?key=K` in a publish's request target (percent-encoded),
+/// if it names one.
+fn publication_key(target: &str) -> Result<Option<std::sync::Arc<str>>, &'static str> {
+    let Some((_, query)) = target.split_once('?') else {
+        return Ok(None);
+    };
+    let Some(raw) = query.split('&').find_map(|pair| pair.strip_prefix("key=")) else {
+        return Ok(None);
+    };
+    let key = percent_encoding::percent_decode_str(&raw.replace('+', " "))
+        .decode_utf8()
+        .map_err(|_| "key is not UTF-8")?
+        .into_owned();
+    crate::protocol::validate_key(&key)?;
+    Ok(Some(key.into()))
 }
 
 /// True when the connection's peer is on this host. Asked only when

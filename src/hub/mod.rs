@@ -333,7 +333,7 @@ impl Shard {
         }
         match action {
             Action::Refresh { token } => self.refresh(key, &conn, &token, id),
-            Action::Subscribe { since, epoch } => {
+            Action::Subscribe { since, epoch, .. } => {
                 if !self.allows(key, &channel, Capability::Subscribe) {
                     return self.reply_error(
                         &conn,
@@ -351,7 +351,7 @@ impl Shard {
                 self.subscribe(key, &conn, channel, id, since, now)
             }
             Action::Unsubscribe => self.unsubscribe(key, &conn, &channel, id, None),
-            Action::Publish { data } => {
+            Action::Publish { data, key: pub_key } => {
                 if !self.allows(key, &channel, Capability::Publish) {
                     let message = if self.config.verifier.is_some() {
                         "this token may not publish to this channel"
@@ -380,7 +380,7 @@ impl Shard {
                         id,
                     })
                 });
-                self.route_publish(channel, data, token, now);
+                self.route_publish(channel, pub_key, data, token, now);
             }
         }
     }
@@ -400,14 +400,20 @@ impl Shard {
     }
 
     /// Publishes for an HTTP request; await the returned wait for the seq.
-    pub fn publish_http(&self, channel: &str, data: Data, now: Instant) -> Rc<PublishWait> {
+    pub fn publish_http(
+        &self,
+        channel: &str,
+        key: Option<Arc<str>>,
+        data: Data,
+        now: Instant,
+    ) -> Rc<PublishWait> {
         let wait = Rc::new(PublishWait::default());
         let token = self
             .state
             .borrow_mut()
             .pending_pubs
             .insert(PendingPub::Http(wait.clone()));
-        self.route_publish(channel.into(), data, Some(token), now);
+        self.route_publish(channel.into(), key, data, Some(token), now);
         wait
     }
 
@@ -454,9 +460,16 @@ impl Shard {
         )
     }
 
-    fn route_publish(&self, channel: Arc<str>, data: Data, token: Option<usize>, now: Instant) {
+    fn route_publish(
+        &self,
+        channel: Arc<str>,
+        key: Option<Arc<str>>,
+        data: Data,
+        token: Option<usize>,
+        now: Instant,
+    ) {
         let token = token.map(|t| t as u32);
-        self.with_broker(|broker, fx| broker.publish(channel, data, token, now, fx));
+        self.with_broker(|broker, fx| broker.publish(channel, key, data, token, now, fx));
     }
 
     /// Runs one step of the broker and carries out what it asks for.

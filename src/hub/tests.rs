@@ -815,7 +815,7 @@ fn a_refresh_applies_new_caps_and_ends_what_they_no_longer_allow() {
     let shard = &cluster.shards[1];
     for channel in [&a, &b] {
         let data = crate::protocol::Data::from_json_slice(b"1").unwrap();
-        shard.publish_http(channel, data, cluster.now.get());
+        shard.publish_http(channel, None, data, cluster.now.get());
     }
     cluster.settle();
     let got: Vec<Value> = client.events();

@@ -1,5 +1,15 @@
-//! Channel names: 1 to 255 bytes of UTF-8, no whitespace or control
-//! characters, and nothing starting with `$` (reserved for the relay).
+//! Names a client gives: channels (1 to 255 bytes of UTF-8, no whitespace
+//! or control characters, and nothing starting with `$`, reserved for the
+//! relay) and publication keys (1 to 255 bytes of UTF-8).
+
+/// Returns why `key` is not a valid publication key, if it is not.
+pub fn validate_key(key: &str) -> Result<(), &'static str> {
+    match key.len() {
+        0 => Err("key is empty"),
+        1..=255 => Ok(()),
+        _ => Err("key is longer than 255 bytes"),
+    }
+}
 
 /// Returns why `name` is not a valid channel name, if it is not.
 pub fn validate_channel(name: &str) -> Result<(), &'static str> {

@@ -73,21 +73,30 @@ pub fn encode_event(format: Format, event: &Event<'_>) -> Vec<u8> {
 ///
 /// Hand-assembled around the data's own bytes: the data was converted once
 /// per format and is copied in as is, which a derived serializer cannot do.
-pub fn encode_message(channel: &str, seq: Option<u64>, data: &Data) -> (Vec<u8>, Vec<u8>) {
+pub fn encode_message(
+    channel: &str,
+    seq: Option<u64>,
+    key: Option<&str>,
+    data: &Data,
+) -> (Vec<u8>, Vec<u8>) {
+    let w = "writing to a Vec cannot fail";
     let mut json = Vec::with_capacity(48 + channel.len() + 64);
     json.extend_from_slice(br#"{"type":"message","channel":"#);
-    serde_json::to_writer(&mut json, channel).expect("writing JSON to a Vec cannot fail");
+    serde_json::to_writer(&mut json, channel).expect(w);
     if let Some(seq) = seq {
         json.extend_from_slice(br#","seq":"#);
         json.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    }
+    if let Some(key) = key {
+        json.extend_from_slice(br#","key":"#);
+        serde_json::to_writer(&mut json, key).expect(w);
     }
     json.extend_from_slice(br#","data":"#);
     data.write_json(&mut json);
     json.push(b'}');
 
     let mut mp = Vec::with_capacity(32 + channel.len() + 64);
-    let fields = if seq.is_some() { 4 } else { 3 };
-    let w = "writing MessagePack to a Vec cannot fail";
+    let fields = 3 + u32::from(seq.is_some()) + u32::from(key.is_some());
     rmp::encode::write_map_len(&mut mp, fields).expect(w);
     rmp::encode::write_str(&mut mp, "type").expect(w);
     rmp::encode::write_str(&mut mp, "message").expect(w);
@@ -97,9 +106,33 @@ pub fn encode_message(channel: &str, seq: Option<u64>, data: &Data) -> (Vec<u8>,
         rmp::encode::write_str(&mut mp, "seq").expect(w);
         rmp::encode::write_uint(&mut mp, seq).expect(w);
     }
+    if let Some(key) = key {
+        rmp::encode::write_str(&mut mp, "key").expect(w);
+        rmp::encode::write_str(&mut mp, key).expect(w);
+    }
     rmp::encode::write_str(&mut mp, "data").expect(w);
     data.write_msgpack(&mut mp);
     (json, mp)
+}
+
+/// A `message` event (as [`encode_message`] made it) with `conflated`
+/// added: how many earlier messages of its key it replaced. One copy per
+/// conflated delivery, shared by every subscriber it goes to.
+pub fn with_conflated(json: &[u8], msgpack: &[u8], conflated: u32) -> (Vec<u8>, Vec<u8>) {
+    let w = "writing to a Vec cannot fail";
+    let mut j = Vec::with_capacity(json.len() + 24);
+    j.extend_from_slice(&json[..json.len() - 1]);
+    j.extend_from_slice(br#","conflated":"#);
+    j.extend_from_slice(itoa::Buffer::new().format(conflated).as_bytes());
+    j.push(b'}');
+    // The map header is one byte (a fixmap: a message has at most six
+    // fields): one more field.
+    let mut m = Vec::with_capacity(msgpack.len() + 16);
+    m.push(msgpack[0] + 1);
+    m.extend_from_slice(&msgpack[1..]);
+    rmp::encode::write_str(&mut m, "conflated").expect(w);
+    rmp::encode::write_uint(&mut m, u64::from(conflated)).expect(w);
+    (j, m)
 }
 
 #[cfg(test)]
@@ -109,13 +142,28 @@ mod tests {
     #[test]
     fn message_is_the_same_event_in_both_formats() {
         let data = Data::from_json_slice(br#"{"p":1.5,"q":"\u00e9"}"#).unwrap();
-        let (json, mp) = encode_message("prices.\"X\"", Some(42), &data);
+        let (json, mp) = encode_message("prices.\"X\"", Some(42), None, &data);
         let j: serde_json::Value = serde_json::from_slice(&json).unwrap();
         let m: serde_json::Value = rmp_serde::from_slice(&mp).unwrap();
         assert_eq!(j, m);
         assert_eq!(j["channel"], "prices.\"X\"");
         assert_eq!(j["seq"], 42);
         assert_eq!(j["data"]["q"], "é");
+        assert!(j.get("key").is_none());
+    }
+
+    #[test]
+    fn a_keyed_and_conflated_message_is_the_same_event_in_both_formats() {
+        let data = Data::from_json_slice(br#"[1,2]"#).unwrap();
+        let (json, mp) = encode_message("c", Some(7), Some("AAPL \"é\""), &data);
+        let (json, mp) = with_conflated(&json, &mp, 3);
+        let j: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let m: serde_json::Value = rmp_serde::from_slice(&mp).unwrap();
+        assert_eq!(j, m);
+        assert_eq!(j["key"], "AAPL \"é\"");
+        assert_eq!(j["conflated"], 3);
+        assert_eq!(j["seq"], 7);
+        assert_eq!(j["data"], serde_json::json!([1, 2]));
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod data;
 mod event;
 mod request;
 
-pub use channel::validate_channel;
+pub use channel::{validate_channel, validate_key};
 
 /// Close codes of ringcast's own (RFC 6455 leaves 4000-4999 to
 /// applications).
@@ -21,8 +21,8 @@ pub mod close {
     pub const REVOKED: u16 = 4003;
 }
 pub use data::{Data, DataError, MsgpackError};
-pub use event::{encode_event, encode_message, Event};
-pub use request::{decode_requests, Action, Id, Request, RequestError};
+pub use event::{encode_event, encode_message, with_conflated, Event};
+pub use request::{decode_requests, Action, Id, Request, RequestError, MAX_CONFLATE_MS};
 
 /// The serialization a connection chose with `Sec-WebSocket-Protocol`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

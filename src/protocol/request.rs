@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 
 use super::data::{self, MAX_DATA_DEPTH};
 
-use super::{validate_channel, Data, DataError, ErrorCode, Format};
+use super::{validate_channel, validate_key, Data, DataError, ErrorCode, Format};
 
 /// Deepest nesting of a MessagePack frame: an array of requests, a request,
 /// then its data, and one level more so that data nested too deep fails
@@ -24,15 +24,24 @@ pub enum Id {
     Str(String),
 }
 
+/// The most `conflate_ms` a subscription may ask for.
+pub const MAX_CONFLATE_MS: u64 = 60_000;
+
 #[derive(Debug, Clone)]
 pub enum Action {
     Subscribe {
         since: Option<u64>,
         epoch: Option<String>,
+        /// Send the latest message of every key first.
+        snapshot: bool,
+        /// At most one message per key per this many ms.
+        conflate_ms: Option<u32>,
     },
     Unsubscribe,
     Publish {
         data: Data,
+        /// The entity the publication updates.
+        key: Option<std::sync::Arc<str>>,
     },
     /// Replace the connection's token.
     Refresh {
@@ -79,6 +88,9 @@ struct WireRequest<D> {
     since: Option<u64>,
     epoch: Option<String>,
     token: Option<String>,
+    key: Option<String>,
+    snapshot: Option<bool>,
+    conflate_ms: Option<u64>,
     #[serde(default = "Option::default", deserialize_with = "present")]
     data: Option<D>,
 }
@@ -232,14 +244,35 @@ fn validate<D>(
         return Err(fail(ErrorCode::BadChannel, why, shown));
     }
     let action = match action {
-        "subscribe" => Action::Subscribe {
-            since: w.since,
-            epoch: w.epoch,
-        },
+        "subscribe" => {
+            let conflate_ms = match w.conflate_ms {
+                None => None,
+                Some(ms @ 1..=MAX_CONFLATE_MS) => Some(ms as u32),
+                Some(_) => {
+                    let why = format!("`conflate_ms` must be 1 to {MAX_CONFLATE_MS}");
+                    return Err(fail(ErrorCode::BadRequest, &why, Some(channel)));
+                }
+            };
+            Action::Subscribe {
+                since: w.since,
+                epoch: w.epoch,
+                snapshot: w.snapshot.unwrap_or(false),
+                conflate_ms,
+            }
+        }
         "unsubscribe" => Action::Unsubscribe,
         _ => match w.data {
             Some(d) => match to_data(d) {
-                Ok(data) => Action::Publish { data },
+                Ok(data) => {
+                    let key = match w.key.as_deref().map(|k| validate_key(k).map(|()| k)) {
+                        None => None,
+                        Some(Ok(k)) => Some(k.into()),
+                        Some(Err(why)) => {
+                            return Err(fail(ErrorCode::BadRequest, why, Some(channel)))
+                        }
+                    };
+                    Action::Publish { data, key }
+                }
                 Err(why) => {
                     let why = why.to_string();
                     return Err(fail(ErrorCode::BadRequest, &why, Some(channel)));
@@ -291,7 +324,7 @@ mod tests {
                 let req = one(f, &bytes).unwrap();
                 assert_eq!(req.channel, "a");
                 match (r["action"].as_str().unwrap(), &req.action) {
-                    ("subscribe", Action::Subscribe { since, epoch }) => {
+                    ("subscribe", Action::Subscribe { since, epoch, .. }) => {
                         assert_eq!(*since, Some(5));
                         assert_eq!(epoch.as_deref(), Some("e"));
                         assert_eq!(req.id, Some(Id::Int(1)));

@@ -56,8 +56,7 @@ impl ConnTask {
             peer_closed: false,
             close_queued: false,
             discarding: false,
-            shut: false,
-            shut_done: false,
+            shutdown: Shutdown::NotYet,
             lingered: 0,
             address: AddressKey::default(),
         };
@@ -93,15 +92,22 @@ pub struct ConnTask {
     close_queued: bool,
     /// Input is read and dropped (after a violation or our close).
     discarding: bool,
-    /// Our side is being shut down after the close frame went out.
-    shut: bool,
-    /// ... and the shutdown is complete (over TLS, once our close_notify
-    /// left and the TCP FIN with it).
-    shut_done: bool,
+    /// Our side's shutdown, after the close frame went out.
+    shutdown: Shutdown,
     /// Bytes read and dropped since then, bounded by [`LINGER_BYTES`].
     lingered: u32,
     /// The client's address, counted while the connection lives.
     address: AddressKey,
+}
+
+/// Where our side's shutdown stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shutdown {
+    NotYet,
+    /// Begun: over TLS, our close_notify waits for room in the socket.
+    Started,
+    /// Our close_notify (over TLS) and the TCP FIN are out.
+    Done,
 }
 
 /// Input read and dropped after our close frame went out, looking for the
@@ -194,7 +200,7 @@ impl ConnTask {
         self.conn.output_holds_back_input(MAX_REPLIES_AWAITED)
             || self.shard.over_request_rate(&self.conn)
             // Closing: nothing more is read until our close frame is out.
-            || (self.conn.close.get().is_some() && !self.shut)
+            || (self.conn.close.get().is_some() && self.shutdown == Shutdown::NotYet)
     }
 
     fn poll_reads(&mut self, cx: &mut Context<'_>) -> ReadState {
@@ -233,7 +239,7 @@ impl ConnTask {
             .saturating_add(data.len() as u32);
         self.conn.bytes_this_tick.set(read);
         if self.discarding {
-            if self.shut {
+            if self.shutdown != Shutdown::NotYet {
                 self.lingered = self.lingered.saturating_add(data.len() as u32);
                 if self.lingered > LINGER_BYTES {
                     self.conn.request_abort();
@@ -480,11 +486,13 @@ impl ConnTask {
         if self.peer_closed {
             return Ok(true);
         }
-        self.shut = true;
         // Over TLS a full socket leaves the shutdown pending; it is polled
         // again when the socket has room, until the FIN is out.
-        if !self.shut_done && Pin::new(&mut self.stream).poll_shutdown(cx).is_ready() {
-            self.shut_done = true;
+        if self.shutdown != Shutdown::Done {
+            self.shutdown = match Pin::new(&mut self.stream).poll_shutdown(cx) {
+                Poll::Ready(_) => Shutdown::Done,
+                Poll::Pending => Shutdown::Started,
+            };
         }
         Ok(false)
     }
@@ -581,6 +589,7 @@ mod tests {
         Out::Message(Rc::new(Arc::new(Publication {
             channel: "c".into(),
             seq: Some(1),
+            key: None,
             at: std::time::Instant::now(),
             json: json.as_bytes().into(),
             msgpack: vec![0xc0].into(),

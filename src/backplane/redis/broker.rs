@@ -113,9 +113,15 @@ impl RedisBroker {
             .entries
             .iter()
             .filter_map(|entry| match envelope::decode_item(&entry.item) {
-                Ok(data) => {
+                Ok((key, data)) => {
                     let stored = at.checked_sub(entry.age).unwrap_or(at);
-                    Some(Publication::encode(channel, Some(entry.seq), &data, stored))
+                    Some(Publication::encode(
+                        channel,
+                        Some(entry.seq),
+                        key,
+                        &data,
+                        stored,
+                    ))
                 }
                 Err(e) => {
                     let seq = entry.seq;
@@ -136,7 +142,8 @@ impl RedisBroker {
         match envelope::decode_message(payload) {
             Ok(Incoming::Raw(raw)) => {
                 crate::metrics::redis().raw_messages.increment(1);
-                let publication = Publication::encode(&channel, None, &envelope::raw_data(raw), at);
+                let publication =
+                    Publication::encode(&channel, None, None, &envelope::raw_data(raw), at);
                 self.step(&channel, fx, |ch, steps| {
                     ch.message(None, publication, steps)
                 });
@@ -150,9 +157,10 @@ impl RedisBroker {
                 let mut publications = Vec::with_capacity(items.len());
                 for (i, item) in items.iter().enumerate() {
                     match envelope::decode_item(item) {
-                        Ok(data) => publications.push(Publication::encode(
+                        Ok((key, data)) => publications.push(Publication::encode(
                             &channel,
                             Some(first + i as u64),
+                            key,
                             &data,
                             at,
                         )),
@@ -192,6 +200,7 @@ impl Broker for RedisBroker {
     fn publish(
         &mut self,
         channel: Arc<str>,
+        key: Option<Arc<str>>,
         data: Data,
         token: Option<u32>,
         _now: Instant,
@@ -205,7 +214,7 @@ impl Broker for RedisBroker {
         let sent = self.ready()
             && self.redis.publish(RedisCmd::Publish {
                 channel,
-                item: envelope::encode_item(&data),
+                item: envelope::encode_item(key.as_deref(), &data),
                 from: self.shard,
                 token,
             });

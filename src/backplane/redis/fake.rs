@@ -200,7 +200,7 @@ impl FakeRedis {
     /// Another node publishes JSON `data` to `channel` through Redis.
     pub fn publish_from_elsewhere(&mut self, channel: &str, data: &str) {
         let data = crate::protocol::Data::from_json_slice(data.as_bytes()).expect("valid JSON");
-        self.store(&channel.into(), &[envelope::encode_item(&data)]);
+        self.store(&channel.into(), &[envelope::encode_item(None, &data)]);
     }
 
     /// The pub/sub link loses everything from now on, and the node is not

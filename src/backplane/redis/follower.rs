@@ -367,6 +367,7 @@ mod tests {
         Arc::new(Publication {
             channel: "c".into(),
             seq: Some(seq),
+            key: None,
             at: Instant::now(),
             json: Box::new([]),
             msgpack: Box::new([]),
@@ -384,6 +385,7 @@ mod tests {
         Arc::new(Publication {
             channel: "c".into(),
             seq: None,
+            key: None,
             at: Instant::now(),
             json: Box::new([]),
             msgpack: Box::new([]),
