@@ -381,6 +381,17 @@ pub struct HistoryOptions {
     )]
     pub channels: usize,
 
+    /// Keys whose latest message one channel keeps for `snapshot`
+    /// subscribes, as long as history is kept (--history-ttl); past it,
+    /// the key updated least recently is forgotten. 0 keeps none.
+    #[arg(
+        long = "max-keys-per-channel",
+        value_name = "KEYS",
+        env = "RINGCAST_MAX_KEYS_PER_CHANNEL",
+        default_value_t = 10_000
+    )]
+    pub keys: usize,
+
     /// Oldest age of a kept message, in seconds.
     #[arg(long = "history-ttl", env = "RINGCAST_HISTORY_TTL", default_value = "300", value_name = "SECONDS",
         value_parser = seconds)]

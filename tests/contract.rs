@@ -266,6 +266,74 @@ async fn keys_travel_with_their_messages_in_both_formats(backplane: Backplane) {
     assert_eq!(status, 400, "{body}");
 }
 
+/// Snapshots (guarantee 6): a subscriber on another node (behind Redis)
+/// or shard gets the latest message of every key, in seq order, up to
+/// its `subscribed` seq, in both formats, then live messages without a
+/// gap; a `since` too old for history gets the snapshot instead. Past
+/// --max-keys-per-channel the keys updated least recently are forgotten.
+async fn snapshots_hold_every_keys_latest_across_shards_and_nodes(backplane: Backplane) {
+    let limits = ["--history-size", "20", "--max-keys-per-channel", "25"];
+    let setup = start(backplane, &limits).await;
+    let second = setup._redis.as_ref().map(|redis| {
+        let url = redis.url();
+        let mut args = vec!["--workers", "2", "--redis", url.as_str()];
+        args.extend_from_slice(&limits);
+        Relay::start(&args)
+    });
+    let reader = second.as_ref().unwrap_or(&setup.relay);
+    reader.wait_readyz(200).await;
+    const KEYS: u64 = 30;
+    for i in 1..=150u64 {
+        let channel = format!("quotes?key=k{}", i % KEYS);
+        let (status, body) = http_publish(setup.relay.addr, &channel, &i.to_string(), "").await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let mut json_sub = Client::connect(reader, Fmt::Json).await;
+    let mut mp_sub = Client::connect(reader, Fmt::MsgPack).await;
+    json_sub
+        .send(json!({"action": "subscribe", "channel": "quotes", "snapshot": true}))
+        .await;
+    mp_sub
+        .send(json!({"action": "subscribe", "channel": "quotes", "snapshot": true, "since": 3}))
+        .await;
+    for (sub, recovered) in [(&mut json_sub, Value::Null), (&mut mp_sub, json!(false))] {
+        let mut snapshot = Vec::new();
+        let subscribed = loop {
+            let event = sub.next().await;
+            match event["type"].as_str() {
+                Some("message") => snapshot.push(event),
+                Some("subscribed") => break event,
+                _ => panic!("{event}"),
+            }
+        };
+        assert_eq!(subscribed["seq"], 150, "{subscribed}");
+        assert_eq!(subscribed["recovered"], recovered, "{subscribed}");
+        let expected: Vec<(u64, String, u64)> = (126..=150)
+            .map(|i| (i, format!("k{}", i % KEYS), i))
+            .collect();
+        let got: Vec<(u64, String, u64)> = snapshot
+            .iter()
+            .map(|e| {
+                let key = e["key"].as_str().unwrap().to_string();
+                (e["seq"].as_u64().unwrap(), key, e["data"].as_u64().unwrap())
+            })
+            .collect();
+        assert_eq!(got, expected, "{:?}", sub.fmt);
+    }
+    for i in 151..=155u64 {
+        let channel = format!("quotes?key=k{}", i % KEYS);
+        http_publish(setup.relay.addr, &channel, &i.to_string(), "").await;
+    }
+    assert_eq!(
+        messages(&mut json_sub, 5).await,
+        (151..=155).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        messages(&mut mp_sub, 5).await,
+        (151..=155).collect::<Vec<_>>()
+    );
+}
+
 /// Runs each named scenario as a test on one backplane.
 macro_rules! on_backplane {
     ($module:ident, $backplane:expr, $($scenario:ident),* $(,)?) => {
@@ -293,4 +361,5 @@ contract!(
     replay_and_live_meet_without_gap_or_duplicate,
     array_answers_keep_the_requests_order,
     keys_travel_with_their_messages_in_both_formats,
+    snapshots_hold_every_keys_latest_across_shards_and_nodes,
 );

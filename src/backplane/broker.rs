@@ -40,6 +40,11 @@
 //!    it, or the epoch differs).
 //! 5. **Bounded.** What a broker keeps counts against the history limits and
 //!    the shard's share of the history budget it was built with.
+//! 6. **Snapshots are current.** A subscribe that asks for a snapshot and
+//!    gets no replay (no `since`, or one not recovered) is acked with
+//!    [`Replay::Snapshot`]: the latest kept publication of every key of
+//!    the channel, in seq order, none above the ack's seq; with guarantee
+//!    3, the live messages after it continue it without gap.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -122,6 +127,24 @@ pub enum Replay {
     Recovered(Vec<Arc<Publication>>),
     /// Part of what was missed is no longer in history, or the epoch differs.
     NotRecovered,
+    /// The latest publication of every key, in seq order, for a subscribe
+    /// that asked for a snapshot and got no replay.
+    Snapshot(Vec<Arc<Publication>>),
+}
+
+impl Replay {
+    /// The answer for a waiter: this replay, or when it asked for a
+    /// snapshot and this is no replay, the latest `values`.
+    pub fn or_snapshot(
+        self,
+        snapshot: bool,
+        values: impl FnOnce() -> Vec<Arc<Publication>>,
+    ) -> Replay {
+        match self {
+            Replay::NotAsked | Replay::NotRecovered if snapshot => Replay::Snapshot(values()),
+            other => other,
+        }
+    }
 }
 
 /// `since` of a subscribe: the last seq seen, and the epoch it was seen in.
@@ -134,6 +157,8 @@ pub struct Waiter {
     pub from: usize,
     pub token: u32,
     pub since: Option<Since>,
+    /// Wants the latest publication of every key when there is no replay.
+    pub snapshot: bool,
 }
 
 /// What the shard must do after a step of its broker.
@@ -201,6 +226,10 @@ pub struct Holdings {
     /// Publications forgotten to stay within the budget since the last
     /// tick.
     pub evicted: usize,
+    /// Latest values kept (one per key per channel).
+    pub latest: usize,
+    /// Keys forgotten past --max-keys-per-channel since the last tick.
+    pub keys_forgotten: usize,
 }
 
 /// One shard's broker. See the module doc for the order of calls and the

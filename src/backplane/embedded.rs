@@ -125,7 +125,7 @@ impl EmbeddedBroker {
         let publication = Publication::encode(&channel, Some(seq), key, &data, now);
         ch.remember(&publication, limits);
         let to = ch.interested;
-        if to == 0 && ch.history.is_empty() {
+        if to == 0 && ch.history.holds_nothing() {
             self.channels.remove(&channel);
         }
         self.enforce_budget();
@@ -148,7 +148,7 @@ impl EmbeddedBroker {
             .kept
             .enforce(|| channels.values_mut().map(|ch| &mut ch.history).collect())
         {
-            channels.retain(|_, ch| ch.interested != 0 || !ch.history.is_empty());
+            channels.retain(|_, ch| ch.interested != 0 || !ch.history.holds_nothing());
         }
     }
 }
@@ -206,12 +206,12 @@ impl Broker for EmbeddedBroker {
         ch.expire(now, ttl);
         let (seq, incarnation) = (ch.seq, ch.incarnation);
         let epoch = self.epoch_name(incarnation);
+        let ch = &self.channels[channel];
         let replay = match &waiter.since {
             None => Replay::NotAsked,
-            Some((since, wanted)) => {
-                self.channels[channel].replay_after(*since, wanted.as_deref(), &epoch)
-            }
-        };
+            Some((since, wanted)) => ch.replay_after(*since, wanted.as_deref(), &epoch),
+        }
+        .or_snapshot(waiter.snapshot, || ch.history.latest_values());
         fx.push(Effect::Ack {
             waiter,
             seq,
@@ -223,7 +223,7 @@ impl Broker for EmbeddedBroker {
     fn unsubscribe(&mut self, channel: &Arc<str>, from: usize, _fx: &mut Vec<Effect>) {
         if let Some(ch) = self.channels.get_mut(channel) {
             ch.interested &= !(1 << from);
-            if ch.interested == 0 && ch.history.is_empty() {
+            if ch.interested == 0 && ch.history.holds_nothing() {
                 self.channels.remove(channel);
             }
         }
@@ -242,7 +242,7 @@ impl Broker for EmbeddedBroker {
         let ttl = self.kept.ttl;
         self.channels.retain(|_, ch| {
             ch.expire(now, ttl);
-            ch.interested != 0 || !ch.history.is_empty()
+            ch.interested != 0 || !ch.history.holds_nothing()
         });
         crate::tables::shrink_map(&mut self.channels);
     }
@@ -270,6 +270,7 @@ mod tests {
         Limits {
             size,
             bytes: usize::MAX,
+            keys: 0,
         }
     }
 
@@ -333,6 +334,7 @@ mod tests {
         let limits = Limits {
             size: 100,
             bytes: 3 * one,
+            keys: 0,
         };
         for s in 1..=10 {
             ch.seq = s;

@@ -1,11 +1,12 @@
 //! The recent publications a broker keeps per channel for `since`
-//! recovery, bounded per channel ([`Limits`]), and the meter that adds up
-//! what every history of a shard holds, so the shard keeps all of them
+//! recovery, and the latest publication of each key for `snapshot`
+//! subscribes, bounded per channel ([`Limits`]), and the meter that adds
+//! up what every history of a shard holds, so the shard keeps all of them
 //! within one budget ([`Budget`], [`evict`]); [`Keeper`] holds all of it
 //! for a shard's broker.
 
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Deref;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct Limits {
     pub size: usize,
     /// Most bytes kept, counted by [`cost`].
     pub bytes: usize,
+    /// Most keys whose latest publication is kept (0: none).
+    pub keys: usize,
 }
 
 /// What the histories of one shard hold together: bytes (with each
@@ -40,6 +43,10 @@ pub struct Limits {
 pub struct Meter {
     bytes: Cell<usize>,
     channels: Cell<usize>,
+    /// Latest values kept, and keys forgotten past --max-keys-per-channel
+    /// since the last [`Keeper::holdings`].
+    latest: Cell<usize>,
+    keys_forgotten: Cell<usize>,
 }
 
 impl Meter {
@@ -52,13 +59,26 @@ impl Meter {
     }
 }
 
-/// A channel's kept publications, oldest first, seqs consecutive, counted
-/// on the shard's [`Meter`] for as long as they are kept.
+/// A channel's kept publications, oldest first, seqs consecutive, and the
+/// latest publication of each of its keys, counted on the shard's
+/// [`Meter`] for as long as they are kept.
 #[derive(Debug)]
 pub struct History {
     entries: VecDeque<Arc<Publication>>,
+    /// Bytes of `entries` (the per-channel limit counts these).
     bytes: usize,
+    /// Boxed and only while a key is kept: most channels keep none.
+    latest: Option<Box<Latest>>,
     meter: Rc<Meter>,
+}
+
+/// The latest publication of every key of a channel (keyless ones count as
+/// one key), by seq: the first is the key updated least recently.
+#[derive(Debug, Default)]
+struct Latest {
+    by_seq: BTreeMap<u64, Arc<Publication>>,
+    seq_of: HashMap<Option<Arc<str>>, u64>,
+    bytes: usize,
 }
 
 impl Deref for History {
@@ -74,20 +94,33 @@ impl History {
         History {
             entries: VecDeque::new(),
             bytes: 0,
+            latest: None,
             meter,
         }
     }
 
-    /// The bytes this history is counted for.
+    /// The bytes this history's publications are counted for (latest
+    /// values aside).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
+    /// True when it keeps neither publications nor latest values.
+    pub fn holds_nothing(&self) -> bool {
+        self.entries.is_empty() && self.latest.is_none()
+    }
+
     fn counted(&mut self, added: usize, removed: usize, was_empty: bool) {
         self.bytes = self.bytes + added - removed;
+        self.metered(added, removed, was_empty);
+    }
+
+    /// Adds what changed to the shard's meter; `was_empty`: the history
+    /// held nothing before the change.
+    fn metered(&mut self, added: usize, removed: usize, was_empty: bool) {
         let meter = &self.meter;
         let mut total = meter.bytes.get() + added - removed;
-        match (was_empty, self.entries.is_empty()) {
+        match (was_empty, self.holds_nothing()) {
             (true, false) => {
                 total += CHANNEL_OVERHEAD;
                 meter.channels.set(meter.channels.get() + 1);
@@ -102,14 +135,14 @@ impl History {
     }
 
     pub fn push_back(&mut self, publication: Arc<Publication>) {
-        let was_empty = self.entries.is_empty();
+        let was_empty = self.holds_nothing();
         let added = cost(&publication);
         self.entries.push_back(publication);
         self.counted(added, 0, was_empty);
     }
 
     pub fn push_front(&mut self, publication: Arc<Publication>) {
-        let was_empty = self.entries.is_empty();
+        let was_empty = self.holds_nothing();
         let added = cost(&publication);
         self.entries.push_front(publication);
         self.counted(added, 0, was_empty);
@@ -121,18 +154,154 @@ impl History {
         Some(popped)
     }
 
-    /// Forgets everything, and the buffer with it (idle channels are many).
+    /// Forgets the publications, and the buffer with them (idle channels
+    /// are many); latest values stay.
     pub fn clear(&mut self) {
-        let was_empty = self.entries.is_empty();
+        let was_empty = self.holds_nothing();
         self.entries = VecDeque::new();
         let removed = self.bytes;
         self.counted(0, removed, was_empty);
+    }
+
+    /// Forgets the publications and the latest values.
+    pub fn forget_all(&mut self) {
+        self.clear();
+        self.forget_latest();
+    }
+
+    /// Forgets the latest values.
+    pub fn forget_latest(&mut self) {
+        if let Some(latest) = self.latest.take() {
+            self.meter
+                .latest
+                .set(self.meter.latest.get() - latest.by_seq.len());
+            self.metered(0, latest.bytes, false);
+        }
+    }
+
+    /// Makes `publication` its key's latest value, unless that key has a
+    /// later one; past `max_keys` keys, the one updated least recently is
+    /// forgotten. Unsequenced publications are not kept.
+    pub fn remember_latest(&mut self, publication: &Arc<Publication>, max_keys: usize) {
+        let Some(seq) = publication.seq else { return };
+        if max_keys == 0 {
+            return;
+        }
+        let was_empty = self.holds_nothing();
+        let latest = self.latest.get_or_insert_with(Box::default);
+        let (added, mut removed, mut keys) = (cost(publication), 0, 1isize);
+        match latest.seq_of.get(&publication.key) {
+            Some(&old) if old >= seq => return,
+            Some(&old) => {
+                if let Some(replaced) = latest.by_seq.remove(&old) {
+                    removed += cost(&replaced);
+                    keys -= 1;
+                }
+            }
+            None => {}
+        }
+        latest.seq_of.insert(publication.key.clone(), seq);
+        latest.by_seq.insert(seq, publication.clone());
+        while latest.by_seq.len() > max_keys {
+            let Some((_, oldest)) = latest.by_seq.pop_first() else {
+                break;
+            };
+            latest.seq_of.remove(&oldest.key);
+            removed += cost(&oldest);
+            keys -= 1;
+            self.meter
+                .keys_forgotten
+                .set(self.meter.keys_forgotten.get() + 1);
+        }
+        latest.bytes = latest.bytes + added - removed;
+        let meter = &self.meter;
+        meter
+            .latest
+            .set((meter.latest.get() as isize + keys) as usize);
+        self.metered(added, removed, was_empty);
+    }
+
+    /// The latest publication of every key, in seq order.
+    pub fn latest_values(&self) -> Vec<Arc<Publication>> {
+        self.latest
+            .as_ref()
+            .map_or_else(Vec::new, |l| l.by_seq.values().cloned().collect())
+    }
+
+    /// Replaces the latest values with `values` (a fetched snapshot of
+    /// them, in seq order).
+    pub fn replace_latest(&mut self, values: &[Arc<Publication>], max_keys: usize) {
+        self.forget_latest();
+        for value in values {
+            self.remember_latest(value, max_keys);
+        }
+    }
+
+    /// When the newest thing kept was published.
+    fn newest_at(&self) -> Option<Instant> {
+        let entry = self.entries.back().map(|p| p.at);
+        let value = self
+            .latest
+            .as_ref()
+            .and_then(|l| l.by_seq.last_key_value())
+            .map(|(_, p)| p.at);
+        entry.max(value)
+    }
+
+    /// When the oldest thing kept (a publication or a latest value) was
+    /// published.
+    fn oldest_at(&self) -> Option<Instant> {
+        let entry = self.entries.front().map(|p| p.at);
+        let value = self
+            .latest
+            .as_ref()
+            .and_then(|l| l.by_seq.first_key_value())
+            .map(|(_, p)| p.at);
+        match (entry, value) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Forgets the oldest thing kept; false when there was nothing.
+    fn pop_oldest(&mut self) -> bool {
+        let entry = self.entries.front().map(|p| p.at);
+        let value = self
+            .latest
+            .as_ref()
+            .and_then(|l| l.by_seq.first_key_value())
+            .map(|(_, p)| p.at);
+        match (entry, value) {
+            (Some(a), Some(b)) if b < a => self.pop_oldest_value(),
+            (Some(_), _) => self.pop_front().is_some(),
+            (None, Some(_)) => self.pop_oldest_value(),
+            (None, None) => false,
+        }
+    }
+
+    /// Forgets the latest value updated least recently.
+    fn pop_oldest_value(&mut self) -> bool {
+        let Some(latest) = self.latest.as_mut() else {
+            return false;
+        };
+        let Some((_, oldest)) = latest.by_seq.pop_first() else {
+            return false;
+        };
+        latest.seq_of.remove(&oldest.key);
+        let removed = cost(&oldest);
+        latest.bytes -= removed;
+        if latest.by_seq.is_empty() {
+            self.latest = None;
+        }
+        self.meter.latest.set(self.meter.latest.get() - 1);
+        self.metered(0, removed, false);
+        true
     }
 }
 
 impl Drop for History {
     fn drop(&mut self) {
-        self.clear();
+        self.forget_all();
     }
 }
 
@@ -174,6 +343,7 @@ impl Keeper {
             limits: Limits {
                 size: history.size,
                 bytes: history.channel_bytes,
+                keys: history.keys,
             },
             ttl: history.ttl,
             budget: Budget::share(history, shards),
@@ -199,6 +369,8 @@ impl Keeper {
             messages,
             bytes: self.meter.bytes(),
             evicted: std::mem::take(&mut self.evicted),
+            latest: self.meter.latest.get(),
+            keys_forgotten: self.meter.keys_forgotten.replace(0),
         }
     }
 }
@@ -218,7 +390,7 @@ pub fn evict(histories: &mut [&mut History], meter: &Meter, budget: Budget) -> u
         let mut order: Vec<(Instant, usize)> = histories
             .iter()
             .enumerate()
-            .filter_map(|(i, h)| Some((h.back()?.at, i)))
+            .filter_map(|(i, h)| Some((h.newest_at()?, i)))
             .collect();
         order.sort_unstable();
         for (_, i) in order {
@@ -226,23 +398,23 @@ pub fn evict(histories: &mut [&mut History], meter: &Meter, budget: Budget) -> u
                 break;
             }
             forgotten += histories[i].len();
-            histories[i].clear();
+            histories[i].forget_all();
         }
     }
     if meter.bytes() > bytes_goal {
         let mut oldest: std::collections::BinaryHeap<Reverse<(Instant, usize)>> = histories
             .iter()
             .enumerate()
-            .filter_map(|(i, h)| Some(Reverse((h.front()?.at, i))))
+            .filter_map(|(i, h)| Some(Reverse((h.oldest_at()?, i))))
             .collect();
         while meter.bytes() > bytes_goal {
             let Some(Reverse((_, i))) = oldest.pop() else {
                 break;
             };
-            histories[i].pop_front();
+            histories[i].pop_oldest();
             forgotten += 1;
-            if let Some(next) = histories[i].front() {
-                oldest.push(Reverse((next.at, i)));
+            if let Some(next) = histories[i].oldest_at() {
+                oldest.push(Reverse((next, i)));
             }
         }
     }
@@ -253,6 +425,7 @@ pub fn evict(histories: &mut [&mut History], meter: &Meter, budget: Budget) -> u
 /// publication larger than the byte limit cannot be kept, and since kept
 /// seqs must be consecutive, the history is emptied instead.
 pub fn remember(history: &mut History, publication: &Arc<Publication>, limits: Limits) {
+    history.remember_latest(publication, limits.keys);
     if limits.size == 0 {
         return;
     }
@@ -265,13 +438,22 @@ pub fn remember(history: &mut History, publication: &Arc<Publication>, limits: L
     }
 }
 
-/// Forgets publications older than `ttl` (and the buffer, once empty).
+/// Forgets publications and latest values older than `ttl` (and the
+/// buffer, once empty).
 pub fn expire(history: &mut History, now: Instant, ttl: Duration) {
     while history
         .front()
         .is_some_and(|p| now.saturating_duration_since(p.at) > ttl)
     {
         history.pop_front();
+    }
+    while history
+        .latest
+        .as_ref()
+        .and_then(|l| l.by_seq.first_key_value())
+        .is_some_and(|(_, p)| now.saturating_duration_since(p.at) > ttl)
+    {
+        history.pop_oldest_value();
     }
     if history.is_empty() && history.entries.capacity() > 0 {
         history.clear();

@@ -25,6 +25,7 @@ pub enum ShardMsg {
         from: usize,
         token: u32,
         since: Option<Since>,
+        snapshot: bool,
     },
     SubscribeAck {
         token: u32,

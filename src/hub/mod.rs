@@ -69,6 +69,14 @@ enum SubState {
     Active(u32),
 }
 
+/// What a subscribe asks for beside its channel.
+#[derive(Debug, Default)]
+struct SubscribeOptions {
+    since: Option<Since>,
+    snapshot: bool,
+    conflate_ms: Option<u32>,
+}
+
 /// One subscription of a connection: its local channel and state.
 #[derive(Clone, Copy)]
 struct Sub {
@@ -333,7 +341,12 @@ impl Shard {
         }
         match action {
             Action::Refresh { token } => self.refresh(key, &conn, &token, id),
-            Action::Subscribe { since, epoch, .. } => {
+            Action::Subscribe {
+                since,
+                epoch,
+                snapshot,
+                conflate_ms,
+            } => {
                 if !self.allows(key, &channel, Capability::Subscribe) {
                     return self.reply_error(
                         &conn,
@@ -347,8 +360,12 @@ impl Shard {
                         },
                     );
                 }
-                let since = since.map(|s| (s, epoch));
-                self.subscribe(key, &conn, channel, id, since, now)
+                let options = SubscribeOptions {
+                    since: since.map(|s| (s, epoch)),
+                    snapshot,
+                    conflate_ms,
+                };
+                self.subscribe(key, &conn, channel, id, options, now)
             }
             Action::Unsubscribe => self.unsubscribe(key, &conn, &channel, id, None),
             Action::Publish { data, key: pub_key } => {
@@ -514,14 +531,23 @@ impl Shard {
         conn: &Rc<Conn>,
         channel: String,
         id: Option<Id>,
-        since: Option<Since>,
+        options: SubscribeOptions,
         now: Instant,
     ) {
+        let SubscribeOptions {
+            since,
+            snapshot,
+            conflate_ms,
+        } = options;
         let refuse = |code, message: String, channel: String| RequestError {
             id: id.clone(),
             channel: Some(channel),
             ..RequestError::new(code, message)
         };
+        if conflate_ms.is_some() {
+            let message = "conflate_ms is not served by this build yet".to_string();
+            return self.reply_error(conn, refuse(ErrorCode::BadRequest, message, channel));
+        }
         if !self.broker.borrow().ready() {
             let message = "the backplane is down; retry".to_string();
             return self.reply_error(conn, refuse(ErrorCode::Unavailable, message, channel));
@@ -534,7 +560,7 @@ impl Shard {
         };
         let owner = owner_of(&name, self.mesh.shards());
         if owner == self.id {
-            self.owner_subscribe(&name, self.id, token as u32, since, now);
+            self.owner_subscribe(&name, self.id, token as u32, since, snapshot, now);
         } else {
             self.mesh.send(
                 owner,
@@ -543,6 +569,7 @@ impl Shard {
                     from: self.id,
                     token: token as u32,
                     since,
+                    snapshot,
                 },
             );
         }
@@ -790,7 +817,8 @@ impl Shard {
                 from,
                 token,
                 since,
-            } => self.owner_subscribe(&channel, from, token, since, now),
+                snapshot,
+            } => self.owner_subscribe(&channel, from, token, since, snapshot, now),
             ShardMsg::SubscribeAck {
                 token,
                 seq,
@@ -879,9 +907,15 @@ impl Shard {
         from: usize,
         token: u32,
         since: Option<Since>,
+        snapshot: bool,
         now: Instant,
     ) {
-        let waiter = Waiter { from, token, since };
+        let waiter = Waiter {
+            from,
+            token,
+            since,
+            snapshot,
+        };
         self.with_broker(|broker, fx| broker.subscribe(channel, waiter, now, fx));
     }
 
@@ -942,6 +976,14 @@ impl Shard {
                         .map(|publication| Out::Replayed(Rc::new(publication))),
                 );
                 Some(true)
+            }
+            Replay::Snapshot(values) => {
+                items.extend(
+                    values
+                        .into_iter()
+                        .map(|publication| Out::Replayed(Rc::new(publication))),
+                );
+                p.since_given.then_some(false)
             }
         };
         debug_assert!(p.since_given == recovered.is_some());
@@ -1066,6 +1108,10 @@ impl Shard {
         self.metrics.history_bytes.set(held.bytes as f64);
         self.metrics.channels_owned.set(held.channels as f64);
         self.metrics.history_evicted.increment(held.evicted as u64);
+        self.metrics.latest_values.set(held.latest as f64);
+        self.metrics
+            .latest_keys_forgotten
+            .increment(held.keys_forgotten as u64);
         self.metrics.flush();
     }
 

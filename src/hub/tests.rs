@@ -560,7 +560,7 @@ fn behind_redis_a_lost_link_is_resynced_and_what_was_missed_arrives_in_order() {
     for i in 4..=6 {
         cluster
             .redis()
-            .publish_from_elsewhere(&channel, &i.to_string());
+            .publish_from_elsewhere(&channel, None, &i.to_string());
     }
     cluster.settle();
     assert!(subscribers.iter().all(|s| s.messages().is_empty()));
@@ -584,7 +584,7 @@ fn behind_redis_what_an_outage_cost_beyond_history_shows_as_a_seq_jump() {
     for i in 1..=2 {
         cluster
             .redis()
-            .publish_from_elsewhere(&channel, &i.to_string());
+            .publish_from_elsewhere(&channel, None, &i.to_string());
     }
     cluster.settle();
     assert_eq!(watcher.messages(), [1, 2]);
@@ -592,7 +592,7 @@ fn behind_redis_what_an_outage_cost_beyond_history_shows_as_a_seq_jump() {
     for i in 3..=10 {
         cluster
             .redis()
-            .publish_from_elsewhere(&channel, &i.to_string());
+            .publish_from_elsewhere(&channel, None, &i.to_string());
     }
     cluster.redis().restore_link();
     cluster.settle();
@@ -615,16 +615,16 @@ fn behind_redis_a_failed_catch_up_is_retried_on_a_later_tick() {
     let cluster = behind_redis(&["--history-size", "100"]);
     let channel = cluster.channel_owned_by(1, "feed");
     let watcher = subscriber(&cluster, 0, &channel);
-    cluster.redis().publish_from_elsewhere(&channel, "1");
+    cluster.redis().publish_from_elsewhere(&channel, None, "1");
     cluster.settle();
     assert_eq!(watcher.messages(), [1]);
     cluster.redis().lose_link();
-    cluster.redis().publish_from_elsewhere(&channel, "2");
-    cluster.redis().publish_from_elsewhere(&channel, "3");
+    cluster.redis().publish_from_elsewhere(&channel, None, "2");
+    cluster.redis().publish_from_elsewhere(&channel, None, "3");
     cluster.redis().fail_fetches = true;
     cluster.redis().restore_link();
     cluster.settle();
-    cluster.redis().publish_from_elsewhere(&channel, "4");
+    cluster.redis().publish_from_elsewhere(&channel, None, "4");
     cluster.settle();
     assert!(
         watcher.messages().is_empty(),
@@ -636,7 +636,204 @@ fn behind_redis_a_failed_catch_up_is_retried_on_a_later_tick() {
     assert_eq!(watcher.messages(), [2, 3, 4]);
 }
 
-/// Runs each named test of the contract on one backplane.
+/// Publishes `data` to `channel` from `client` under `key`.
+fn publish_keyed(cluster: &Cluster, client: &Client, channel: &str, key: &str, data: Value) {
+    cluster.send(
+        client,
+        json!({"action": "publish", "channel": channel, "key": key, "data": data}),
+    );
+}
+
+/// A message's or a `subscribed`'s seq, with its key or `recovered`.
+type SeqAnd = (u64, Value);
+
+/// The (seq, key) of every message among `events`, and the seq of the
+/// first `subscribed`, with its `recovered`.
+fn keyed_messages(events: &[Value]) -> (Vec<SeqAnd>, Option<SeqAnd>) {
+    let messages = events
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .map(|e| (e["seq"].as_u64().unwrap(), e["key"].clone()))
+        .collect();
+    let subscribed = events
+        .iter()
+        .find(|e| e["type"] == "subscribed")
+        .map(|e| (e["seq"].as_u64().unwrap(), e["recovered"].clone()));
+    (messages, subscribed)
+}
+
+fn a_snapshot_holds_the_latest_of_every_key_and_live_follows_without_gap(backplane: Backplane) {
+    let cluster = Cluster::new(backplane, 3, &["--max-publish-rate", "0"]);
+    let channel = cluster.channel_owned_by(1, "prices");
+    let publisher = cluster.connect(0);
+    if backplane == Backplane::Redis {
+        // Before this node knows the channel: its latest values come from
+        // Redis.
+        cluster
+            .redis()
+            .publish_from_elsewhere(&channel, Some("z"), "0");
+    }
+    let offset = u64::from(backplane == Backplane::Redis);
+    for (key, data) in [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("b", 5)] {
+        publish_keyed(&cluster, &publisher, &channel, key, json!(data));
+    }
+    cluster.publish(&publisher, &channel, json!(6));
+    cluster.settle();
+    let subscriber = cluster.connect(2);
+    cluster.send(
+        &subscriber,
+        json!({"action": "subscribe", "channel": channel, "snapshot": true}),
+    );
+    cluster.settle();
+    let (messages, subscribed) = keyed_messages(&subscriber.events());
+    let s = |n: u64| n + offset;
+    let mut expected = vec![
+        (s(3), json!("a")),
+        (s(4), json!("c")),
+        (s(5), json!("b")),
+        (s(6), Value::Null),
+    ];
+    if backplane == Backplane::Redis {
+        expected.insert(0, (1, json!("z")));
+    }
+    assert_eq!(
+        messages, expected,
+        "the latest of every key, keyless ones as one, in seq order"
+    );
+    assert_eq!(subscribed, Some((s(6), Value::Null)));
+
+    // Subscribes in flight while publications go on: each snapshot ends
+    // at its `subscribed` seq and live messages continue it.
+    let joiners: Vec<Client> = (0..3).map(|shard| cluster.connect(shard)).collect();
+    for (i, joiner) in joiners.iter().enumerate() {
+        cluster.send(
+            joiner,
+            json!({"action": "subscribe", "channel": channel, "snapshot": true}),
+        );
+        for k in 0..4 {
+            let key = ["a", "b", "c", "d"][(i + k) % 4];
+            publish_keyed(&cluster, &publisher, &channel, key, json!([i, k]));
+        }
+        if i == 1 {
+            cluster.settle();
+        }
+    }
+    cluster.settle();
+    let last = s(6) + 12;
+    for joiner in &joiners {
+        let events = joiner.events();
+        let at = events
+            .iter()
+            .position(|e| e["type"] == "subscribed")
+            .unwrap();
+        let (snapshot, subscribed) = keyed_messages(&events[..=at]);
+        let (live, _) = keyed_messages(&events[at..]);
+        let upto = subscribed.unwrap().0;
+        assert!(snapshot.windows(2).all(|w| w[0].0 < w[1].0), "{events:?}");
+        assert!(snapshot.iter().all(|(seq, _)| *seq <= upto), "{events:?}");
+        assert_eq!(snapshot.last().map(|m| m.0), Some(upto), "{events:?}");
+        let keys: std::collections::BTreeSet<String> =
+            snapshot.iter().map(|(_, k)| k.to_string()).collect();
+        assert_eq!(keys.len(), snapshot.len(), "one per key: {events:?}");
+        let live: Vec<u64> = live.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(live, (upto + 1..=last).collect::<Vec<_>>(), "{events:?}");
+    }
+}
+
+fn snapshot_with_since_replays_when_it_can_and_sends_the_snapshot_when_it_cannot(
+    backplane: Backplane,
+) {
+    let cluster = Cluster::new(
+        backplane,
+        2,
+        &["--history-size", "3", "--max-publish-rate", "0"],
+    );
+    let channel = cluster.channel_owned_by(1, "ticks");
+    let publisher = cluster.connect(0);
+    for i in 1..=10u64 {
+        let key = format!("k{}", i % 5);
+        publish_keyed(&cluster, &publisher, &channel, &key, json!(i));
+    }
+    cluster.settle();
+    let recent = cluster.connect(0);
+    cluster.send(
+        &recent,
+        json!({"action": "subscribe", "channel": channel, "since": 8, "snapshot": true}),
+    );
+    let behind = cluster.connect(1);
+    cluster.send(
+        &behind,
+        json!({"action": "subscribe", "channel": channel, "since": 2, "snapshot": true}),
+    );
+    cluster.settle();
+    let (messages, subscribed) = keyed_messages(&recent.events());
+    let seqs: Vec<u64> = messages.iter().map(|m| m.0).collect();
+    assert_eq!(seqs, [9, 10], "the replay, not a snapshot");
+    assert_eq!(subscribed, Some((10, json!(true))));
+    let (messages, subscribed) = keyed_messages(&behind.events());
+    let seqs: Vec<u64> = messages.iter().map(|m| m.0).collect();
+    assert_eq!(seqs, [6, 7, 8, 9, 10], "the snapshot of five keys instead");
+    assert_eq!(subscribed, Some((10, json!(false))));
+}
+
+fn past_the_key_limit_the_least_recently_updated_key_is_forgotten(backplane: Backplane) {
+    let cluster = Cluster::new(
+        backplane,
+        2,
+        &["--max-keys-per-channel", "3", "--max-publish-rate", "0"],
+    );
+    if let Some(redis) = &cluster.redis {
+        redis.borrow_mut().max_keys = 3;
+    }
+    let channel = cluster.channel_owned_by(1, "lru");
+    let publisher = cluster.connect(0);
+    for key in ["a", "b", "c", "d", "b", "e"] {
+        publish_keyed(&cluster, &publisher, &channel, key, json!(key));
+    }
+    cluster.settle();
+    for shard in 0..2 {
+        let subscriber = cluster.connect(shard);
+        cluster.send(
+            &subscriber,
+            json!({"action": "subscribe", "channel": channel, "snapshot": true}),
+        );
+        cluster.settle();
+        let (messages, _) = keyed_messages(&subscriber.events());
+        assert_eq!(
+            messages,
+            vec![(4, json!("d")), (5, json!("b")), (6, json!("e"))],
+            "a and c were updated least recently"
+        );
+    }
+}
+
+fn latest_values_expire_with_history(backplane: Backplane) {
+    let cluster = Cluster::new(
+        backplane,
+        2,
+        &["--history-ttl", "60", "--max-publish-rate", "0"],
+    );
+    let channel = cluster.channel_owned_by(1, "aging");
+    let publisher = cluster.connect(0);
+    publish_keyed(&cluster, &publisher, &channel, "old", json!(1));
+    cluster.settle();
+    cluster.advance(40);
+    publish_keyed(&cluster, &publisher, &channel, "new", json!(2));
+    cluster.settle();
+    cluster.advance(21);
+    cluster.tick();
+    let subscriber = cluster.connect(0);
+    cluster.send(
+        &subscriber,
+        json!({"action": "subscribe", "channel": channel, "snapshot": true}),
+    );
+    cluster.settle();
+    let (messages, subscribed) = keyed_messages(&subscriber.events());
+    assert_eq!(messages, vec![(2, json!("new"))], "61 s old: gone");
+    assert_eq!(subscribed, Some((2, Value::Null)));
+}
+
+/// Runs each named test on one backplane.
 macro_rules! on_backplane {
     ($module:ident, $backplane:expr, $($test:ident),* $(,)?) => {
         mod $module {
@@ -664,6 +861,10 @@ contract!(
     slow_consumers_are_disconnected_or_lose_their_oldest_and_readers_are_not,
     a_silent_client_is_pinged_then_dropped_and_a_pong_keeps_it,
     history_older_than_its_ttl_is_not_replayed,
+    a_snapshot_holds_the_latest_of_every_key_and_live_follows_without_gap,
+    snapshot_with_since_replays_when_it_can_and_sends_the_snapshot_when_it_cannot,
+    past_the_key_limit_the_least_recently_updated_key_is_forgotten,
+    latest_values_expire_with_history,
 );
 
 /// Tokens signed with the secret `TOKEN_SECRET`.

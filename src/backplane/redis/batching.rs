@@ -107,6 +107,8 @@ pub struct CallSettings {
     pub history_ttl: Duration,
     pub state_ttl: Duration,
     pub history_channel_bytes: usize,
+    /// --max-keys-per-channel (0: no latest values kept).
+    pub max_keys: usize,
     /// SPUBLISH on a cluster, PUBLISH otherwise.
     pub sharded: bool,
 }
@@ -122,7 +124,7 @@ pub struct ScriptCall {
 /// Lays out `call` as the publish script reads it (see `scripts::PUBLISH`);
 /// `epoch` names the epoch a channel starts if its counter restarts.
 pub fn script_call(call: Call, settings: &CallSettings, epoch: String) -> ScriptCall {
-    let mut args: Vec<Value> = Vec::with_capacity(6 + 2 * call.channels.len() + call.items);
+    let mut args: Vec<Value> = Vec::with_capacity(7 + 2 * call.channels.len() + call.items);
     args.push(Value::Integer(settings.history_size as i64));
     args.push(Value::Integer(settings.history_ttl.as_millis() as i64));
     args.push(Value::Integer(settings.state_ttl.as_millis() as i64));
@@ -133,12 +135,15 @@ pub fn script_call(call: Call, settings: &CallSettings, epoch: String) -> Script
         "PUBLISH"
     }));
     args.push(Value::Integer(settings.history_channel_bytes as i64));
-    let mut keys: Vec<String> = Vec::with_capacity(3 * call.channels.len());
+    args.push(Value::Integer(settings.max_keys as i64));
+    let mut keys: Vec<String> = Vec::with_capacity(5 * call.channels.len());
     let mut waiters = Vec::with_capacity(call.channels.len());
     for (k, items) in call.channels {
         keys.push(k.seq.clone());
         keys.push(k.epoch.clone());
         keys.push(k.hist.clone());
+        keys.push(k.latest.clone());
+        keys.push(k.keys.clone());
         args.push(Value::from(k.pubsub.clone()));
         args.push(Value::Integer(items.len() as i64));
         let mut acks = Vec::with_capacity(items.len());
@@ -169,16 +174,19 @@ pub fn publish_reply(value: Value, channels: usize) -> Option<Vec<u64>> {
         .collect::<Option<Vec<u64>>>()
 }
 
-/// The fetch script's reply: epoch, seq, then seq, item and age in
-/// milliseconds per entry.
-pub fn fetch_reply(value: Value) -> Option<FetchReply> {
+/// The fetch script's reply: epoch, seq, the number of history entries,
+/// then seq, item and age in milliseconds per history entry, then per
+/// latest value when `latest` was asked for.
+pub fn fetch_reply(value: Value, latest: bool) -> Option<FetchReply> {
     let Value::Array(parts) = value else {
         return None;
     };
     let mut parts = parts.into_iter();
     let epoch = parts.next()?.as_string()?;
     let seq = parts.next()?.as_u64()?;
+    let in_history = parts.next()?.as_u64()? as usize;
     let mut entries = Vec::new();
+    let mut values = Vec::new();
     while let Some(seq) = parts.next() {
         let seq = seq.as_u64()?;
         let item = match parts.next()? {
@@ -187,12 +195,22 @@ pub fn fetch_reply(value: Value) -> Option<FetchReply> {
             _ => return None,
         };
         let age = Duration::from_millis(parts.next()?.as_u64()?);
-        entries.push(FetchedEntry { seq, item, age });
+        let entry = FetchedEntry { seq, item, age };
+        if entries.len() < in_history {
+            entries.push(entry);
+        } else {
+            values.push(entry);
+        }
     }
+    if entries.len() < in_history {
+        return None;
+    }
+    values.sort_unstable_by_key(|v| v.seq);
     Some(FetchReply {
         epoch,
         seq,
         entries,
+        latest: latest.then_some(values),
     })
 }
 
@@ -290,17 +308,28 @@ mod tests {
             history_ttl: Duration::from_secs(300),
             state_ttl: Duration::from_secs(86_400),
             history_channel_bytes: 1 << 20,
+            max_keys: 10,
             sharded: false,
         };
         let laid = script_call(call, &settings, "e-".into());
         let k = keys("a");
-        assert_eq!(laid.keys, [k.seq.clone(), k.epoch.clone(), k.hist.clone()]);
-        assert_eq!(laid.args.len(), 6 + 2 + 2);
+        assert_eq!(
+            laid.keys,
+            [
+                k.seq.clone(),
+                k.epoch.clone(),
+                k.hist.clone(),
+                k.latest.clone(),
+                k.keys.clone()
+            ]
+        );
+        assert_eq!(laid.args.len(), 7 + 2 + 2);
         assert_eq!(laid.args[0].as_u64(), Some(100));
         assert_eq!(laid.args[1].as_u64(), Some(300_000));
         assert_eq!(laid.args[4].as_string().as_deref(), Some("PUBLISH"));
-        assert_eq!(laid.args[6].as_string(), Some(k.pubsub.clone()));
-        assert_eq!(laid.args[7].as_u64(), Some(2));
+        assert_eq!(laid.args[6].as_u64(), Some(10));
+        assert_eq!(laid.args[7].as_string(), Some(k.pubsub.clone()));
+        assert_eq!(laid.args[8].as_u64(), Some(2));
         assert_eq!(laid.waiters, [vec![(2, 7), (3, 8)]]);
     }
 
@@ -313,16 +342,28 @@ mod tests {
         let fetch = Value::Array(vec![
             "ep".into(),
             12.into(),
+            1.into(),
             11.into(),
             Value::Bytes(Bytes::from_static(b"j1")),
             1500.into(),
+            12.into(),
+            Value::Bytes(Bytes::from_static(b"K1\naj2")),
+            10.into(),
+            9.into(),
+            Value::Bytes(Bytes::from_static(b"K1\nbj3")),
+            20.into(),
         ]);
-        let reply = fetch_reply(fetch).expect("a reply");
+        let reply = fetch_reply(fetch.clone(), true).expect("a reply");
         assert_eq!((reply.epoch.as_str(), reply.seq), ("ep", 12));
         assert_eq!(reply.entries.len(), 1);
         assert_eq!(reply.entries[0].seq, 11);
         assert_eq!(reply.entries[0].age, Duration::from_millis(1500));
-        let truncated = Value::Array(vec!["ep".into(), 12.into(), 11.into()]);
-        assert!(fetch_reply(truncated).is_none());
+        let latest = reply.latest.expect("latest values");
+        assert_eq!(latest.iter().map(|v| v.seq).collect::<Vec<_>>(), [9, 12]);
+        assert!(fetch_reply(fetch, false).unwrap().latest.is_none());
+        let truncated = Value::Array(vec!["ep".into(), 12.into(), 1.into(), 11.into()]);
+        assert!(fetch_reply(truncated, false).is_none());
+        let missing = Value::Array(vec!["ep".into(), 12.into(), 2.into()]);
+        assert!(fetch_reply(missing, false).is_none());
     }
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::event::{Event, FetchReply};
+use super::event::{Event, FetchReply, FetchedEntry};
 use super::follower::{self, RemoteChannel, Snapshot};
 use super::{RedisCmd, RedisHandle};
 use crate::backplane::broker::{Broker, BrokerEvent, Effect, Holdings, Publication, Waiter};
@@ -86,11 +86,13 @@ impl RedisBroker {
                     fetch,
                     after,
                     epoch,
+                    latest,
                 } => self.redis.control(RedisCmd::Fetch {
                     channel: channel.clone(),
                     fetch,
                     after,
                     epoch,
+                    latest,
                 }),
                 follower::Effect::Gap(lost) => {
                     tracing::warn!(%channel, lost, "publications lost beyond Redis history");
@@ -109,31 +111,28 @@ impl RedisBroker {
 
     /// Decodes a fetch answer into publications of `channel`.
     fn snapshot(channel: &Arc<str>, reply: FetchReply, at: Instant) -> Snapshot {
-        let entries = reply
-            .entries
-            .iter()
-            .filter_map(|entry| match envelope::decode_item(&entry.item) {
-                Ok((key, data)) => {
-                    let stored = at.checked_sub(entry.age).unwrap_or(at);
-                    Some(Publication::encode(
-                        channel,
-                        Some(entry.seq),
-                        key,
-                        &data,
-                        stored,
-                    ))
-                }
-                Err(e) => {
-                    let seq = entry.seq;
-                    tracing::warn!(%channel, seq, error = %e, "undecodable history entry skipped");
-                    None
-                }
-            })
-            .collect();
+        let decode = |entries: &[FetchedEntry]| -> Vec<Arc<Publication>> {
+            entries
+                .iter()
+                .filter_map(|entry| match envelope::decode_item(&entry.item) {
+                    Ok((key, data)) => {
+                        let stored = at.checked_sub(entry.age).unwrap_or(at);
+                        let seq = Some(entry.seq);
+                        Some(Publication::encode(channel, seq, key, &data, stored))
+                    }
+                    Err(e) => {
+                        let seq = entry.seq;
+                        tracing::warn!(%channel, seq, error = %e, "undecodable entry skipped");
+                        None
+                    }
+                })
+                .collect()
+        };
         Snapshot {
             epoch: reply.epoch.into(),
             seq: reply.seq,
-            entries,
+            entries: decode(&reply.entries),
+            latest: reply.latest.as_deref().map(decode),
         }
     }
 

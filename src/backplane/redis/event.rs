@@ -30,12 +30,14 @@ pub enum Event {
 }
 
 /// What a fetch found: the channel's epoch ("" when it has no state yet),
-/// its seq, and the history entries asked for, oldest first.
+/// its seq, the history entries asked for, oldest first, and when asked
+/// for, the latest value of every key, in seq order.
 #[derive(Debug, Default)]
 pub struct FetchReply {
     pub epoch: String,
     pub seq: u64,
     pub entries: Vec<FetchedEntry>,
+    pub latest: Option<Vec<FetchedEntry>>,
 }
 
 /// One history entry: its seq, its item, and how long ago Redis stored it

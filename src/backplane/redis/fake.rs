@@ -24,6 +24,8 @@ struct Stored {
     seq: u64,
     /// Seq, item, and when it was stored.
     entries: VecDeque<(u64, Bytes, Instant)>,
+    /// Per key, the latest of the same.
+    latest: HashMap<Option<Arc<str>>, (u64, Bytes, Instant)>,
 }
 
 pub struct FakeRedis {
@@ -45,6 +47,8 @@ pub struct FakeRedis {
     deaf: bool,
     /// Fetches fail while set.
     pub fail_fetches: bool,
+    /// Keys whose latest value a channel keeps (--max-keys-per-channel).
+    pub max_keys: usize,
 }
 
 impl FakeRedis {
@@ -72,6 +76,7 @@ impl FakeRedis {
             epochs: 0,
             deaf: false,
             fail_fetches: false,
+            max_keys: 10_000,
         };
         (fake, handle)
     }
@@ -107,8 +112,10 @@ impl FakeRedis {
                     fetch,
                     after,
                     epoch,
+                    latest,
                 } => {
-                    let reply = (!self.fail_fetches).then(|| self.fetch(&channel, after, &epoch));
+                    let reply =
+                        (!self.fail_fetches).then(|| self.fetch(&channel, after, &epoch, latest));
                     self.shards.to_owner(
                         &channel.clone(),
                         Event::Fetched {
@@ -143,6 +150,15 @@ impl FakeRedis {
         for item in items {
             stored.seq += 1;
             let entry = (stored.seq, Bytes::from(item.clone()), self.now);
+            if self.max_keys > 0 {
+                let key = envelope::decode_item(item).ok().and_then(|(key, _)| key);
+                stored.latest.insert(key, entry.clone());
+                if stored.latest.len() > self.max_keys {
+                    let oldest = stored.latest.iter().min_by_key(|(_, (seq, _, _))| *seq);
+                    let oldest = oldest.map(|(key, _)| key.clone()).expect("not empty");
+                    stored.latest.remove(&oldest);
+                }
+            }
             stored.entries.push_back(entry);
             if stored.entries.len() > self.history {
                 stored.entries.pop_front();
@@ -167,10 +183,29 @@ impl FakeRedis {
     }
 
     /// What the fetch script answers.
-    fn fetch(&self, channel: &str, after: Option<u64>, epoch: &str) -> FetchReply {
+    fn fetch(&self, channel: &str, after: Option<u64>, epoch: &str, latest: bool) -> FetchReply {
         let Some(stored) = self.channels.get(channel) else {
-            return FetchReply::default();
+            return FetchReply {
+                latest: latest.then(Vec::new),
+                ..FetchReply::default()
+            };
         };
+        let fresh = |at: &Instant| self.now.saturating_duration_since(*at) <= self.ttl;
+        let entry = |(seq, item, at): &(u64, Bytes, Instant)| FetchedEntry {
+            seq: *seq,
+            item: item.clone(),
+            age: self.now.saturating_duration_since(*at),
+        };
+        let latest = latest.then(|| {
+            let mut values: Vec<FetchedEntry> = stored
+                .latest
+                .values()
+                .filter(|(_, _, at)| fresh(at))
+                .map(entry)
+                .collect();
+            values.sort_unstable_by_key(|v| v.seq);
+            values
+        });
         let after = match after {
             Some(_) if !epoch.is_empty() && epoch != stored.epoch => Some(0),
             after => after,
@@ -181,12 +216,8 @@ impl FakeRedis {
                 .iter()
                 .filter(|(seq, _, _)| *seq > after)
                 .take(self.history)
-                .filter(|(_, _, at)| self.now.saturating_duration_since(*at) <= self.ttl)
-                .map(|(seq, item, at)| FetchedEntry {
-                    seq: *seq,
-                    item: item.clone(),
-                    age: self.now.saturating_duration_since(*at),
-                })
+                .filter(|(_, _, at)| fresh(at))
+                .map(entry)
                 .collect(),
             _ => Vec::new(),
         };
@@ -194,13 +225,15 @@ impl FakeRedis {
             epoch: stored.epoch.clone(),
             seq: stored.seq,
             entries,
+            latest,
         }
     }
 
-    /// Another node publishes JSON `data` to `channel` through Redis.
-    pub fn publish_from_elsewhere(&mut self, channel: &str, data: &str) {
+    /// Another node publishes JSON `data` to `channel` through Redis,
+    /// under `key` if given.
+    pub fn publish_from_elsewhere(&mut self, channel: &str, key: Option<&str>, data: &str) {
         let data = crate::protocol::Data::from_json_slice(data.as_bytes()).expect("valid JSON");
-        self.store(&channel.into(), &[envelope::encode_item(None, &data)]);
+        self.store(&channel.into(), &[envelope::encode_item(key, &data)]);
     }
 
     /// The pub/sub link loses everything from now on, and the node is not

@@ -40,11 +40,13 @@ pub enum Effect {
         epoch: Arc<str>,
         replay: Replay,
     },
-    /// Ask Redis for the channel's state and the history after `after`.
+    /// Ask Redis for the channel's state and the history after `after`,
+    /// and the latest value of every key when `latest`.
     Fetch {
         fetch: u64,
         after: Option<u64>,
         epoch: Arc<str>,
+        latest: bool,
     },
     /// Sequenced publications were lost for good (count of seqs skipped).
     Gap(u64),
@@ -57,6 +59,8 @@ pub struct Snapshot {
     pub seq: u64,
     /// Decoded entries, oldest first.
     pub entries: Vec<Arc<Publication>>,
+    /// The latest value of every key, in seq order, when asked for.
+    pub latest: Option<Vec<Arc<Publication>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +92,9 @@ pub struct RemoteChannel {
     /// Set once the first snapshot arrived: later snapshots catch up the
     /// node's subscribers instead of only seeding history.
     delivering: bool,
+    /// The latest values kept are every key's, as Redis has them: seeded
+    /// by a fetch and kept up by every publication since, none lost.
+    latest_complete: bool,
     waiting: Vec<Waiting>,
     buffer: VecDeque<(Option<Arc<str>>, Arc<Publication>)>,
     fetches: u64,
@@ -104,6 +111,7 @@ impl RemoteChannel {
             limits,
             phase: Phase::Joining,
             delivering: false,
+            latest_complete: false,
             waiting: Vec::new(),
             buffer: VecDeque::new(),
             fetches: 0,
@@ -153,6 +161,17 @@ impl RemoteChannel {
                 replay
             }
         };
+        let wants_snapshot =
+            waiter.snapshot && matches!(replay, Replay::NotAsked | Replay::NotRecovered);
+        if wants_snapshot && !self.latest_complete && self.limits.keys > 0 {
+            // Redis holds the values this node has not seen.
+            self.waiting.push(Waiting {
+                waiter,
+                covered: false,
+            });
+            return self.start_fetch(fx);
+        }
+        let replay = replay.or_snapshot(waiter.snapshot, || self.history.latest_values());
         fx.push(Effect::Ack {
             waiter,
             seq: self.seq,
@@ -190,6 +209,7 @@ impl RemoteChannel {
             fetch: self.fetches,
             after,
             epoch: self.epoch.clone(),
+            latest: !self.latest_complete && self.limits.keys > 0,
         });
     }
 
@@ -254,7 +274,12 @@ impl RemoteChannel {
         if snap.epoch != self.epoch {
             self.epoch = snap.epoch.clone();
             self.seq = 0;
-            self.history.clear();
+            self.history.forget_all();
+            self.latest_complete = false;
+        }
+        if let Some(values) = &snap.latest {
+            self.history.replace_latest(values, self.limits.keys);
+            self.latest_complete = true;
         }
         if self.delivering {
             for p in &snap.entries {
@@ -264,11 +289,13 @@ impl RemoteChannel {
                 }
                 if seq != self.seq + 1 {
                     fx.push(Effect::Gap(seq - self.seq - 1));
+                    self.latest_complete &= snap.latest.is_some();
                 }
                 self.deliver(p.clone(), fx);
             }
             if snap.seq > self.seq {
                 fx.push(Effect::Gap(snap.seq - self.seq));
+                self.latest_complete &= snap.latest.is_some();
                 self.history.clear();
                 self.seq = snap.seq;
             }
@@ -314,10 +341,17 @@ impl RemoteChannel {
                     self.seq,
                 ),
             };
-            if matches!(replay, Replay::NotRecovered) && !waiting.covered {
+            let wants_snapshot = waiting.waiter.snapshot
+                && matches!(replay, Replay::NotAsked | Replay::NotRecovered)
+                && self.limits.keys > 0;
+            let incomplete =
+                matches!(replay, Replay::NotRecovered) || (wants_snapshot && !self.latest_complete);
+            if incomplete && !waiting.covered {
                 still_waiting.push(waiting);
                 continue;
             }
+            let snapshot = waiting.waiter.snapshot;
+            let replay = replay.or_snapshot(snapshot, || self.history.latest_values());
             fx.push(Effect::Ack {
                 waiter: waiting.waiter,
                 seq: self.seq,
@@ -360,7 +394,12 @@ mod tests {
     use super::*;
 
     fn waiter(from: usize, token: u32, since: Option<(u64, Option<String>)>) -> Waiter {
-        Waiter { from, token, since }
+        Waiter {
+            from,
+            token,
+            since,
+            snapshot: false,
+        }
     }
 
     fn p(seq: u64) -> Arc<Publication> {
@@ -378,6 +417,7 @@ mod tests {
         Limits {
             size,
             bytes: usize::MAX,
+            keys: 0,
         }
     }
 
@@ -397,6 +437,7 @@ mod tests {
             epoch: epoch.into(),
             seq,
             entries: (from..=seq).map(p).collect(),
+            latest: None,
         }
     }
 

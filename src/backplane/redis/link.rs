@@ -352,7 +352,8 @@ impl Link {
                     fetch,
                     after,
                     epoch,
-                } => self.fetch(channel, fetch, after, epoch),
+                    latest,
+                } => self.fetch(channel, fetch, after, epoch, latest),
                 RedisCmd::Revoke { what, until } => self.revoke(what, until),
             }
             taken += 1;
@@ -431,6 +432,7 @@ impl Link {
             history_ttl: self.history.ttl,
             state_ttl: self.redis.state_ttl,
             history_channel_bytes: self.history.channel_bytes,
+            max_keys: self.history.keys,
             sharded: self.clustered,
         };
         let epoch = format!("{}{:x}-", &self.node_tag[..8], self.epoch_counter);
@@ -487,7 +489,14 @@ impl Link {
         });
     }
 
-    fn fetch(&mut self, channel: Arc<str>, fetch: u64, after: Option<u64>, epoch: Arc<str>) {
+    fn fetch(
+        &mut self,
+        channel: Arc<str>,
+        fetch: u64,
+        after: Option<u64>,
+        epoch: Arc<str>,
+        latest: bool,
+    ) {
         let keys = self.keys(&channel);
         let client = self.commands.clone();
         let shards = self.shards.clone();
@@ -497,16 +506,22 @@ impl Link {
             Value::from(epoch.to_string()),
             Value::Integer(self.history.ttl.as_millis() as i64),
             Value::Integer(self.history.size.max(1) as i64),
+            Value::from(if latest { "1" } else { "0" }),
         ];
         tokio::spawn(async move {
             let options = Options {
                 timeout: Some(Duration::from_secs(5)),
                 ..Options::default()
             };
-            let keys = vec![keys.seq.clone(), keys.epoch.clone(), keys.hist.clone()];
+            let keys = vec![
+                keys.seq.clone(),
+                keys.epoch.clone(),
+                keys.hist.clone(),
+                keys.latest.clone(),
+            ];
             let result = run_script(&client, &options, &sha, scripts::FETCH, keys, args).await;
             let reply = match result {
-                Ok(v) => batching::fetch_reply(v),
+                Ok(v) => batching::fetch_reply(v, latest),
                 Err(e) => {
                     tracing::debug!(error = %e, %channel, "history fetch failed");
                     None

@@ -51,13 +51,15 @@ pub enum RedisCmd {
     /// From the channel's owner: no subscriber is left on the node.
     Unsubscribe { channel: Arc<str> },
     /// From the channel's owner: read seq, epoch and the history after
-    /// `after` (all of it if the epoch differs from `epoch`); answered with
+    /// `after` (all of it if the epoch differs from `epoch`), and the
+    /// latest value of every key when `latest`; answered with
     /// `Event::Fetched { fetch }`.
     Fetch {
         channel: Arc<str>,
         fetch: u64,
         after: Option<u64>,
         epoch: Arc<str>,
+        latest: bool,
     },
     /// A revocation to keep in Redis and tell every node of.
     Revoke {

@@ -1,10 +1,14 @@
 //! The Lua scripts ringcast runs in Redis and the keys they touch.
 //!
 //! Per ringcast channel `c`, with `N = prefix + c` (also its pub/sub
-//! channel), three keys share N's hash slot so one script may touch them and
+//! channel), five keys share N's hash slot so one script may touch them and
 //! publish on N even on a Redis Cluster: `B:seq` (counter), `B:epoch`
-//! (string) and `B:hist` (a stream whose entry IDs are the seqs, so "what
-//! came after seq s" is one `XRANGE` and a missing entry is visible).
+//! (string), `B:hist` (a stream whose entry IDs are the seqs, so "what
+//! came after seq s" is one `XRANGE` and a missing entry is visible),
+//! `B:latest` (a hash: per key, `"" ` for keyless publications, the latest
+//! publication as `<seq> <stored, Unix ms> <item>`) and `B:keys` (a sorted
+//! set of the same keys scored by seq, to forget the least recently
+//! updated past the limit).
 
 use std::sync::OnceLock;
 
@@ -12,10 +16,11 @@ use std::sync::OnceLock;
 /// channels in one atomic step. Batching happens in the arguments because
 /// every script call is a socket flush in fred.
 ///
-/// KEYS: per channel `seq`, `epoch`, `hist`.
+/// KEYS: per channel `seq`, `epoch`, `hist`, `latest`, `keys`.
 /// ARGV: history size, history TTL ms, state TTL ms, epoch candidate,
-/// publish command (`PUBLISH`/`SPUBLISH`), history bytes per channel, then
-/// per channel: the pub/sub channel, the item count n, n items.
+/// publish command (`PUBLISH`/`SPUBLISH`), history bytes per channel, most
+/// keys per channel (0: no latest values), then per channel: the pub/sub
+/// channel, the item count n, n items.
 /// Returns per channel: epoch, first seq.
 ///
 /// Seq, epoch and history exist together or not at all: when the counter
@@ -28,6 +33,10 @@ use std::sync::OnceLock;
 /// subtraction, and the oldest entries go while more than the limit is
 /// held (all of them when the newest alone is larger). Entries written by
 /// an earlier ringcast carry no `o`; the byte bound starts after them.
+///
+/// Latest values: each key's last item of the call is written once, and
+/// the keys updated least recently are dropped past the limit. They expire
+/// with the history.
 pub const PUBLISH: &str = r#"
 local hsize = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -35,6 +44,12 @@ local state_ttl = tonumber(ARGV[3])
 local cand = ARGV[4]
 local cmd = ARGV[5]
 local hbytes = tonumber(ARGV[6])
+local maxkeys = tonumber(ARGV[7])
+local function key_of(item)
+  local klen = string.match(item, '^K(%d+)\n')
+  if not klen then return '' end
+  return string.sub(item, #klen + 3, #klen + 2 + tonumber(klen))
+end
 local function offset(f)
   if f[5] == 'o' then return tonumber(f[6]) end
 end
@@ -55,14 +70,15 @@ local function trim_to_bytes(key, total)
   end
 end
 local now = 0
-if hsize > 0 then
+if hsize > 0 or maxkeys > 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local out = {}
-local a = 7
-for c = 1, #KEYS / 3 do
-  local kseq, kepoch, khist = KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c]
+local a = 8
+for c = 1, #KEYS / 5 do
+  local kseq, kepoch, khist = KEYS[5 * c - 4], KEYS[5 * c - 3], KEYS[5 * c - 2]
+  local klatest, kkeys = KEYS[5 * c - 1], KEYS[5 * c]
   local name = ARGV[a]
   local n = tonumber(ARGV[a + 1])
   a = a + 2
@@ -73,7 +89,7 @@ for c = 1, #KEYS / 3 do
     epoch = cand .. c
     redis.call('SET', kseq, n)
     redis.call('SET', kepoch, epoch)
-    redis.call('DEL', khist)
+    redis.call('DEL', khist, klatest, kkeys)
   end
   local first = last - n + 1
   local parts = {'\0rc1\n', epoch, '\n', tostring(first), '\n'}
@@ -84,14 +100,33 @@ for c = 1, #KEYS / 3 do
       taken = offset(newest[1][2]) or 0
     end
   end
+  local last_of = {}
   for i = 0, n - 1 do
     local item = ARGV[a + i]
     if hsize > 0 then
       taken = taken + #item
       redis.call('XADD', khist, 'MAXLEN', hsize, tostring(first + i) .. '-0', 'd', item, 't', now, 'o', taken)
     end
+    if maxkeys > 0 then
+      last_of[key_of(item)] = i
+    end
     parts[#parts + 1] = tostring(#item) .. '\n'
     parts[#parts + 1] = item
+  end
+  if maxkeys > 0 then
+    for k, i in pairs(last_of) do
+      redis.call('HSET', klatest, k, tostring(first + i) .. ' ' .. now .. ' ' .. ARGV[a + i])
+      redis.call('ZADD', kkeys, first + i, k)
+    end
+    local extra = redis.call('ZCARD', kkeys) - maxkeys
+    if extra > 0 then
+      local gone = redis.call('ZPOPMIN', kkeys, extra)
+      for j = 1, #gone, 2 do
+        redis.call('HDEL', klatest, gone[j])
+      end
+    end
+    redis.call('PEXPIRE', klatest, ttl)
+    redis.call('PEXPIRE', kkeys, ttl)
   end
   a = a + n
   if hsize > 0 then
@@ -109,26 +144,29 @@ return out
 
 /// Reads one channel's state in one consistent snapshot.
 ///
-/// KEYS: `seq`, `epoch`, `hist`. ARGV: after (-1: no entries wanted),
-/// expected epoch ("" for none), history TTL ms, most entries.
-/// Returns: epoch ("" when the channel has no state), seq, then per entry
-/// after `after` (all of history when the epoch is not the expected one):
-/// its seq and its item. Entries older than the TTL are left out.
+/// KEYS: `seq`, `epoch`, `hist`, `latest`. ARGV: after (-1: no entries
+/// wanted), expected epoch ("" for none), history TTL ms, most entries,
+/// `1` when the latest values are wanted.
+/// Returns: epoch ("" when the channel has no state), seq, the number of
+/// history entries n, then per entry after `after` (all of history when the
+/// epoch is not the expected one): its seq, its item and its age in ms;
+/// then, when asked, the same three per latest value. Anything older than
+/// the TTL is left out.
 pub const FETCH: &str = r#"
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
-  return {'', 0}
+  return {'', 0, 0}
 end
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-local out = {epoch, seq}
+local out = {epoch, seq, 0}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local oldest = now - tonumber(ARGV[3])
 local after = tonumber(ARGV[1])
 if ARGV[2] ~= '' and ARGV[2] ~= epoch then
   after = 0
 end
 if after >= 0 and after < seq then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local oldest = now - tonumber(ARGV[3])
   local entries = redis.call('XRANGE', KEYS[3], tostring(after + 1) .. '-0', '+', 'COUNT', ARGV[4])
   for _, e in ipairs(entries) do
     local f = e[2]
@@ -136,6 +174,22 @@ if after >= 0 and after < seq then
       out[#out + 1] = tonumber(string.match(e[1], '^(%d+)'))
       out[#out + 1] = f[2]
       out[#out + 1] = now - tonumber(f[4])
+      out[3] = out[3] + 1
+    end
+  end
+end
+if ARGV[5] == '1' then
+  local values = redis.call('HVALS', KEYS[4])
+  for _, v in ipairs(values) do
+    local s1 = string.find(v, ' ', 1, true)
+    local s2 = s1 and string.find(v, ' ', s1 + 1, true)
+    if s2 then
+      local stored = tonumber(string.sub(v, s1 + 1, s2 - 1))
+      if stored >= oldest then
+        out[#out + 1] = tonumber(string.sub(v, 1, s1 - 1))
+        out[#out + 1] = string.sub(v, s2 + 1)
+        out[#out + 1] = now - stored
+      end
     end
   end
 end
@@ -199,6 +253,8 @@ pub struct ChannelKeys {
     pub seq: String,
     pub epoch: String,
     pub hist: String,
+    pub latest: String,
+    pub keys: String,
     /// The Redis Cluster hash slot of all of the above.
     pub slot: u16,
 }
@@ -212,6 +268,8 @@ impl ChannelKeys {
             seq: format!("{base}:seq"),
             epoch: format!("{base}:epoch"),
             hist: format!("{base}:hist"),
+            latest: format!("{base}:latest"),
+            keys: format!("{base}:keys"),
             pubsub,
         }
     }
@@ -278,7 +336,7 @@ mod tests {
             let k = ChannelKeys::new("ringcast:", channel);
             let slot = redis_keyslot(k.pubsub.as_bytes());
             assert_eq!(k.slot, slot);
-            for key in [&k.seq, &k.epoch, &k.hist] {
+            for key in [&k.seq, &k.epoch, &k.hist, &k.latest, &k.keys] {
                 assert_eq!(redis_keyslot(key.as_bytes()), slot, "{channel}: {key}");
             }
         }
