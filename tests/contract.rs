@@ -334,6 +334,63 @@ async fn snapshots_hold_every_keys_latest_across_shards_and_nodes(backplane: Bac
     );
 }
 
+/// Conflation end to end: a burst far faster than the window reaches a
+/// conflating subscriber (in each format) merged, with seqs that only
+/// grow, every key's last value, and `conflated` counting exactly what was
+/// merged; a subscriber without it gets everything. When windows close is
+/// checked on a virtual clock in `src/hub/conflation.rs` and measured in
+/// `bench/`.
+async fn conflated_subscribers_get_every_keys_last_value_and_exact_counts(backplane: Backplane) {
+    let setup = start(backplane, &["--allow-client-publish", "true"]).await;
+    let relay = &setup.relay;
+    let mut plain = Client::connect(relay, Fmt::Json).await;
+    plain.subscribe("burst").await;
+    let mut conflating = Vec::new();
+    for fmt in [Fmt::Json, Fmt::MsgPack] {
+        let mut c = Client::connect(relay, fmt).await;
+        c.send(json!({"action": "subscribe", "channel": "burst", "conflate_ms": 100}))
+            .await;
+        c.expect_type("subscribed").await;
+        conflating.push(c);
+    }
+    const KEYS: u64 = 10;
+    const TOTAL: u64 = 1000;
+    let mut publisher = Client::connect(relay, Fmt::Json).await;
+    let frame: Vec<Value> = (1..=TOTAL)
+        .map(|i| json!({"action": "publish", "channel": "burst", "key": format!("k{}", i % KEYS), "data": i}))
+        .collect();
+    publisher.send(Value::Array(frame)).await;
+    assert_eq!(
+        messages(&mut plain, TOTAL as usize).await,
+        (1..=TOTAL).collect::<Vec<_>>()
+    );
+    for c in &mut conflating {
+        let mut counted = std::collections::HashMap::new();
+        let mut last_seq = 0;
+        let mut delivered = 0;
+        while counted.values().sum::<u64>() < TOTAL {
+            let event = c.next().await;
+            assert_eq!(event["type"], "message", "{event}");
+            let seq = event["seq"].as_u64().unwrap();
+            assert!(seq > last_seq, "seqs only grow: {seq} after {last_seq}");
+            last_seq = seq;
+            let key = event["key"].as_str().unwrap().to_string();
+            assert_eq!(key, format!("k{}", seq % KEYS));
+            let merged = event["conflated"].as_u64().unwrap_or(0);
+            *counted.entry(key).or_insert(0) += 1 + merged;
+            delivered += 1;
+        }
+        assert_eq!(last_seq, TOTAL, "the last value arrives");
+        assert_eq!(counted.len() as u64, KEYS);
+        assert!(counted.values().all(|&n| n == TOTAL / KEYS), "{counted:?}");
+        assert!(
+            delivered < TOTAL,
+            "{:?}: {delivered} of {TOTAL}: merged",
+            c.fmt
+        );
+    }
+}
+
 /// Runs each named scenario as a test on one backplane.
 macro_rules! on_backplane {
     ($module:ident, $backplane:expr, $($scenario:ident),* $(,)?) => {
@@ -362,4 +419,5 @@ contract!(
     array_answers_keep_the_requests_order,
     keys_travel_with_their_messages_in_both_formats,
     snapshots_hold_every_keys_latest_across_shards_and_nodes,
+    conflated_subscribers_get_every_keys_last_value_and_exact_counts,
 );

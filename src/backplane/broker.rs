@@ -87,6 +87,20 @@ impl Publication {
             msgpack: msgpack.into_boxed_slice(),
         })
     }
+
+    /// The same publication with `conflated: n` in its event: made once
+    /// per conflated delivery and shared by every subscriber it goes to.
+    pub fn with_conflated(&self, n: u32) -> Arc<Self> {
+        let (json, msgpack) = crate::protocol::with_conflated(&self.json, &self.msgpack, n);
+        Arc::new(Publication {
+            channel: self.channel.clone(),
+            seq: self.seq,
+            key: self.key.clone(),
+            at: self.at,
+            json: json.into_boxed_slice(),
+            msgpack: msgpack.into_boxed_slice(),
+        })
+    }
 }
 
 /// Shards are numbered below 128 (checked at start), one bit each.

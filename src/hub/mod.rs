@@ -30,6 +30,7 @@
 //! backplane's queues. A borrow of the state is never held across a call
 //! that could re-enter the hub.
 
+pub mod conflation;
 pub mod outbox;
 #[cfg(test)]
 mod tests;
@@ -54,6 +55,7 @@ use crate::protocol::{
     encode_event, Action, Data, ErrorCode, Event, Format, Id, Request, RequestError,
 };
 use crate::tables::{shrink_map, SHRINK_FROM};
+use conflation::{Group, Member, Wheel, WHEEL_TICK_MS};
 pub use outbox::{
     Answer, CloseRequest, Conn, Out, Pushed, ReplySlot, SharedPublication, MAX_REPLIES_AWAITED,
 };
@@ -67,6 +69,9 @@ enum SubState {
     Pending(u32),
     /// Receiving; the slot in the channel's subscriber slab.
     Active(u32),
+    /// Receiving through a conflation group: the group's key among the
+    /// channel's groups, and the member's slot in it.
+    Conflated { group: u16, slot: u32 },
 }
 
 /// What a subscribe asks for beside its channel.
@@ -117,7 +122,50 @@ fn tick_after(now: u32, seconds: u64) -> u32 {
 struct LocalChannel {
     name: Arc<str>,
     subscribers: Slab<Rc<Conn>>,
+    /// Subscribers with `conflate_ms`, one group per window.
+    groups: Slab<Group>,
     pending: u32,
+}
+
+impl LocalChannel {
+    /// Nobody here receives it or waits to.
+    fn unused(&self) -> bool {
+        self.subscribers.is_empty() && self.groups.is_empty() && self.pending == 0
+    }
+
+    /// Ends a subscription's receiving (not a pending one).
+    fn leave(&mut self, state: SubState) {
+        match state {
+            SubState::Active(slot) => {
+                self.subscribers.remove(slot as usize);
+            }
+            SubState::Conflated { group, slot } => {
+                let g = &mut self.groups[group as usize];
+                g.members.remove(slot as usize);
+                if g.members.is_empty() {
+                    self.groups.remove(group as usize);
+                }
+            }
+            SubState::Pending(_) => {}
+        }
+    }
+
+    /// Starts `conn` receiving, conflated when `window_ms` is given, after
+    /// seq `after` (what its subscribe's answer covered).
+    fn join(&mut self, conn: Rc<Conn>, window_ms: Option<u32>, after: u64) -> SubState {
+        let Some(window_ms) = window_ms else {
+            return SubState::Active(self.subscribers.insert(conn) as u32);
+        };
+        let group = match self.groups.iter().find(|(_, g)| g.window_ms == window_ms) {
+            Some((key, _)) => key,
+            None => self.groups.insert(Group::new(window_ms)),
+        };
+        let slot = self.groups[group].members.insert(Member { conn, after });
+        SubState::Conflated {
+            group: group as u16,
+            slot: slot as u32,
+        }
+    }
 }
 
 struct PendingSub {
@@ -129,6 +177,11 @@ struct PendingSub {
     chan: usize,
     id: Option<Id>,
     since_given: bool,
+    /// The conflation window asked for.
+    conflate_ms: Option<u32>,
+    /// Replaces the options of a subscription already receiving, which
+    /// goes on as it was until this one is answered.
+    replaces: bool,
     /// Unsubscribed (or gone) before the ack: answered, never activated.
     cancelled: bool,
 }
@@ -182,6 +235,8 @@ struct State {
     local: Slab<LocalChannel>,
     pending_subs: Slab<PendingSub>,
     pending_pubs: Slab<PendingPub>,
+    /// When the conflation groups' windows close.
+    wheel: Wheel,
 }
 
 impl State {
@@ -229,6 +284,13 @@ pub struct Shard {
     unix: Cell<u64>,
     /// The generation of the node's revocations this shard last looked at.
     revocations_seen: Cell<u64>,
+    /// The time the last input came with, and the first (what the
+    /// conflation wheel counts milliseconds from).
+    last_input: Cell<Option<Instant>>,
+    clock_base: std::cell::OnceCell<Instant>,
+    /// The task that sleeps until the wheel's next tick, to wake when an
+    /// earlier one is scheduled.
+    wheel_waker: RefCell<Option<Waker>>,
 }
 
 impl Shard {
@@ -251,7 +313,80 @@ impl Shard {
             now: Cell::new(0),
             unix: Cell::new(0),
             revocations_seen: Cell::new(0),
+            last_input: Cell::new(None),
+            clock_base: std::cell::OnceCell::new(),
+            wheel_waker: RefCell::new(None),
         }
+    }
+
+    /// Notes the time an input comes with (the hub reads no clock).
+    fn note_time(&self, now: Instant) {
+        self.clock_base.get_or_init(|| now);
+        self.last_input.set(Some(now));
+    }
+
+    /// Milliseconds from the shard's first input to `at`.
+    fn millis(&self, at: Instant) -> u64 {
+        let base = *self.clock_base.get_or_init(|| at);
+        at.saturating_duration_since(base).as_millis() as u64
+    }
+
+    /// Now, as the last input gave it, in the wheel's milliseconds.
+    fn millis_now(&self) -> u64 {
+        self.last_input.get().map_or(0, |at| self.millis(at))
+    }
+
+    /// When conflation windows close next: the connection task sleeping
+    /// on it calls [`Shard::handle_conflation_timers`] then.
+    pub fn next_conflation_deadline(&self) -> Option<Instant> {
+        let tick = self.state.borrow().wheel.next_tick()?;
+        let base = *self.clock_base.get()?;
+        Some(base + std::time::Duration::from_millis(tick * WHEEL_TICK_MS))
+    }
+
+    /// The task that sleeps until [`Shard::next_conflation_deadline`]:
+    /// woken when an earlier one is scheduled.
+    pub fn set_wheel_waker(&self, waker: &Waker) {
+        *self.wheel_waker.borrow_mut() = Some(waker.clone());
+    }
+
+    /// Closes the conflation windows due at `now` and sends what they
+    /// held.
+    pub fn handle_conflation_timers(&self, now: Instant) {
+        self.note_time(now);
+        let now_ms = self.millis(now);
+        let mut st = self.state.borrow_mut();
+        let st = &mut *st;
+        for (tick, (chan, group)) in st.wheel.take_due(now_ms) {
+            let Some(channel) = st.local.get_mut(chan as usize) else {
+                continue;
+            };
+            let Some(g) = channel.groups.get_mut(usize::from(group)) else {
+                continue;
+            };
+            let Some((leaving, reopened)) = g.close(tick, now_ms) else {
+                continue;
+            };
+            for publication in leaving {
+                self.deliver_to_group(g, &Rc::new(publication));
+            }
+            if let Some(next) = reopened {
+                st.wheel.schedule(next, (chan, group));
+            }
+        }
+    }
+
+    /// Pushes a publication leaving a conflation group to its members.
+    fn deliver_to_group(&self, group: &Group, publication: &SharedPublication) {
+        let seq = publication.seq;
+        let mut delivered = 0;
+        for (_, member) in &group.members {
+            if seq.is_none_or(|s| s > member.after) {
+                self.push_to(&member.conn, publication);
+                delivered += 1;
+            }
+        }
+        self.metrics.deliveries.add(delivered);
     }
 
     /// Adds a connection, with its token when the relay requires one;
@@ -287,10 +422,8 @@ impl Shard {
             for sub in &entry.subs {
                 let chan = sub.chan as usize;
                 match sub.state {
-                    SubState::Active(slot) => {
-                        st.local[chan].subscribers.remove(slot as usize);
-                    }
                     SubState::Pending(token) => st.pending_subs[token as usize].cancelled = true,
+                    receiving => st.local[chan].leave(receiving),
                 }
                 emptied.push(chan);
             }
@@ -306,6 +439,7 @@ impl Shard {
 
     /// Handles one decoded request of connection `key`.
     pub fn handle_request(&self, key: usize, req: Request, now: Instant) {
+        self.note_time(now);
         let conn = self.state.borrow().conns[key].conn.clone();
         let Request {
             id,
@@ -424,6 +558,7 @@ impl Shard {
         data: Data,
         now: Instant,
     ) -> Rc<PublishWait> {
+        self.note_time(now);
         let wait = Rc::new(PublishWait::default());
         let token = self
             .state
@@ -544,16 +679,18 @@ impl Shard {
             channel: Some(channel),
             ..RequestError::new(code, message)
         };
-        if conflate_ms.is_some() {
-            let message = "conflate_ms is not served by this build yet".to_string();
-            return self.reply_error(conn, refuse(ErrorCode::BadRequest, message, channel));
-        }
         if !self.broker.borrow().ready() {
             let message = "the backplane is down; retry".to_string();
             return self.reply_error(conn, refuse(ErrorCode::Unavailable, message, channel));
         }
-        let accepted =
-            self.add_pending_subscription(key, conn, &channel, id.clone(), since.is_some());
+        let accepted = self.add_pending_subscription(
+            key,
+            conn,
+            &channel,
+            id.clone(),
+            since.is_some(),
+            conflate_ms,
+        );
         let (name, token) = match accepted {
             Ok(accepted) => accepted,
             Err((code, message)) => return self.reply_error(conn, refuse(code, message, channel)),
@@ -584,22 +721,49 @@ impl Shard {
         channel: &str,
         id: Option<Id>,
         since_given: bool,
+        conflate_ms: Option<u32>,
     ) -> Result<(Arc<str>, usize), (ErrorCode, String)> {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
+        let known = st.local_index.get(channel).copied();
+        let existing = known.and_then(|c| {
+            st.conns[key]
+                .subs
+                .iter()
+                .find(|sub| sub.chan as usize == c)
+                .map(|sub| sub.state)
+        });
+        match existing {
+            Some(SubState::Pending(_)) => {
+                let msg = "a subscribe to this channel is still being answered";
+                return Err((ErrorCode::BadRequest, msg.into()));
+            }
+            Some(_) => {
+                // New options for a subscription that keeps receiving
+                // until they are answered.
+                let chan = known.expect("a subscription has its channel");
+                let token = st.pending_subs.insert(PendingSub {
+                    conn_key: key,
+                    conn: conn.clone(),
+                    slot: self.answered_later(channel).then(|| conn.reserve_reply()),
+                    chan,
+                    id,
+                    since_given,
+                    conflate_ms,
+                    replaces: true,
+                    cancelled: false,
+                });
+                st.local[chan].pending += 1;
+                return Ok((st.local[chan].name.clone(), token));
+            }
+            None => {}
+        }
         if st.conns[key].subs.len() >= self.config.limits.max_subscriptions {
             let msg = format!(
                 "a connection may hold at most {} subscriptions",
                 self.config.limits.max_subscriptions
             );
             return Err((ErrorCode::TooLarge, msg));
-        }
-        let known = st.local_index.get(channel).copied();
-        if known.is_some_and(|c| st.conns[key].subs.iter().any(|sub| sub.chan as usize == c)) {
-            return Err((
-                ErrorCode::BadRequest,
-                "already subscribed to this channel".into(),
-            ));
         }
         if !self
             .node
@@ -618,6 +782,7 @@ impl Shard {
                 let c = st.local.insert(LocalChannel {
                     name: name.clone(),
                     subscribers: Slab::new(),
+                    groups: Slab::new(),
                     pending: 0,
                 });
                 st.local_index.insert(name, c);
@@ -631,6 +796,8 @@ impl Shard {
             chan,
             id,
             since_given,
+            conflate_ms,
+            replaces: false,
             cancelled: false,
         });
         st.local[chan].pending += 1;
@@ -750,16 +917,13 @@ impl Shard {
             match found {
                 Some(Sub {
                     chan,
-                    state: SubState::Active(slot),
-                }) => {
-                    st.local[chan as usize].subscribers.remove(slot as usize);
-                    Some(chan as usize)
-                }
-                Some(Sub {
-                    chan,
                     state: SubState::Pending(token),
                 }) => {
                     st.pending_subs[token as usize].cancelled = true;
+                    Some(chan as usize)
+                }
+                Some(Sub { chan, state }) => {
+                    st.local[chan as usize].leave(state);
                     Some(chan as usize)
                 }
                 None => None,
@@ -786,7 +950,7 @@ impl Shard {
         let name = {
             let mut st = self.state.borrow_mut();
             let Some(c) = st.local.get(chan) else { return };
-            if !c.subscribers.is_empty() || c.pending > 0 {
+            if !c.unused() {
                 return;
             }
             let c = st.local.remove(chan);
@@ -809,6 +973,7 @@ impl Shard {
 
     /// Handles one message from another shard (or the signal handler).
     pub fn handle_msg(&self, msg: ShardMsg, now: Instant) {
+        self.note_time(now);
         match msg {
             ShardMsg::PublishAck { token, seq } => self.finish_publish(token, seq),
             ShardMsg::Deliver(p) => self.deliver_local(p),
@@ -941,29 +1106,41 @@ impl Shard {
 
     /// The owner's answer to a subscribe: the replay (if `since` was
     /// given and history holds it) and `subscribed` go in the request's
-    /// place in the queue, and the subscription starts receiving, unless it
-    /// was cancelled meanwhile (it is then answered all the same, since the
-    /// unsubscribe that cancelled it is answered after it).
+    /// place in the queue, and the subscription starts receiving (with the
+    /// options asked for, which replace those of a subscription already
+    /// receiving), unless it was cancelled meanwhile (it is then answered
+    /// all the same, since the unsubscribe that cancelled it is answered
+    /// after it).
     fn on_subscribe_ack(&self, token: u32, seq: u64, epoch: Arc<str>, replay: Replay) {
-        let (p, name) = {
+        let (p, name, activated) = {
             let mut st = self.state.borrow_mut();
             let st = &mut *st;
             let Some(p) = st.pending_subs.try_remove(token as usize) else {
                 return;
             };
-            st.local[p.chan].pending -= 1;
-            if !p.cancelled {
-                let slot = st.local[p.chan].subscribers.insert(p.conn.clone());
-                if let Some(sub) = st.conns[p.conn_key]
+            let local = &mut st.local[p.chan];
+            local.pending -= 1;
+            let mut activated = false;
+            if !p.cancelled && !p.conn.gone.get() {
+                let sub = st.conns[p.conn_key]
                     .subs
                     .iter_mut()
-                    .find(|sub| sub.chan as usize == p.chan)
-                {
-                    sub.state = SubState::Active(slot as u32);
+                    .find(|sub| sub.chan as usize == p.chan);
+                // A replacement finds the subscription receiving (unless it
+                // was unsubscribed since); a first subscribe, its own
+                // pending state.
+                let mine = sub.filter(|sub| match sub.state {
+                    SubState::Pending(t) => !p.replaces && t == token,
+                    _ => p.replaces,
+                });
+                if let Some(sub) = mine {
+                    local.leave(sub.state);
+                    sub.state = local.join(p.conn.clone(), p.conflate_ms, seq);
+                    activated = true;
                 }
             }
-            let name = st.local[p.chan].name.clone();
-            (p, name)
+            let name = local.name.clone();
+            (p, name, activated)
         };
         let mut items = Answer::new();
         let recovered = match replay {
@@ -1000,22 +1177,38 @@ impl Shard {
         );
         items.push(Out::Reply(subscribed.into_boxed_slice()));
         self.fill(&p.conn, p.slot.as_deref(), items);
-        if p.cancelled {
+        if !activated {
             self.forget_local_if_unused(p.chan);
         }
     }
 
-    /// Fans a publication out to this shard's subscribers of its channel.
+    /// Fans a publication out to this shard's subscribers of its channel,
+    /// and offers it to the channel's conflation groups.
     fn deliver_local(&self, publication: Arc<Publication>) {
-        let st = self.state.borrow();
+        let mut st = self.state.borrow_mut();
+        let st = &mut *st;
         let Some(&chan) = st.local_index.get(&publication.channel) else {
             return;
         };
         let shared = Rc::new(publication);
-        let subscribers = &st.local[chan].subscribers;
-        self.metrics.deliveries.add(subscribers.len() as u64);
-        for (_, conn) in subscribers {
+        let local = &mut st.local[chan];
+        self.metrics.deliveries.add(local.subscribers.len() as u64);
+        for (_, conn) in &local.subscribers {
             self.push_to(conn, &shared);
+        }
+        if local.groups.is_empty() {
+            return;
+        }
+        let now_ms = self.millis_now();
+        for (key, group) in local.groups.iter_mut() {
+            if let Some(tick) = group.offer(&shared, now_ms) {
+                self.deliver_to_group(group, &shared);
+                if st.wheel.schedule(tick, (chan as u32, key as u16)) {
+                    if let Some(waker) = self.wheel_waker.borrow_mut().take() {
+                        waker.wake();
+                    }
+                }
+            }
         }
     }
 
@@ -1039,6 +1232,7 @@ impl Shard {
     /// (heartbeats, token expiry), `at` the same moment for history ages,
     /// `unix` the same in Unix seconds (for tokens a `refresh` brings).
     pub fn tick_at(&self, now: u32, at: Instant, unix: u64) {
+        self.note_time(at);
         self.now.set(now);
         self.unix.set(unix);
         let revocations = &self.node.revocations;

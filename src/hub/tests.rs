@@ -833,6 +833,189 @@ fn latest_values_expire_with_history(backplane: Backplane) {
     assert_eq!(subscribed, Some((2, Value::Null)));
 }
 
+impl Cluster {
+    /// Moves the clock `ms` on and closes the conflation windows due on
+    /// every shard, then settles.
+    fn advance_ms(&self, ms: u64) {
+        self.now.set(self.now.get() + Duration::from_millis(ms));
+        if let Some(redis) = &self.redis {
+            redis.borrow_mut().now = self.now.get();
+        }
+        for shard in &self.shards {
+            shard.handle_conflation_timers(self.now.get());
+        }
+        self.settle();
+    }
+}
+
+/// The (seq, key, conflated) of every message among `events`.
+fn conflated_messages(events: &[Value]) -> Vec<(u64, String, u64)> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                e["key"].as_str().unwrap_or("").to_string(),
+                e["conflated"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn m(seq: u64, key: &str, conflated: u64) -> (u64, String, u64) {
+    (seq, key.to_string(), conflated)
+}
+
+fn conflated_subscribers_get_the_first_at_once_and_the_latest_per_key_when_the_window_closes(
+    backplane: Backplane,
+) {
+    let cluster = Cluster::new(backplane, 2, &["--max-publish-rate", "0"]);
+    let channel = cluster.channel_owned_by(1, "fast");
+    let publisher = cluster.connect(0);
+    let plain = cluster.connect(0);
+    let conflated: Vec<Client> = (0..2).map(|shard| cluster.connect(shard)).collect();
+    cluster.send(&plain, json!({"action": "subscribe", "channel": channel}));
+    for c in &conflated {
+        cluster.send(
+            c,
+            json!({"action": "subscribe", "channel": channel, "conflate_ms": 100}),
+        );
+    }
+    cluster.settle();
+    for c in conflated.iter().chain([&plain]) {
+        assert_eq!(c.events()[0]["type"], "subscribed");
+    }
+    // Publishes, lets it reach every shard, then lets `ms` pass.
+    let at = |ms: u64, key: &str, seq: u64| {
+        publish_keyed(&cluster, &publisher, &channel, key, json!(seq));
+        cluster.settle();
+        cluster.advance_ms(ms);
+    };
+    at(10, "a", 1);
+    for c in &conflated {
+        assert_eq!(conflated_messages(&c.events()), [m(1, "a", 0)], "at once");
+    }
+    at(10, "a", 2);
+    at(10, "b", 3);
+    at(10, "a", 4);
+    at(30, "a", 5);
+    for c in &conflated {
+        assert!(c.events().is_empty(), "held until the window closes");
+    }
+    cluster.advance_ms(30);
+    for c in &conflated {
+        assert_eq!(
+            conflated_messages(&c.events()),
+            [m(3, "b", 0), m(5, "a", 2)],
+            "100 ms after the first: the latest of each key, in seq order"
+        );
+    }
+    assert_eq!(plain.messages(), [1, 2, 3, 4, 5], "others get everything");
+    // The next window held nothing: quiet again, the next leaves at once.
+    cluster.advance_ms(120);
+    at(0, "c", 6);
+    for c in &conflated {
+        assert_eq!(conflated_messages(&c.events()), [m(6, "c", 0)]);
+    }
+}
+
+fn a_subscriber_joining_a_group_gets_nothing_older_than_its_answer(backplane: Backplane) {
+    let cluster = Cluster::new(backplane, 2, &["--max-publish-rate", "0"]);
+    let channel = cluster.channel_owned_by(1, "join");
+    let publisher = cluster.connect(0);
+    let first = cluster.connect(0);
+    cluster.send(
+        &first,
+        json!({"action": "subscribe", "channel": channel, "conflate_ms": 100}),
+    );
+    cluster.settle();
+    publish_keyed(&cluster, &publisher, &channel, "a", json!(1));
+    cluster.settle();
+    cluster.advance_ms(10);
+    publish_keyed(&cluster, &publisher, &channel, "a", json!(2));
+    cluster.settle();
+    let late = cluster.connect(0);
+    cluster.send(
+        &late,
+        json!({"action": "subscribe", "channel": channel, "conflate_ms": 100, "snapshot": true}),
+    );
+    cluster.settle();
+    let events = late.events();
+    assert_eq!(conflated_messages(&events), [m(2, "a", 0)], "{events:?}");
+    assert_eq!(events.last().unwrap()["seq"], 2);
+    publish_keyed(&cluster, &publisher, &channel, "b", json!(3));
+    cluster.settle();
+    cluster.advance_ms(95);
+    let first_events = conflated_messages(&first.events());
+    assert_eq!(first_events, [m(1, "a", 0), m(2, "a", 0), m(3, "b", 0)]);
+    assert_eq!(
+        conflated_messages(&late.events()),
+        [m(3, "b", 0)],
+        "seq 2 came with its snapshot"
+    );
+}
+
+fn subscribing_again_replaces_the_options_without_a_gap(backplane: Backplane) {
+    let cluster = Cluster::new(backplane, 2, &["--max-publish-rate", "0"]);
+    let channel = cluster.channel_owned_by(1, "switch");
+    let publisher = cluster.connect(0);
+    let client = cluster.connect(0);
+    cluster.send(&client, json!({"action": "subscribe", "channel": channel}));
+    cluster.settle();
+    let mut seen = Vec::new();
+    let mut take = |events: Vec<Value>| {
+        for e in &events {
+            if e["type"] == "message" {
+                seen.push(e["seq"].as_u64().unwrap());
+            }
+        }
+        events
+    };
+    take(client.events());
+    publish_keyed(&cluster, &publisher, &channel, "a", json!(1));
+    // Publications while the new options travel to the owner and back.
+    cluster.send(
+        &client,
+        json!({"action": "subscribe", "channel": channel, "conflate_ms": 50, "id": 1}),
+    );
+    publish_keyed(&cluster, &publisher, &channel, "a", json!(2));
+    cluster.settle();
+    publish_keyed(&cluster, &publisher, &channel, "a", json!(3));
+    publish_keyed(&cluster, &publisher, &channel, "a", json!(4));
+    cluster.settle();
+    let events = take(client.events());
+    let subscribed = events.iter().find(|e| e["type"] == "subscribed").unwrap();
+    assert_eq!(subscribed["id"], 1);
+    cluster.advance_ms(60);
+    take(client.events());
+    // Back to every message.
+    cluster.send(&client, json!({"action": "subscribe", "channel": channel}));
+    cluster.settle();
+    publish_keyed(&cluster, &publisher, &channel, "a", json!(5));
+    publish_keyed(&cluster, &publisher, &channel, "a", json!(6));
+    cluster.settle();
+    take(client.events());
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&6));
+    assert!(
+        seen.contains(&4),
+        "the last before switching back: {seen:?}"
+    );
+    assert!(seen.contains(&5), "{seen:?}");
+    // Still one subscription: one unsubscribe ends it.
+    cluster.send(
+        &client,
+        json!({"action": "unsubscribe", "channel": channel}),
+    );
+    publish_keyed(&cluster, &publisher, &channel, "a", json!(7));
+    cluster.settle();
+    cluster.advance_ms(60);
+    let events = client.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["type"], "unsubscribed");
+}
+
 /// Runs each named test on one backplane.
 macro_rules! on_backplane {
     ($module:ident, $backplane:expr, $($test:ident),* $(,)?) => {
@@ -865,6 +1048,9 @@ contract!(
     snapshot_with_since_replays_when_it_can_and_sends_the_snapshot_when_it_cannot,
     past_the_key_limit_the_least_recently_updated_key_is_forgotten,
     latest_values_expire_with_history,
+    conflated_subscribers_get_the_first_at_once_and_the_latest_per_key_when_the_window_closes,
+    a_subscriber_joining_a_group_gets_nothing_older_than_its_answer,
+    subscribing_again_replaces_the_options_without_a_gap,
 );
 
 /// Tokens signed with the secret `TOKEN_SECRET`.

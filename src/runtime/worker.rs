@@ -84,6 +84,7 @@ impl Worker {
         let stop = Rc::new(Stop::default());
         monoio::spawn(inbox_loop(shard.clone(), self.inbox, stop.clone()));
         monoio::spawn(ticker(shard.clone()));
+        monoio::spawn(conflation_wheel(shard.clone()));
         let mut accept_errors = AcceptErrors::default();
         let mut reserve = ReserveDescriptor::open();
         loop {
@@ -329,6 +330,41 @@ async fn ticker(shard: Rc<Shard>) {
             .map_or(0, |d| d.as_secs());
         shard.tick_at(at.duration_since(started).as_secs() as u32, at, unix);
         monoio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Sleeps until the shard's next conflation window closes and closes it
+/// (`hub/conflation.rs`); an earlier window scheduled meanwhile wakes it.
+async fn conflation_wheel(shard: Rc<Shard>) {
+    use std::future::Future;
+    use std::task::Poll;
+    loop {
+        let deadline = std::future::poll_fn(|cx| match shard.next_conflation_deadline() {
+            Some(deadline) => Poll::Ready(deadline),
+            None => {
+                shard.set_wheel_waker(cx.waker());
+                Poll::Pending
+            }
+        })
+        .await;
+        let mut sleep = std::pin::pin!(monoio::time::sleep_until(deadline.into()));
+        let due = std::future::poll_fn(|cx| {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            if shard
+                .next_conflation_deadline()
+                .is_some_and(|next| next < deadline)
+            {
+                return Poll::Ready(false);
+            }
+            shard.set_wheel_waker(cx.waker());
+            Poll::Pending
+        })
+        .await;
+        if due {
+            shard.handle_conflation_timers(Instant::now());
+        }
     }
 }
 
