@@ -17,6 +17,10 @@ pub enum SlowConsumerPolicy {
     Disconnect,
     /// Drop the oldest pending messages; the client sees the seq gap.
     DropOldest,
+    /// Merge the pending messages per key (the latest of each stays; the
+    /// client sees the seqs skip), then, if that is not enough, do what
+    /// --slow-consumer-fallback says.
+    Conflate,
 }
 
 /// Which I/O driver the worker runtimes use.
@@ -224,9 +228,16 @@ pub struct Limits {
     #[arg(skip)]
     pub max_pending_bytes: usize,
 
-    /// What happens past --max-pending-bytes: disconnect (close 4008) or drop-oldest.
+    /// What happens past --max-pending-bytes: disconnect (close 4008),
+    /// drop-oldest, or conflate (merge pending messages per key first).
     #[arg(long, env = "RINGCAST_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumerPolicy::Disconnect)]
     pub slow_consumer: SlowConsumerPolicy,
+
+    /// With --slow-consumer conflate: what happens when merging per key
+    /// does not bring the connection back under --max-pending-bytes
+    /// (disconnect or drop-oldest).
+    #[arg(long, env = "RINGCAST_SLOW_CONSUMER_FALLBACK", value_enum, default_value_t = SlowConsumerPolicy::Disconnect)]
+    pub slow_consumer_fallback: SlowConsumerPolicy,
 
     /// Largest batch frame the server coalesces for one connection, in bytes.
     #[arg(long, env = "RINGCAST_MAX_BATCH_BYTES", default_value_t = 64 * 1024)]
@@ -888,6 +899,12 @@ impl Config {
                 return fail(format!("{} `{url}`: {e}", self.shown("advertise-url")));
             }
         }
+        if self.limits.slow_consumer_fallback == SlowConsumerPolicy::Conflate {
+            return fail(format!(
+                "{} must be disconnect or drop-oldest",
+                self.shown("slow-consumer-fallback")
+            ));
+        }
         if !(128..=MAX_MESSAGE_LIMIT).contains(&self.limits.max_message_bytes) {
             return fail(format!(
                 "--max-message-bytes must be between 128 and {MAX_MESSAGE_LIMIT} (64 MiB)"
@@ -1322,6 +1339,22 @@ mod tests {
         // Nothing is open that the operator did not open.
         assert!(!c.access.allow_client_publish);
         assert!(c.verifier.is_none() && c.origins.is_none());
+    }
+
+    #[test]
+    fn conflating_slow_consumers_fall_back_to_disconnect_or_drop_oldest() {
+        let c = parse(&["--slow-consumer", "conflate"]).unwrap();
+        assert_eq!(c.limits.slow_consumer, SlowConsumerPolicy::Conflate);
+        assert_eq!(
+            c.limits.slow_consumer_fallback,
+            SlowConsumerPolicy::Disconnect
+        );
+        assert_eq!(c.history.keys, 10_000);
+        let e = parse(&["--slow-consumer-fallback", "conflate"]).unwrap_err();
+        assert!(
+            e.contains("--slow-consumer-fallback must be disconnect or drop-oldest"),
+            "{e}"
+        );
     }
 
     #[test]

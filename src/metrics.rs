@@ -124,7 +124,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "ringcast_slow_consumer_total",
         Kind::Counter,
-        "Slow-consumer actions, by action (disconnect, drop_oldest).",
+        "Slow-consumer actions, by action: disconnect (connections), drop_oldest and conflate (messages dropped or merged away).",
     ),
     (
         "ringcast_heartbeat_timeouts_total",
@@ -179,7 +179,22 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "ringcast_publish_to_write_seconds",
         Kind::Histogram,
-        "Time from a publication to the write of the frame carrying it.",
+        "Time from a publication to the write of the frame carrying it: a live message's age when it leaves (replays and snapshots aside).",
+    ),
+    (
+        "ringcast_conflation_sent_total",
+        Kind::Counter,
+        "Messages sent on conflating subscriptions (one per subscriber).",
+    ),
+    (
+        "ringcast_conflation_merged_total",
+        Kind::Counter,
+        "Messages merged away on conflating subscriptions (one per subscriber); over ringcast_conflation_sent_total, the conflation ratio.",
+    ),
+    (
+        "ringcast_pending_bytes",
+        Kind::Histogram,
+        "Bytes waiting in a connection's outbox, sampled once a second for each connection with any.",
     ),
     (
         "ringcast_redis_ready",
@@ -333,6 +348,17 @@ const SECONDS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5,
 ];
+/// Buckets for histograms of bytes.
+const BYTES: &[f64] = &[
+    1024.0,
+    4096.0,
+    16_384.0,
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+];
 /// Buckets for histograms of counts.
 const COUNTS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
@@ -346,6 +372,8 @@ pub fn install() -> Result<()> {
         .set_buckets(SECONDS)
         .context("configuring histogram buckets")?
         .set_buckets_for_metric(Matcher::Suffix("_messages".into()), COUNTS)
+        .context("configuring histogram buckets")?
+        .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), BYTES)
         .context("configuring histogram buckets")?
         .build_recorder();
     let handle = recorder.handle();
@@ -405,6 +433,7 @@ pub struct ShardMetrics {
     pub publications: Counter,
     pub slow_disconnect: Counter,
     pub slow_drop_oldest: Counter,
+    pub slow_conflate: Counter,
     pub heartbeat_timeouts: Counter,
     pub accept_errors: Counter,
     pub accept_refused_full: Counter,
@@ -426,6 +455,9 @@ pub struct ShardMetrics {
     pub batches: LocalCounter,
     pub batch_messages: Histogram,
     pub publish_to_write: Histogram,
+    pub pending_bytes: Histogram,
+    pub conflation_sent: LocalCounter,
+    pub conflation_merged: LocalCounter,
     /// HTTP request counters by (route, status), made on first use and
     /// kept, so counting allocates nothing after that (allocations made
     /// during handshakes fragment the heap between connections).
@@ -450,6 +482,7 @@ impl ShardMetrics {
             publications: counter!("ringcast_publications_total", "shard" => s.clone()),
             slow_disconnect: counter!("ringcast_slow_consumer_total", "shard" => s.clone(), "action" => "disconnect"),
             slow_drop_oldest: counter!("ringcast_slow_consumer_total", "shard" => s.clone(), "action" => "drop_oldest"),
+            slow_conflate: counter!("ringcast_slow_consumer_total", "shard" => s.clone(), "action" => "conflate"),
             heartbeat_timeouts: counter!("ringcast_heartbeat_timeouts_total", "shard" => s.clone()),
             accept_errors: counter!("ringcast_accept_errors_total", "shard" => s.clone()),
             accept_refused_full: counter!("ringcast_connections_refused_total", "shard" => s.clone(), "action" => "answered"),
@@ -474,6 +507,9 @@ impl ShardMetrics {
             batches: LocalCounter::new(counter!("ringcast_batches_total", "shard" => s.clone())),
             batch_messages: histogram!("ringcast_batch_messages", "shard" => s.clone()),
             publish_to_write: histogram!("ringcast_publish_to_write_seconds", "shard" => s.clone()),
+            pending_bytes: histogram!("ringcast_pending_bytes", "shard" => s.clone()),
+            conflation_sent: LocalCounter::new(counter!("ringcast_conflation_sent_total", "shard" => s.clone())),
+            conflation_merged: LocalCounter::new(counter!("ringcast_conflation_merged_total", "shard" => s.clone())),
             http_requests: Default::default(),
             shard: s,
         }
@@ -529,6 +565,8 @@ impl ShardMetrics {
             &self.bytes_out,
             &self.deliveries,
             &self.batches,
+            &self.conflation_sent,
+            &self.conflation_merged,
         ] {
             c.flush();
         }

@@ -389,6 +389,21 @@ async fn conflated_subscribers_get_every_keys_last_value_and_exact_counts(backpl
             c.fmt
         );
     }
+    // For each conflating subscriber, every message was sent or merged
+    // (the counts are flushed once a second).
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        let sent = relay.metric("ringcast_conflation_sent_total", &[]).await;
+        let merged = relay.metric("ringcast_conflation_merged_total", &[]).await;
+        if sent + merged == 2.0 * TOTAL as f64 && merged > 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sent {sent}, merged {merged}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// Runs each named scenario as a test on one backplane.

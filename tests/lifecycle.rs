@@ -145,7 +145,8 @@ async fn silent_clients_are_pinged_then_dropped() {
 }
 
 /// A subscriber that never reads, and a publisher flooding its channel
-/// (past every per-connection inbound limit, which are lifted for it).
+/// (past every per-connection inbound limit, which are lifted for it),
+/// over 20 keys.
 async fn flood_a_client_that_never_reads(policy: &str) -> (Relay, Client) {
     let relay = Relay::start(&[
         "--workers",
@@ -170,7 +171,7 @@ async fn flood_a_client_that_never_reads(policy: &str) -> (Relay, Client) {
     let payload = "x".repeat(1000);
     // 40 MB towards a client that reads nothing: far past every buffer.
     for round in 0..1000 {
-        let batch: Vec<_> = (0..40).map(|i| json!({"action": "publish", "channel": "flood", "data": [round * 40 + i, payload]})).collect();
+        let batch: Vec<_> = (0..40).map(|i| json!({"action": "publish", "channel": "flood", "key": format!("k{}", i % 20), "data": [round * 40 + i, payload]})).collect();
         publisher.send(serde_json::Value::Array(batch)).await;
         // The healthy client keeps up and gets everything in order.
         for i in 0..40 {
@@ -198,6 +199,41 @@ async fn a_client_that_never_reads_is_disconnected_with_4008_and_memory_stays_bo
         .await;
     // When it finally reads: what was already in the socket, then 4008.
     assert_eq!(stuck.close_code().await, Some(4008));
+}
+
+#[tokio::test]
+async fn conflate_keeps_a_client_that_never_reads_with_the_latest_of_every_key() {
+    let (relay, mut stuck) = flood_a_client_that_never_reads("conflate").await;
+    assert!(
+        relay
+            .metric("ringcast_slow_consumer_total", &["action=\"conflate\""])
+            .await
+            > 0.0
+    );
+    assert_eq!(
+        relay
+            .metric("ringcast_slow_consumer_total", &["action=\"disconnect\""])
+            .await,
+        0.0,
+        "20 keys fit: merged, not disconnected"
+    );
+    let mut last = 0;
+    let mut gap = false;
+    let mut tail = Vec::new();
+    while last < 40_000 {
+        let ev = stuck.expect_type("message").await;
+        let seq = ev["seq"].as_u64().unwrap();
+        assert!(seq > last, "order kept");
+        gap |= seq > last + 1;
+        last = seq;
+        assert_eq!(ev["key"], format!("k{}", (seq - 1) % 20), "{ev}");
+        tail.push(seq);
+    }
+    assert!(gap, "messages were merged away, so the seq skips");
+    assert!(
+        tail.ends_with(&(39_981..=40_000).collect::<Vec<_>>()),
+        "the latest of every key arrives"
+    );
 }
 
 #[tokio::test]

@@ -43,6 +43,10 @@ pub struct Member {
     pub after: u64,
 }
 
+/// What a closing window lets out: publications in seq order, with how
+/// many each replaced, and the tick the next window closes at.
+pub type Closed = (Vec<(Arc<Publication>, u32)>, Option<u64>);
+
 /// One publication merged in an open window, and how many it replaced.
 struct Held {
     publication: Arc<Publication>,
@@ -96,13 +100,9 @@ impl Group {
 
     /// The wheel reached `tick` at `now_ms`. If this group's window
     /// closes there: what it held, in seq order (each with `conflated`
-    /// when it replaced any), and the tick the next window closes at when
-    /// anything left.
-    pub fn close(
-        &mut self,
-        tick: u64,
-        now_ms: u64,
-    ) -> Option<(Vec<Arc<Publication>>, Option<u64>)> {
+    /// when it replaced any, and how many it replaced), and the tick the
+    /// next window closes at when anything left.
+    pub fn close(&mut self, tick: u64, now_ms: u64) -> Option<Closed> {
         if self.closes_at != Some(tick) {
             return None;
         }
@@ -116,8 +116,8 @@ impl Group {
         let leaving = leaving
             .into_iter()
             .map(|held| match held.replaced {
-                0 => held.publication,
-                n => held.publication.with_conflated(n),
+                0 => (held.publication, 0),
+                n => (held.publication.with_conflated(n), n),
             })
             .collect();
         let next = self.closing_tick(now_ms);
@@ -215,6 +215,7 @@ mod tests {
             for (tick, _) in wheel.take_due(now) {
                 if let Some((leaving, reopened)) = group.close(tick, now) {
                     if !leaving.is_empty() {
+                        let leaving: Vec<_> = leaving.into_iter().map(|(p, _)| p).collect();
                         out.push((now, left(&leaving)));
                     }
                     if let Some(t) = reopened {

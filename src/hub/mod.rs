@@ -367,8 +367,11 @@ impl Shard {
             let Some((leaving, reopened)) = g.close(tick, now_ms) else {
                 continue;
             };
-            for publication in leaving {
-                self.deliver_to_group(g, &Rc::new(publication));
+            for (publication, replaced) in leaving {
+                let delivered = self.deliver_to_group(g, &Rc::new(publication));
+                self.metrics
+                    .conflation_merged
+                    .add(delivered * u64::from(replaced));
             }
             if let Some(next) = reopened {
                 st.wheel.schedule(next, (chan, group));
@@ -376,8 +379,9 @@ impl Shard {
         }
     }
 
-    /// Pushes a publication leaving a conflation group to its members.
-    fn deliver_to_group(&self, group: &Group, publication: &SharedPublication) {
+    /// Pushes a publication leaving a conflation group to its members;
+    /// returns to how many.
+    fn deliver_to_group(&self, group: &Group, publication: &SharedPublication) -> u64 {
         let seq = publication.seq;
         let mut delivered = 0;
         for (_, member) in &group.members {
@@ -387,6 +391,8 @@ impl Shard {
             }
         }
         self.metrics.deliveries.add(delivered);
+        self.metrics.conflation_sent.add(delivered);
+        delivered
     }
 
     /// Adds a connection, with its token when the relay requires one;
@@ -1217,9 +1223,14 @@ impl Shard {
             publication,
             self.config.limits.max_pending_bytes,
             self.config.limits.slow_consumer,
+            self.config.limits.slow_consumer_fallback,
         ) {
             Pushed::Queued | Pushed::Closed => {}
             Pushed::DroppedOldest(n) => self.metrics.slow_drop_oldest.increment(n as u64),
+            Pushed::Merged { merged, dropped } => {
+                self.metrics.slow_conflate.increment(merged as u64);
+                self.metrics.slow_drop_oldest.increment(dropped as u64);
+            }
             Pushed::Disconnected => {
                 conn.closing_since.set(Some(self.now.get()));
                 self.metrics.slow_disconnect.increment(1);
@@ -1271,6 +1282,9 @@ impl Shard {
                     conn.wake();
                 }
                 if let Ok(mut out) = conn.out.try_borrow_mut() {
+                    if out.bytes > 0 {
+                        self.metrics.pending_bytes.record(out.bytes as f64);
+                    }
                     out.release_if_empty();
                 }
                 if conn.close.get().is_some() && conn.closing_since.get().is_none() {

@@ -92,6 +92,12 @@ pub enum Pushed {
     Queued,
     /// Older messages were dropped to make room (drop-oldest policy).
     DroppedOldest(usize),
+    /// Pending messages were merged per key to make room (conflate
+    /// policy): how many went, and how many older ones were then dropped.
+    Merged {
+        merged: usize,
+        dropped: usize,
+    },
     /// The connection is being closed as a slow consumer; nothing was queued.
     Disconnected,
     /// The connection is closing anyway; nothing was queued.
@@ -188,12 +194,14 @@ impl Conn {
         }
     }
 
-    /// Queues a publication, enforcing the pending-bytes bound.
+    /// Queues a publication, enforcing the pending-bytes bound with
+    /// `policy` (and `fallback`, when merging per key is not enough).
     pub fn push_message(
         &self,
         publication: &SharedPublication,
         max_pending: usize,
         policy: SlowConsumerPolicy,
+        fallback: SlowConsumerPolicy,
     ) -> Pushed {
         if self.close.get().is_some() || self.abort.get() {
             return Pushed::Closed;
@@ -203,25 +211,33 @@ impl Conn {
             Format::MsgPack => publication.msgpack.len(),
         };
         let mut out = self.out.borrow_mut();
-        let mut dropped = 0;
+        let (mut merged, mut dropped) = (0, 0);
         if out.bytes + len > max_pending {
-            match policy {
-                SlowConsumerPolicy::Disconnect => {
-                    drop(out);
-                    return self.disconnect_slow();
-                }
-                SlowConsumerPolicy::DropOldest => {
-                    dropped = out.drop_oldest_messages(self.format, len, max_pending);
+            let mut policy = policy;
+            if policy == SlowConsumerPolicy::Conflate {
+                // The incoming message supersedes pending ones of its key.
+                merged = out.merge_per_key(self.format, Some(&publication.key));
+                policy = fallback;
+            }
+            if out.bytes + len > max_pending {
+                match policy {
+                    SlowConsumerPolicy::DropOldest => {
+                        dropped = out.drop_oldest_messages(self.format, len, max_pending);
+                    }
+                    _ => {
+                        drop(out);
+                        return self.disconnect_slow();
+                    }
                 }
             }
         }
         out.bytes += len;
         out.items.push_back(Out::Message(publication.clone()));
         out.wake();
-        if dropped > 0 {
-            Pushed::DroppedOldest(dropped)
-        } else {
-            Pushed::Queued
+        match (merged, dropped) {
+            (0, 0) => Pushed::Queued,
+            (0, dropped) => Pushed::DroppedOldest(dropped),
+            (merged, dropped) => Pushed::Merged { merged, dropped },
         }
     }
 
@@ -488,6 +504,42 @@ impl Outbox {
         }
         self.slots = 0;
         self.items.shrink_to_fit();
+    }
+
+    /// Keeps, of the queued messages (not the frame in flight, not
+    /// replies or replays), only the latest of each key, the order of
+    /// those kept unchanged (so their seqs still grow); `incoming`'s key
+    /// counts as seen, since the message about to be queued supersedes
+    /// pending ones of its key. Returns how many went.
+    fn merge_per_key(&mut self, format: Format, incoming: Option<&Option<Arc<str>>>) -> usize {
+        let start = self.in_flight as usize;
+        let mut seen: std::collections::HashSet<&Option<Arc<str>>> = incoming.into_iter().collect();
+        let mut stale = vec![false; self.items.len()];
+        let mut merged = 0;
+        for (i, item) in self.items.iter().enumerate().skip(start).rev() {
+            if let Out::Message(p) = item {
+                if !seen.insert(&p.key) {
+                    stale[i] = true;
+                    merged += 1;
+                }
+            }
+        }
+        drop(seen);
+        if merged == 0 {
+            return 0;
+        }
+        let mut i = 0;
+        let mut freed = 0;
+        self.items.retain(|item| {
+            let keep = !stale[i];
+            i += 1;
+            if !keep {
+                freed += item.counted(format);
+            }
+            keep
+        });
+        self.bytes -= freed;
+        merged
     }
 
     /// Drops the oldest queued messages (never replies, never the frame in

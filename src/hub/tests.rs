@@ -1016,6 +1016,65 @@ fn subscribing_again_replaces_the_options_without_a_gap(backplane: Backplane) {
     assert_eq!(events[0]["type"], "unsubscribed");
 }
 
+fn a_slow_consumer_that_conflates_keeps_the_latest_of_each_key_within_its_bound(
+    backplane: Backplane,
+) {
+    for (keys, fallback) in [(4, "disconnect"), (40, "disconnect"), (40, "drop-oldest")] {
+        let cluster = Cluster::new(
+            backplane,
+            2,
+            &[
+                "--max-message-bytes",
+                "1024",
+                "--max-pending-bytes",
+                "8192",
+                "--slow-consumer",
+                "conflate",
+                "--slow-consumer-fallback",
+                fallback,
+                "--max-publish-rate",
+                "0",
+            ],
+        );
+        let channel = cluster.channel_owned_by(1, "dash");
+        let publisher = cluster.connect(0);
+        let slow = cluster.connect(0);
+        cluster.send(&slow, json!({"action": "subscribe", "channel": channel}));
+        cluster.settle();
+        slow.events();
+        let body = "x".repeat(400);
+        for i in 0..400u64 {
+            let key = format!("k{}", i % keys);
+            publish_keyed(&cluster, &publisher, &channel, &key, json!([i, body]));
+            cluster.settle();
+            let pending = slow.conn.out.borrow().bytes;
+            assert!(
+                pending <= 8192,
+                "{keys} keys, {fallback}: {pending} bytes pending"
+            );
+        }
+        let close = slow.conn.close.get().map(|c| c.code);
+        let kept = conflated_messages(&slow.events());
+        let seqs: Vec<u64> = kept.iter().map(|m| m.0).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        match (keys, fallback) {
+            (4, _) => {
+                // Four keys fit: merged, never disconnected; what waits is
+                // the latest of each key (and what came since the last
+                // merge).
+                assert_eq!(close, None);
+                assert!(seqs.ends_with(&[397, 398, 399, 400]), "{kept:?}");
+                assert!(seqs.len() < 20, "{kept:?}");
+            }
+            (_, "disconnect") => assert_eq!(close, Some(4008), "forty keys do not fit"),
+            _ => {
+                assert_eq!(close, None);
+                assert_eq!(seqs.last(), Some(&400), "the newest are kept: {seqs:?}");
+            }
+        }
+    }
+}
+
 /// Runs each named test on one backplane.
 macro_rules! on_backplane {
     ($module:ident, $backplane:expr, $($test:ident),* $(,)?) => {
@@ -1051,6 +1110,7 @@ contract!(
     conflated_subscribers_get_the_first_at_once_and_the_latest_per_key_when_the_window_closes,
     a_subscriber_joining_a_group_gets_nothing_older_than_its_answer,
     subscribing_again_replaces_the_options_without_a_gap,
+    a_slow_consumer_that_conflates_keeps_the_latest_of_each_key_within_its_bound,
 );
 
 /// Tokens signed with the secret `TOKEN_SECRET`.
