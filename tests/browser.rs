@@ -135,3 +135,122 @@ fn chromium_opens_the_page_over_https_and_its_websocket_over_wss_with_a_token() 
     assert!(!without.contains("connected"), "{without}");
     assert!(without.contains("closed 1006"), "{without}");
 }
+
+/// Publishes keyed prices to `addr` until `stop` is set, as a feed would:
+/// `{"bid":…,"t":<Unix ms>}` under `SYM00`…`SYM19`.
+fn price_feed(
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let unix_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis();
+                let body = json!({"bid": 100.0 + (sent % 97) as f64 / 10.0, "t": unix_ms as u64});
+                let channel = format!("prices?key=SYM{:02}", sent % 20);
+                // While a node drains or restarts a publication may fail;
+                // the feed goes on.
+                let _ = common::http_publish(addr, &channel, &body.to_string(), "").await;
+                sent += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            sent
+        })
+    })
+}
+
+#[test]
+fn the_dashboard_shows_live_tiles_and_recovers_from_a_drain_without_a_reload() {
+    let redis = common::redis::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Unused here: the page is plain http, but the driver wants a key.
+    let spki = dir.path().join("spki.der");
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(&spki, made.key_pair.public_key_der()).unwrap();
+
+    let url = redis.url();
+    let (port_a, port_b) = (common::redis::free_port(), common::redis::free_port());
+    let listen_a = format!("127.0.0.1:{port_a}");
+    let listen_b = format!("127.0.0.1:{port_b}");
+    let advertised_b = format!("ws://127.0.0.1:{port_b}/ws");
+    let common_args = [
+        "--workers",
+        "2",
+        "--redis",
+        url.as_str(),
+        "--drain-seconds",
+        "1",
+    ];
+    let mut args_b = common_args.to_vec();
+    args_b.extend_from_slice(&["--listen", &listen_b, "--advertise-url", &advertised_b]);
+    let b = Relay::start_as_shipped(&args_b);
+    let mut args_a = common_args.to_vec();
+    args_a.extend_from_slice(&["--listen", &listen_a]);
+    let a = Relay::start_as_shipped(&args_a);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        a.wait_readyz(200).await;
+        b.wait_readyz(200).await;
+        // A names B in its 1012s once it has read the directory.
+        let deadline = std::time::Instant::now() + common::PATIENCE;
+        loop {
+            let (_, nodes) = common::http(
+                a.addr,
+                "GET /nodes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            if nodes.contains(&advertised_b) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "A never listed B: {nodes}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feed = price_feed(b.addr, stop.clone());
+
+    let screenshot = dir.path().join("dashboard.png");
+    let board = "window.dashboard";
+    let plan = json!([{
+        "name": "dashboard",
+        "url": format!("http://127.0.0.1:{port_a}/"),
+        "read": "JSON.stringify({board: window.dashboard, tiles: document.querySelectorAll('.tile').length, \
+                 marker: window.loadedOnce, navigations: performance.getEntriesByType('navigation').length, \
+                 state: document.getElementById('state').textContent})",
+        "steps": [
+            {"wait": format!("{board} && {board}.keys >= 20 && {board}.state === 'connected'")},
+            {"eval": "window.loadedOnce = 'yes'"},
+            {"screenshot": screenshot.to_str().unwrap()},
+            // Another window: the page resubscribes with new options.
+            {"eval": "const s = document.getElementById('conflate'); s.value = '16'; s.dispatchEvent(new Event('change'))"},
+            {"eval": "window.before = window.dashboard.received"},
+            {"wait": format!("{board}.received > window.before + 20")},
+            {"terminate": a.pid()},
+            {"wait": format!("{board}.resumed >= 1 && {board}.recovered === true && {board}.state === 'recovered'")},
+            {"eval": "window.after = window.dashboard.received"},
+            {"wait": format!("{board}.received > window.after + 20")},
+        ],
+    }]);
+    let pages = drive(&plan, &spki);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let published = feed.join().unwrap();
+    let seen: Value = serde_json::from_str(pages["dashboard"].as_str().unwrap()).unwrap();
+    assert!(seen["tiles"].as_u64().unwrap() >= 20, "{seen}");
+    assert_eq!(seen["marker"], "yes", "the page was not reloaded: {seen}");
+    assert_eq!(seen["navigations"], 1, "{seen}");
+    assert_eq!(seen["board"]["recovered"], true, "{seen}");
+    assert!(published > 0);
+    let png = std::fs::read(&screenshot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a screenshot was taken");
+}

@@ -1,7 +1,8 @@
 //! Plain HTTP on the WebSocket port: the request head (parsed by `httparse`),
 //! keep-alive, and the routes `/ws` (upgrade), `/healthz`, `/readyz`,
 //! `POST /publish/{channel}`, `/metrics` (to loopback clients, unless
-//! `--metrics-addr` moves it) and the demo page at `/`.
+//! `--metrics-addr` moves it), the dashboard at `/` and the browser client
+//! at `/client.js`.
 
 mod demo;
 pub mod message;
@@ -584,6 +585,14 @@ async fn route(
             content_type: "text/html; charset=utf-8",
             body: demo::PAGE.as_bytes().to_vec(),
             extra: "",
+            head_only: false,
+        },
+        "/client.js" if get => Response {
+            status: 200,
+            content_type: "text/javascript; charset=utf-8",
+            body: demo::CLIENT_JS.as_bytes().to_vec(),
+            // Pages may load it from any origin, as they load the WebSocket.
+            extra: "Access-Control-Allow-Origin: *\r\nCache-Control: no-cache\r\n",
             head_only: false,
         },
         "/nodes" if get => {

@@ -4,7 +4,8 @@ Starts the browser (its path in argv[1]) with a profile of its own,
 trusting exactly one TLS key (its SubjectPublicKeyInfo, DER, in the file
 argv[2]) and no other certificate it could not verify, then runs the
 steps of the JSON plan on stdin, page by page: open a URL, wait until an
-expression is true, evaluate an expression, take a screenshot. Prints one
+expression is true, evaluate an expression, send SIGTERM to a process the
+test started, take a screenshot. Prints one
 JSON object: for each page, what its last `read` expression returned.
 Any step that does not come true within its deadline fails the run with
 a message saying which, and the browser is always stopped.
@@ -124,6 +125,9 @@ async def run(browser, plan):
                     await asyncio.sleep(0.05)
             if "eval" in step:
                 await browser.evaluate(session, step["eval"])
+            if "terminate" in step:
+                # A process the test started (a relay to drain).
+                os.kill(step["terminate"], signal.SIGTERM)
             if "screenshot" in step:
                 shot = await browser.call("Page.captureScreenshot", {"format": "png"}, session)
                 with open(step["screenshot"], "wb") as f:
