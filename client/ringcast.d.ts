@@ -103,6 +103,7 @@ export function backoffDelay(attempt: number, base: number, max: number, random?
 export class RingcastClient {
   constructor(url: string, options?: ClientOptions);
   readonly state: ConnectionState;
+  /** Resolves once the connection is open (it keeps retrying until then). */
   connect(): Promise<void>;
   close(): void;
   on<K extends keyof Events>(type: K, listener: (event: Events[K]) => void): () => void;

@@ -99,10 +99,22 @@ export class RingcastClient {
     this.emit('state', { state, ...detail });
   }
 
-  /** Opens the connection (and keeps it open until `close`). */
-  async connect() {
+  /**
+   * Opens the connection (and keeps it open until `close`); resolves once
+   * it is open, however many attempts that takes.
+   */
+  connect() {
     this.stopped = false;
-    await this.open();
+    const opened = new Promise((resolve) => {
+      const off = this.on('state', (s) => {
+        if (s.state === 'connected') {
+          off();
+          resolve();
+        }
+      });
+    });
+    this.open();
+    return opened;
   }
 
   async open() {

@@ -120,6 +120,22 @@ async fn request_errors_carry_codes_and_ids_and_keep_the_connection() {
             "bad_request",
         ),
         (json!(42), "bad_request"),
+        (
+            json!({"action": "subscribe", "channel": "a", "conflate_ms": 0, "id": 11}),
+            "bad_request",
+        ),
+        (
+            json!({"action": "subscribe", "channel": "a", "conflate_ms": 60_001, "id": 12}),
+            "bad_request",
+        ),
+        (
+            json!({"action": "subscribe", "channel": "a", "snapshot": "yes", "id": 13}),
+            "bad_request",
+        ),
+        (
+            json!({"action": "publish", "channel": "a", "data": 1, "key": "", "id": 14}),
+            "bad_request",
+        ),
     ];
     for (req, code) in &cases {
         c.send(req.clone()).await;
@@ -130,13 +146,10 @@ async fn request_errors_carry_codes_and_ids_and_keep_the_connection() {
         }
     }
     c.subscribe("s1").await;
-    c.send(json!({"action": "subscribe", "channel": "s1", "id": 10}))
+    // Subscribing again replaces the options: still one subscription.
+    c.send(json!({"action": "subscribe", "channel": "s1", "id": 10, "conflate_ms": 50}))
         .await;
-    assert_eq!(
-        c.expect_type("error").await["code"],
-        "bad_request",
-        "double subscribe"
-    );
+    assert_eq!(c.expect_type("subscribed").await["id"], 10, "new options");
     for ch in ["s2", "s3"] {
         c.subscribe(ch).await;
     }

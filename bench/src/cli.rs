@@ -74,6 +74,9 @@ pub enum Mode {
     Idle(IdleArgs),
     /// Connection setup rate: handshake plus one subscribe, then close.
     Connect(ConnectArgs),
+    /// Snapshot cost: keys published to one channel, then connections
+    /// each subscribing with `snapshot`; time to `subscribed`.
+    Snapshot(SnapshotArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -116,6 +119,27 @@ pub struct FanoutArgs {
     /// (slow consumers); they are left out of `expected` and of latency.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=50))]
     pub slow_percent: u32,
+    /// Publications carry a key, `k0` .. `k{K-1}` in turn (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub keys: u32,
+    /// Subscribers ask for `conflate_ms` (0: every message). Merged
+    /// messages count as delivered through the `conflated` of the one
+    /// that replaced them; latency is then the age of what arrives.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=60_000))]
+    pub conflate_ms: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Keys published to `bench.0` before the subscribes: each subscribe
+    /// with `snapshot` gets the latest message of every one.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keys: u32,
+    /// Approximate size in bytes of each published `data` value.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
 }
 
 #[derive(Args, Debug, Clone)]

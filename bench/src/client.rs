@@ -174,6 +174,10 @@ pub struct Ctx {
     pub centrifugo_api_key: Option<String>,
     /// Percent of subscriber connections that never read after subscribing.
     pub slow_percent: u32,
+    /// `conflate_ms` subscribers ask for.
+    pub conflate_ms: Option<u32>,
+    /// The keys publications carry in turn (none when empty).
+    pub keys: Vec<String>,
 }
 
 impl Ctx {
@@ -308,7 +312,8 @@ async fn socketio_connect(ws: &mut Ws) -> Result<()> {
 async fn open_and_subscribe(ctx: &Ctx, n: usize, channels: &[usize]) -> Result<Ws> {
     let mut ws = connect(ctx, n).await?;
     for (j, &c) in channels.iter().enumerate() {
-        let request = Subscribe::new(&ctx.names[c], j as u64 + 1);
+        let mut request = Subscribe::new(&ctx.names[c], j as u64 + 1);
+        request.conflate_ms = ctx.conflate_ms;
         ws.feed(ctx.format.encode(&request)?).await?;
     }
     ws.flush().await?;
@@ -345,6 +350,8 @@ async fn open_and_subscribe(ctx: &Ctx, n: usize, channels: &[usize]) -> Result<W
 #[derive(Debug, Default)]
 pub struct SubStats {
     pub messages: u64,
+    /// What arrived messages replaced (`conflated`).
+    pub merged: u64,
     /// Frames that held at least one `message` event.
     pub frames: u64,
     pub errors: u64,
@@ -362,10 +369,12 @@ impl SubStats {
         let now = now_ns();
         stamps.clear();
         let mut count = 0u64;
+        let mut merged = 0u64;
         let mut failure = None;
         let decoded = decode(msg, |ev| match ev.kind {
             Kind::Message => {
                 count += 1;
+                merged += ev.conflated.0.unwrap_or(0);
                 stamps.extend(ev.stamp.0);
             }
             Kind::Error => {
@@ -381,8 +390,9 @@ impl SubStats {
         }
         if count > 0 {
             self.messages += count;
+            self.merged += merged;
             self.frames += 1;
-            live.add(task, count);
+            live.add(task, count + merged);
             record_latencies(now, stamps);
         }
     }
@@ -521,6 +531,7 @@ impl Opened {
             match handle.await {
                 Ok(s) => {
                     total.messages += s.messages;
+                    total.merged += s.merged;
                     total.frames += s.frames;
                     total.errors += s.errors;
                     if let Some(e) = s.first_error {

@@ -46,6 +46,8 @@ pub async fn run(
     report.rate = Some(args.rate);
     report.window = Some(args.window);
     report.duration = Some(args.duration);
+    report.keys = (args.keys > 0).then_some(args.keys);
+    report.conflate_ms = (args.conflate_ms > 0).then_some(args.conflate_ms);
 
     let mut sampler = server_pid.map(ServerSampler::start).transpose()?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -182,6 +184,7 @@ pub async fn run(
     report.published_per_sec = Some(round(published.sent as f64 / publish_secs.max(1e-9), 1));
     report.expected = Some(published.expected);
     report.delivered = Some(seen_by_subs.messages);
+    report.conflated = (ctx.conflate_ms.is_some()).then_some(seen_by_subs.merged);
     report.delivered_per_sec = Some(round(
         seen_by_subs.messages as f64 / measure_secs.max(1e-9),
         1,
@@ -311,7 +314,11 @@ async fn publisher(ctx: Arc<Ctx>, plan: Arc<PubPlan>, mut ws: Ws, p: usize) -> P
         while stats.sent < due && stats.in_flight() < plan.window {
             let channel = next;
             next = (next + 1) % channels;
-            let request = Publish::new(&ctx.names[channel], now_ns(), &plan.pad, stats.sent + 1);
+            let mut request =
+                Publish::new(&ctx.names[channel], now_ns(), &plan.pad, stats.sent + 1);
+            if !ctx.keys.is_empty() {
+                request.key = Some(&ctx.keys[stats.sent as usize % ctx.keys.len()]);
+            }
             let sent = match ctx.format.encode(&request) {
                 Ok(msg) => ws.feed(msg).await,
                 Err(e) => {

@@ -10,6 +10,7 @@ mod idle;
 mod procfs;
 mod proto;
 mod pusher;
+mod snapshot;
 mod stats;
 
 use std::process::ExitCode;
@@ -65,6 +66,7 @@ fn run(cli: Cli) -> Result<Report> {
         Mode::Fanout(a) => ("fanout", &a.conn),
         Mode::Idle(a) => ("idle", &a.conn),
         Mode::Connect(a) => ("connect", &a.conn),
+        Mode::Snapshot(a) => ("snapshot", &a.conn),
     };
     if let Some(limit) = procfs::open_files_limit() {
         ensure!(
@@ -88,6 +90,14 @@ fn run(cli: Cli) -> Result<Report> {
         slow_percent: match &cli.mode {
             Mode::Fanout(a) => a.slow_percent,
             _ => 0,
+        },
+        conflate_ms: match &cli.mode {
+            Mode::Fanout(a) if a.conflate_ms > 0 => Some(a.conflate_ms),
+            _ => None,
+        },
+        keys: match &cli.mode {
+            Mode::Fanout(a) => (0..a.keys).map(|k| format!("k{k}")).collect(),
+            _ => Vec::new(),
         },
         targets,
         format: common.format,
@@ -114,6 +124,7 @@ fn run(cli: Cli) -> Result<Report> {
             Mode::Fanout(args) => fanout::run(ctx, args, pid, &mut report).await,
             Mode::Idle(args) => idle::run_idle(ctx, args, pid, &mut report).await,
             Mode::Connect(args) => idle::run_connect(ctx, args, pid, &mut report).await,
+            Mode::Snapshot(args) => snapshot::run(ctx, args, pid, &mut report).await,
         }
     });
     // Every task has been told to stop by now; a socket stuck in its close

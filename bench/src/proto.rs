@@ -121,6 +121,10 @@ pub struct Subscribe<'a> {
     pub action: &'static str,
     pub channel: &'a str,
     pub id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conflate_ms: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
 }
 
 impl<'a> Subscribe<'a> {
@@ -129,6 +133,8 @@ impl<'a> Subscribe<'a> {
             action: "subscribe",
             channel,
             id,
+            conflate_ms: None,
+            snapshot: false,
         }
     }
 }
@@ -137,6 +143,8 @@ impl<'a> Subscribe<'a> {
 pub struct Publish<'a> {
     pub action: &'static str,
     pub channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<&'a str>,
     pub data: Payload<'a>,
     pub id: u64,
 }
@@ -154,6 +162,7 @@ impl<'a> Publish<'a> {
         Publish {
             action: "publish",
             channel,
+            key: None,
             data: Payload { t, p: pad },
             id,
         }
@@ -197,6 +206,9 @@ pub struct Event {
     /// `data.t` when `data` is a map holding an unsigned integer `t`.
     #[serde(rename = "data", default)]
     pub stamp: Stamp,
+    /// On a conflating subscription: the messages this one replaced.
+    #[serde(default)]
+    pub conflated: Num,
     #[serde(default)]
     pub code: Option<String>,
     #[serde(default)]

@@ -131,6 +131,16 @@ pub struct Report {
     pub expected: Option<u64>,
     pub delivered: Option<u64>,
     pub delivered_per_sec: Option<f64>,
+    /// fanout --keys: the keys publications carried; --conflate-ms: the
+    /// window, and the messages merged away (`delivered` + `conflated`
+    /// is then what reached the subscribers).
+    pub keys: Option<u32>,
+    pub conflate_ms: Option<u32>,
+    pub conflated: Option<u64>,
+    /// snapshot: messages each snapshot held, and subscribes answered per
+    /// second.
+    pub snapshot_messages: Option<f64>,
+    pub subscribes_per_sec: Option<f64>,
     pub frames: Option<u64>,
     pub msgs_per_frame: Option<f64>,
     /// What the percentiles measure: `e2e` (publish to delivery) in fanout,
@@ -198,6 +208,19 @@ impl Report {
                 opt(self.published_per_sec),
                 opt(self.delivered_per_sec),
                 opt(self.msgs_per_frame),
+            );
+        }
+        if let Some(merged) = self.conflated {
+            eprintln!(
+                "conflated at {} ms: {merged} merged away, {} reached subscribers",
+                self.conflate_ms.unwrap_or(0),
+                self.delivered.unwrap_or(0) + merged
+            );
+        }
+        if let Some(rate) = self.subscribes_per_sec {
+            eprintln!(
+                "snapshots of {} messages: {rate} subscribes/s",
+                opt(self.snapshot_messages)
             );
         }
         eprintln!(
