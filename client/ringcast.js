@@ -214,8 +214,16 @@ export class RingcastClient {
       this.emit('subscribed', { ...event, resumed });
       for (const w of sub.waiters.splice(0)) w.resolve(event);
     }, (error) => {
-      if (error.code === 'disconnected') return;
-      if (this.channels.get(channel) === sub) this.channels.delete(channel);
+      if (error.code === 'disconnected' || this.channels.get(channel) !== sub) return;
+      if (error.code === 'unavailable' || error.code === 'rate_limited' || error.code === 'timeout') {
+        // The backplane is down or the relay busy: ask again later.
+        const delay = backoffDelay(Math.min(sub.retries = (sub.retries || 0) + 1, 6), this.options.backoffBaseMs, this.options.backoffMaxMs);
+        setTimeout(() => {
+          if (this.channels.get(channel) === sub && this.state === 'connected') this.sendSubscribe(channel, sub, resumed);
+        }, delay);
+        return;
+      }
+      this.channels.delete(channel);
       for (const w of sub.waiters.splice(0)) w.reject(error);
       this.emit('error', error);
     });
@@ -223,7 +231,11 @@ export class RingcastClient {
 
   /** Unsubscribes from `channel`; resolves with the `unsubscribed` event. */
   unsubscribe(channel) {
+    const sub = this.channels.get(channel);
     this.channels.delete(channel);
+    for (const w of sub?.waiters.splice(0) || []) {
+      w.reject(new RingcastError('unsubscribed', `unsubscribed from ${channel} before it was answered`));
+    }
     return this.request({ action: 'unsubscribe', channel });
   }
 

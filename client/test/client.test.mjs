@@ -2,6 +2,7 @@
 // Node's test runner with the `ws` package as the WebSocket.
 
 import { test } from 'node:test';
+import { spawn } from 'node:child_process';
 import assert from 'node:assert/strict';
 import { encode, decode } from '@msgpack/msgpack';
 
@@ -177,4 +178,31 @@ test('tokens: refreshed before exp through getToken; a revoked client never reco
   await new Promise((r) => setTimeout(r, 500));
   assert.equal(client.state, 'closed');
   assert.equal(issued, calls, 'no reconnect after 4003');
+});
+
+test('a subscribe answered unavailable (Redis gone) is asked again until Redis is back', async (t) => {
+  const port = await freePort();
+  const startRedis = () => spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  let redis = startRedis();
+  t.after(() => redis.kill('SIGKILL'));
+  const relay = await startRelay(['--redis', `redis://127.0.0.1:${port}/0`]);
+  t.after(() => relay.stop());
+  await ready(relay);
+  const client = new RingcastClient(relay.url, quick);
+  t.after(() => client.close());
+  await client.connect();
+  redis.kill('SIGKILL');
+  // The relay notices within its probe interval: it answers unavailable.
+  for (let i = 0; (await fetch(`${relay.http}/readyz`)).status === 200; i++) {
+    assert.ok(i < 400, 'the relay never noticed Redis was gone');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const subscribed = client.subscribe('later');
+  await new Promise((r) => setTimeout(r, 300));
+  redis = startRedis();
+  const event = await subscribed;
+  assert.equal(event.channel, 'later');
+  const arrived = next(client, 'message');
+  await publish(relay, 'later', 'hello');
+  assert.equal((await arrived).data, 'hello');
 });
