@@ -49,6 +49,8 @@ enum Kind {
     Sockudo,
     Uws,
     Centrifugo,
+    Bun,
+    UwsJs,
 }
 
 /// sockudo's pinned release, built by `cargo install` into `target/`.
@@ -99,6 +101,16 @@ pub const CONTENDERS: &[Contender] = &[
         kind: Kind::Centrifugo,
     },
     Contender {
+        name: "bun",
+        what: "Bun.serve with Bun's built-in topic pub/sub (ws.subscribe, server.publish; uWebSockets inside), the npm package bun, pinned (bench/contenders/bun); one node",
+        kind: Kind::Bun,
+    },
+    Contender {
+        name: "uws-js",
+        what: "uWebSockets.js with its topic pub/sub (ws.subscribe, app.publish) on Node, the npm build @trufflesuite/uws-js-unofficial, pinned, native addon required (bench/contenders/uws-js); one node",
+        kind: Kind::UwsJs,
+    },
+    Contender {
         name: "baseline",
         what: "tokio + tokio-tungstenite broadcast server written the usual way, one thread (bench/src/bin/baseline.rs); one node only",
         kind: Kind::Baseline,
@@ -126,7 +138,10 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 impl Contender {
     pub fn supports(&self, topology: Topology) -> bool {
-        !(matches!(self.kind, Kind::Baseline | Kind::Uws) && topology == Topology::TwoNodes)
+        !(matches!(
+            self.kind,
+            Kind::Baseline | Kind::Uws | Kind::Bun | Kind::UwsJs
+        ) && topology == Topology::TwoNodes)
     }
 
     /// A contender the user supplies (its path is an option); it takes part
@@ -151,7 +166,7 @@ impl Contender {
     fn needs_redis(&self, topology: Topology) -> bool {
         match self.kind {
             Kind::Ringcast => topology == Topology::TwoNodes,
-            Kind::Baseline | Kind::Uws => false,
+            Kind::Baseline | Kind::Uws | Kind::Bun | Kind::UwsJs => false,
             Kind::NodeWs | Kind::SocketIo => true,
             Kind::Sockudo | Kind::Centrifugo => topology == Topology::TwoNodes,
         }
@@ -164,6 +179,8 @@ impl Contender {
             Kind::Sockudo => [6001, 6002],
             Kind::Uws => [8094, 8095],
             Kind::Centrifugo => [8096, 8097],
+            Kind::Bun => [8098, 8099],
+            Kind::UwsJs => [8100, 8101],
             _ => [8090, 8091],
         }
     }
@@ -200,6 +217,13 @@ impl Contender {
         }
     }
 
+    fn bun_bin(env: &Env) -> String {
+        env.root
+            .join("bench/contenders/bun/node_modules/.bin/bun")
+            .display()
+            .to_string()
+    }
+
     fn sockudo_bin(env: &Env) -> PathBuf {
         env.root.join("target/contenders/sockudo/bin/sockudo")
     }
@@ -212,6 +236,11 @@ impl Contender {
             Kind::SocketIo => Some((
                 "bench/contenders/socketio",
                 &["socket.io", "@socket.io/redis-adapter", "ioredis"],
+            )),
+            Kind::Bun => Some(("bench/contenders/bun", &["bun"])),
+            Kind::UwsJs => Some((
+                "bench/contenders/uws-js",
+                &["@trufflesuite/uws-js-unofficial"],
             )),
             _ => None,
         }
@@ -275,12 +304,17 @@ impl Contender {
                 let version = centrifugo_version(path, &env.root)?;
                 Ok(version.0)
             }
-            Kind::NodeWs | Kind::SocketIo => {
+            Kind::NodeWs | Kind::SocketIo | Kind::Bun | Kind::UwsJs => {
                 let (project, packages) = self.npm_project().expect("a Node.js contender");
                 let dir = env.root.join(project);
-                if !packages
-                    .iter()
-                    .all(|p| dir.join("node_modules").join(p).exists())
+                // Bun's package only holds a stub until its install script
+                // put the binary in place: running it is the check.
+                let bun_runs = self.kind != Kind::Bun
+                    || output(&Self::bun_bin(env), &["--version"], &dir).is_ok();
+                if !bun_runs
+                    || !packages
+                        .iter()
+                        .all(|p| dir.join("node_modules").join(p).exists())
                 {
                     run(
                         "npm",
@@ -289,7 +323,12 @@ impl Contender {
                     )
                     .with_context(|| format!("installing the {} contender (npm ci)", self.name))?;
                 }
-                let mut version = format!("node {}", output("node", &["--version"], &dir)?);
+                let mut version = match self.kind {
+                    Kind::Bun => {
+                        format!("bun {}", output(&Self::bun_bin(env), &["--version"], &dir)?)
+                    }
+                    _ => format!("node {}", output("node", &["--version"], &dir)?),
+                };
                 for package in packages {
                     version.push_str(&format!(", {package} {}", package_version(&dir, package)?));
                 }
@@ -456,6 +495,24 @@ impl Contender {
                         &log,
                     )?
                 }
+                Kind::Bun => Proc::spawn(
+                    self.name,
+                    env.server_cpu,
+                    &Self::bun_bin(env),
+                    &strings(&["server.js"]),
+                    &env.root.join("bench/contenders/bun"),
+                    &[("PORT", port.to_string())],
+                    &log,
+                )?,
+                Kind::UwsJs => Proc::spawn(
+                    self.name,
+                    env.server_cpu,
+                    "node",
+                    &strings(&["server.js"]),
+                    &env.root.join("bench/contenders/uws-js"),
+                    &[("PORT", port.to_string())],
+                    &log,
+                )?,
                 Kind::NodeWs | Kind::SocketIo => Proc::spawn(
                     self.name,
                     env.server_cpu,
