@@ -71,6 +71,7 @@ export class RingcastClient {
     this.redirect = null;
     this.token = null;
     this.stopped = false;
+    this.hadConnection = false;
   }
 
   /** Listens to `message`, `subscribed`, `state` or `error`. */
@@ -104,6 +105,7 @@ export class RingcastClient {
    * it is open, however many attempts that takes.
    */
   connect() {
+    if (this.state === 'connected') return Promise.resolve();
     this.stopped = false;
     const opened = new Promise((resolve) => {
       const off = this.on('state', (s) => {
@@ -119,7 +121,13 @@ export class RingcastClient {
 
   async open() {
     if (this.stopped) return;
-    this.setState(this.attempt === 0 ? 'connecting' : 'reconnecting', { attempt: this.attempt });
+    if (this.ws) {
+      // A connect while one is open or opening: that one goes.
+      const old = this.ws;
+      this.ws = null;
+      old.close(1000);
+    }
+    this.setState(this.hadConnection ? 'reconnecting' : 'connecting', { attempt: this.attempt });
     let url = this.redirect || this.url;
     this.redirect = null;
     if (this.options.getToken) {
@@ -130,24 +138,32 @@ export class RingcastClient {
         return this.scheduleReconnect();
       }
       url += (url.includes('?') ? '&' : '?') + 'token=' + encodeURIComponent(this.token);
+      if (this.stopped) return;
     }
     const protocol = this.options.format === 'msgpack' ? MSGPACK_PROTOCOL : JSON_PROTOCOL;
     const ws = new this.WebSocket(url, protocol);
     ws.binaryType = 'arraybuffer';
     this.ws = ws;
     ws.onopen = () => this.onOpen(ws);
-    ws.onmessage = (e) => this.onFrame(e.data);
+    ws.onmessage = (e) => {
+      if (ws === this.ws) this.onFrame(e.data);
+    };
     ws.onclose = (e) => this.onClose(ws, e.code, e.reason);
     ws.onerror = () => {};
   }
 
   onOpen(ws) {
     if (ws !== this.ws) return;
-    const resumed = this.attempt > 0;
-    this.attempt = 0;
+    // Backoff starts over once the server is heard from (onFrame), not
+    // at open: a server that closes at once is retried ever more slowly.
+    const resumed = !!this.hadConnection;
+    this.hadConnection = true;
     this.setState('connected', { resumed });
     this.scheduleRefresh();
     for (const [channel, sub] of this.channels) {
+      clearTimeout(sub.retryTimer);
+      sub.inFlight = false;
+      sub.resend = false;
       this.sendSubscribe(channel, sub, resumed);
     }
   }
@@ -183,14 +199,16 @@ export class RingcastClient {
    * resolves with the `subscribed` event. Kept across reconnects.
    */
   subscribe(channel, options = {}) {
-    const known = this.channels.get(channel);
-    const sub = {
-      options,
-      seq: options.since ?? known?.seq ?? null,
-      epoch: options.epoch ?? known?.epoch ?? null,
-      waiters: known?.waiters || [],
-    };
-    this.channels.set(channel, sub);
+    let sub = this.channels.get(channel);
+    if (!sub) {
+      sub = { seq: null, epoch: null, waiters: [], inFlight: false, resend: false, retryTimer: null };
+      this.channels.set(channel, sub);
+    }
+    sub.options = options;
+    if (options.since != null) {
+      sub.seq = options.since;
+      sub.epoch = options.epoch ?? null;
+    }
     return new Promise((resolve, reject) => {
       sub.waiters.push({ resolve, reject });
       if (this.state === 'connected') this.sendSubscribe(channel, sub, false);
@@ -198,6 +216,13 @@ export class RingcastClient {
   }
 
   sendSubscribe(channel, sub, resumed) {
+    // One subscribe per channel at a time: new options wait for the answer.
+    if (sub.inFlight) {
+      sub.resend = true;
+      return;
+    }
+    clearTimeout(sub.retryTimer);
+    sub.inFlight = true;
     const request = { action: 'subscribe', channel };
     if (sub.options.snapshot) request.snapshot = true;
     if (sub.options.conflateMs) request.conflate_ms = sub.options.conflateMs;
@@ -206,19 +231,26 @@ export class RingcastClient {
       if (sub.epoch) request.epoch = sub.epoch;
     }
     this.request(request).then((event) => {
+      sub.inFlight = false;
+      if (this.channels.get(channel) !== sub) return;
       // Everything up to its seq came before it (a replay, a snapshot) or
       // is not this subscription's; after `recovered: false` it may be
       // another epoch's, lower.
       sub.seq = event.seq;
       sub.epoch = event.epoch ?? null;
       this.emit('subscribed', { ...event, resumed });
+      if (sub.resend) {
+        sub.resend = false;
+        return this.sendSubscribe(channel, sub, resumed);
+      }
       for (const w of sub.waiters.splice(0)) w.resolve(event);
     }, (error) => {
+      sub.inFlight = false;
       if (error.code === 'disconnected' || this.channels.get(channel) !== sub) return;
       if (error.code === 'unavailable' || error.code === 'rate_limited' || error.code === 'timeout') {
         // The backplane is down or the relay busy: ask again later.
         const delay = backoffDelay(Math.min(sub.retries = (sub.retries || 0) + 1, 6), this.options.backoffBaseMs, this.options.backoffMaxMs);
-        setTimeout(() => {
+        sub.retryTimer = setTimeout(() => {
           if (this.channels.get(channel) === sub && this.state === 'connected') this.sendSubscribe(channel, sub, resumed);
         }, delay);
         return;
@@ -233,6 +265,7 @@ export class RingcastClient {
   unsubscribe(channel) {
     const sub = this.channels.get(channel);
     this.channels.delete(channel);
+    clearTimeout(sub?.retryTimer);
     for (const w of sub?.waiters.splice(0) || []) {
       w.reject(new RingcastError('unsubscribed', `unsubscribed from ${channel} before it was answered`));
     }
@@ -259,6 +292,7 @@ export class RingcastClient {
   }
 
   onFrame(data) {
+    this.attempt = 0;
     let decoded;
     try {
       decoded = this.decode(data);

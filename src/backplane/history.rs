@@ -69,6 +69,9 @@ pub struct History {
     bytes: usize,
     /// Boxed and only while a key is kept: most channels keep none.
     latest: Option<Box<Latest>>,
+    /// Latest values were forgotten for the budget (not by age): a broker
+    /// that serves them from a copy must read them again.
+    latest_lost: bool,
     meter: Rc<Meter>,
 }
 
@@ -95,6 +98,7 @@ impl History {
             entries: VecDeque::new(),
             bytes: 0,
             latest: None,
+            latest_lost: false,
             meter,
         }
     }
@@ -263,7 +267,20 @@ impl History {
         }
     }
 
-    /// Forgets the oldest thing kept; false when there was nothing.
+    /// Whether latest values were forgotten for the budget since the last
+    /// call.
+    pub fn take_latest_lost(&mut self) -> bool {
+        std::mem::take(&mut self.latest_lost)
+    }
+
+    /// Forgets everything for the budget.
+    fn evict_all(&mut self) {
+        self.latest_lost |= self.latest.is_some();
+        self.forget_all();
+    }
+
+    /// Forgets the oldest thing kept, for the budget; false when there was
+    /// nothing.
     fn pop_oldest(&mut self) -> bool {
         let entry = self.entries.front().map(|p| p.at);
         let value = self
@@ -272,9 +289,15 @@ impl History {
             .and_then(|l| l.by_seq.first_key_value())
             .map(|(_, p)| p.at);
         match (entry, value) {
-            (Some(a), Some(b)) if b < a => self.pop_oldest_value(),
+            (Some(a), Some(b)) if b < a => {
+                self.latest_lost = true;
+                self.pop_oldest_value()
+            }
             (Some(_), _) => self.pop_front().is_some(),
-            (None, Some(_)) => self.pop_oldest_value(),
+            (None, Some(_)) => {
+                self.latest_lost = true;
+                self.pop_oldest_value()
+            }
             (None, None) => false,
         }
     }
@@ -398,7 +421,7 @@ pub fn evict(histories: &mut [&mut History], meter: &Meter, budget: Budget) -> u
                 break;
             }
             forgotten += histories[i].len();
-            histories[i].forget_all();
+            histories[i].evict_all();
         }
     }
     if meter.bytes() > bytes_goal {

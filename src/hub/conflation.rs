@@ -35,6 +35,10 @@ use crate::backplane::Publication;
 /// are open.
 pub const WHEEL_TICK_MS: u64 = 2;
 
+/// Keys an open window holds at most: another key closes it early, so a
+/// feed of ever new keys cannot grow a group without bound.
+pub const MAX_HELD: usize = 10_000;
+
 /// A subscriber in a group.
 pub struct Member {
     pub conn: Rc<Conn>,
@@ -72,15 +76,28 @@ impl Group {
         }
     }
 
-    /// The tick a window opened at `now_ms` closes at.
+    /// The tick a window opened at `now_ms` closes at: rounded down, so
+    /// nothing waits longer than the window, but never the tick it opened
+    /// in.
     fn closing_tick(&self, now_ms: u64) -> u64 {
-        (now_ms + u64::from(self.window_ms)) / WHEEL_TICK_MS
+        ((now_ms + u64::from(self.window_ms)) / WHEEL_TICK_MS).max(now_ms / WHEEL_TICK_MS + 1)
     }
 
-    /// A publication for the group at `now_ms`. `Some(tick)`: it leaves
-    /// now, and a window opened that closes at `tick` (to put on the
-    /// wheel); `None`: it was merged into the open window.
-    pub fn offer(&mut self, publication: &Arc<Publication>, now_ms: u64) -> Option<u64> {
+    /// A publication for the group at `now_ms`. `None`: it was merged
+    /// into the open window. Otherwise what leaves now, in seq order, and
+    /// the tick the window now open closes at (to put on the wheel): the
+    /// publication itself when the group was quiet; everything held and
+    /// then it when the window already holds [`MAX_HELD`] keys and this is
+    /// another (the window closes early rather than grow).
+    pub fn offer(&mut self, publication: &Arc<Publication>, now_ms: u64) -> Option<Closed> {
+        let full = self.held.len() >= MAX_HELD && !self.held.contains_key(&publication.key);
+        if self.closes_at.is_some() && full {
+            let mut leaving = self.take_held();
+            leaving.push((publication.clone(), 0));
+            let tick = self.closing_tick(now_ms);
+            self.closes_at = Some(tick);
+            return Some((leaving, Some(tick)));
+        }
         if self.closes_at.is_some() {
             let replaced = match self.held.remove(&publication.key) {
                 Some(earlier) => earlier.replaced + 1,
@@ -95,7 +112,21 @@ impl Group {
         }
         let tick = self.closing_tick(now_ms);
         self.closes_at = Some(tick);
-        Some(tick)
+        Some((vec![(publication.clone(), 0)], Some(tick)))
+    }
+
+    /// Takes what the window holds, in seq order, each with `conflated`
+    /// when it replaced any (and how many it replaced).
+    fn take_held(&mut self) -> Vec<(Arc<Publication>, u32)> {
+        let mut leaving: Vec<Held> = self.held.drain().map(|(_, held)| held).collect();
+        leaving.sort_unstable_by_key(|held| held.publication.seq);
+        leaving
+            .into_iter()
+            .map(|held| match held.replaced {
+                0 => (held.publication, 0),
+                n => (held.publication.with_conflated(n), n),
+            })
+            .collect()
     }
 
     /// The wheel reached `tick` at `now_ms`. If this group's window
@@ -111,15 +142,7 @@ impl Group {
             self.held = HashMap::new();
             return Some((Vec::new(), None));
         }
-        let mut leaving: Vec<Held> = self.held.drain().map(|(_, held)| held).collect();
-        leaving.sort_unstable_by_key(|held| held.publication.seq);
-        let leaving = leaving
-            .into_iter()
-            .map(|held| match held.replaced {
-                0 => (held.publication, 0),
-                n => (held.publication.with_conflated(n), n),
-            })
-            .collect();
+        let leaving = self.take_held();
         let next = self.closing_tick(now_ms);
         self.closes_at = Some(next);
         Some((leaving, Some(next)))
@@ -128,6 +151,19 @@ impl Group {
     /// Publications held in the open window.
     pub fn held(&self) -> usize {
         self.held.len()
+    }
+
+    /// The sequenced publications held in the open window after seq
+    /// `after`, in seq order (for a member leaving the group).
+    pub fn held_after(&self, after: u64) -> Vec<Arc<Publication>> {
+        let mut held: Vec<Arc<Publication>> = self
+            .held
+            .values()
+            .filter(|h| h.publication.seq.is_some_and(|s| s > after))
+            .map(|h| h.publication.clone())
+            .collect();
+        held.sort_unstable_by_key(|p| p.seq);
+        held
     }
 }
 
@@ -226,9 +262,10 @@ mod tests {
             while next < publications.len() && publications[next].2 == now {
                 let (seq, key, _) = publications[next];
                 let publication = p(seq, key);
-                if let Some(tick) = group.offer(&publication, now) {
-                    out.push((now, left(&[publication])));
-                    wheel.schedule(tick, (0, 0));
+                if let Some((leaving, reopened)) = group.offer(&publication, now) {
+                    let leaving: Vec<_> = leaving.into_iter().map(|(p, _)| p).collect();
+                    out.push((now, left(&leaving)));
+                    wheel.schedule(reopened.expect("a window opens"), (0, 0));
                 }
                 next += 1;
             }
@@ -263,6 +300,27 @@ mod tests {
                 (400, vec![(7, "c/0".into())]),
             ]
         );
+    }
+
+    #[test]
+    fn a_window_full_of_keys_closes_early_instead_of_growing() {
+        let mut group = Group::new(1000);
+        assert!(group.offer(&p(1, "first"), 0).is_some(), "quiet: at once");
+        let keys: Vec<String> = (0..MAX_HELD).map(|k| format!("k{k}")).collect();
+        for (i, key) in keys.iter().enumerate() {
+            assert!(group.offer(&p(i as u64 + 2, key), 1).is_none());
+        }
+        assert_eq!(group.held(), MAX_HELD);
+        let next = MAX_HELD as u64 + 2;
+        let (leaving, reopened) = group.offer(&p(next, "one more"), 2).expect("closed early");
+        assert_eq!(leaving.len(), MAX_HELD + 1);
+        assert!(
+            leaving.windows(2).all(|w| w[0].0.seq < w[1].0.seq),
+            "in seq order"
+        );
+        assert_eq!(leaving.last().unwrap().0.seq, Some(next));
+        assert_eq!(group.held(), 0);
+        assert!(reopened.is_some(), "the next window is open");
     }
 
     #[test]

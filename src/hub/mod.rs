@@ -1118,7 +1118,7 @@ impl Shard {
     /// all the same, since the unsubscribe that cancelled it is answered
     /// after it).
     fn on_subscribe_ack(&self, token: u32, seq: u64, epoch: Arc<str>, replay: Replay) {
-        let (p, name, activated) = {
+        let (p, name, activated, held) = {
             let mut st = self.state.borrow_mut();
             let st = &mut *st;
             let Some(p) = st.pending_subs.try_remove(token as usize) else {
@@ -1127,6 +1127,7 @@ impl Shard {
             let local = &mut st.local[p.chan];
             local.pending -= 1;
             let mut activated = false;
+            let mut held = Vec::new();
             if !p.cancelled && !p.conn.gone.get() {
                 let sub = st.conns[p.conn_key]
                     .subs
@@ -1140,13 +1141,27 @@ impl Shard {
                     _ => p.replaces,
                 });
                 if let Some(sub) = mine {
+                    // What its conflation window still held for it leaves
+                    // with the answer rather than never.
+                    if let SubState::Conflated { group, slot } = sub.state {
+                        let g = &local.groups[usize::from(group)];
+                        held = g.held_after(g.members[slot as usize].after);
+                    }
                     local.leave(sub.state);
                     sub.state = local.join(p.conn.clone(), p.conflate_ms, seq);
                     activated = true;
                 }
             }
             let name = local.name.clone();
-            (p, name, activated)
+            (p, name, activated, held)
+        };
+        // A replacement: what the old way queued behind the answer's place
+        // (up to the answer's seq) and what its window held go in the
+        // answer, merged with the replay or snapshot by seq, so that
+        // nothing up to `subscribed` comes after it, and nothing twice.
+        let earlier: Vec<SharedPublication> = match (&p.slot, p.replaces && activated) {
+            (Some(slot), true) => p.conn.take_queued_after(slot, &name, seq),
+            _ => Vec::new(),
         };
         let mut items = Answer::new();
         let recovered = match replay {
@@ -1170,6 +1185,20 @@ impl Shard {
             }
         };
         debug_assert!(p.since_given == recovered.is_some());
+        if !earlier.is_empty() || !held.is_empty() {
+            let mut merged: Vec<(u64, Out)> = items
+                .drain(..)
+                .chain(earlier.into_iter().map(Out::Message))
+                .chain(held.into_iter().map(|h| Out::Message(Rc::new(h))))
+                .filter_map(|item| match &item {
+                    Out::Message(m) | Out::Replayed(m) => m.seq.map(|s| (s, item)),
+                    _ => None,
+                })
+                .collect();
+            merged.sort_by_key(|(s, _)| *s);
+            merged.dedup_by_key(|(s, _)| *s);
+            items.extend(merged.into_iter().map(|(_, item)| item));
+        }
         let subscribed = encode_event(
             p.conn.format,
             &Event::Subscribed {
@@ -1207,12 +1236,24 @@ impl Shard {
         }
         let now_ms = self.millis_now();
         for (key, group) in local.groups.iter_mut() {
-            if let Some(tick) = group.offer(&shared, now_ms) {
-                self.deliver_to_group(group, &shared);
-                if st.wheel.schedule(tick, (chan as u32, key as u16)) {
-                    if let Some(waker) = self.wheel_waker.borrow_mut().take() {
-                        waker.wake();
-                    }
+            let Some((leaving, reopened)) = group.offer(&shared, now_ms) else {
+                continue;
+            };
+            for (publication, replaced) in leaving {
+                let publication = if Arc::ptr_eq(&publication, &shared) {
+                    shared.clone()
+                } else {
+                    Rc::new(publication)
+                };
+                let delivered = self.deliver_to_group(group, &publication);
+                self.metrics
+                    .conflation_merged
+                    .add(delivered * u64::from(replaced));
+            }
+            let Some(tick) = reopened else { continue };
+            if st.wheel.schedule(tick, (chan as u32, key as u16)) {
+                if let Some(waker) = self.wheel_waker.borrow_mut().take() {
+                    waker.wake();
                 }
             }
         }

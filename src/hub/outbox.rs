@@ -35,10 +35,9 @@ pub type SharedPublication = Rc<Arc<Publication>>;
 pub enum Out {
     /// A publication shared with every subscriber on this shard.
     Message(SharedPublication),
-    /// A publication replayed from history for `since`. It is shared with
-    /// the history that already holds it, so it is left out of the
-    /// pending-bytes bound: a replay longer than the bound still gets
-    /// through, written as fast as the client reads.
+    /// A publication replayed from history for `since`, or one of a
+    /// snapshot. Its bytes are shared with the history that holds it, so
+    /// only what the queue spends on it counts ([`REPLAYED_ITEM_COST`]).
     Replayed(SharedPublication),
     /// A reply (`subscribed`, `error`, ...) for this connection alone.
     Reply(Box<[u8]>),
@@ -65,7 +64,7 @@ impl Out {
     fn counted(&self, format: Format) -> usize {
         match self {
             Out::Message(_) | Out::Reply(_) => self.bytes(format).len(),
-            Out::Replayed(_) => 0,
+            Out::Replayed(_) => REPLAYED_ITEM_COST,
             Out::Awaiting(slot) => slot
                 .items
                 .borrow()
@@ -74,6 +73,13 @@ impl Out {
         }
     }
 }
+
+/// A publication's channel and key, which the conflate policy merges by.
+type ChannelKey<'a> = (&'a Arc<str>, &'a Option<Arc<str>>);
+
+/// What a replayed item costs the queue beside the bytes it shares with
+/// history: its slot and its `Rc`.
+pub const REPLAYED_ITEM_COST: usize = 48;
 
 /// What answers one request: usually one reply (held inline, so answering
 /// allocates nothing beside the reply), or a replay and its `subscribed`.
@@ -216,7 +222,8 @@ impl Conn {
             let mut policy = policy;
             if policy == SlowConsumerPolicy::Conflate {
                 // The incoming message supersedes pending ones of its key.
-                merged = out.merge_per_key(self.format, Some(&publication.key));
+                merged =
+                    out.merge_per_key(self.format, Some((&publication.channel, &publication.key)));
                 policy = fallback;
             }
             if out.bytes + len > max_pending {
@@ -315,7 +322,13 @@ impl Conn {
         }
         let counted: usize = items.iter().map(|i| i.counted(self.format)).sum();
         let mut out = self.out.borrow_mut();
-        if counted > 0 && out.bytes + counted > max_pending {
+        // A replay or snapshot is let in whole while the queue is under
+        // half its bound (one larger than the bound still gets through, as
+        // fast as the client reads); past that it counts like anything
+        // else, so a client asking for snapshot after snapshot without
+        // reading is bounded too.
+        let room = out.bytes + counted <= max_pending || out.bytes <= max_pending / 2;
+        if counted > 0 && !room {
             drop(out);
             return self.disconnect_slow();
         }
@@ -326,6 +339,45 @@ impl Conn {
         }
         out.wake();
         Pushed::Queued
+    }
+
+    /// Takes out of the queue the messages of `channel` up to seq `upto`
+    /// queued after `slot` (a reply not known yet), in order: what an old
+    /// subscription delivered while its replacement was on its way.
+    pub fn take_queued_after(
+        &self,
+        slot: &Rc<ReplySlot>,
+        channel: &str,
+        upto: u64,
+    ) -> Vec<SharedPublication> {
+        let mut out = self.out.borrow_mut();
+        let Some(at) = out
+            .items
+            .iter()
+            .position(|item| matches!(item, Out::Awaiting(s) if Rc::ptr_eq(s, slot)))
+        else {
+            return Vec::new();
+        };
+        let format = self.format;
+        let mut taken = Vec::new();
+        let mut freed = 0;
+        let mut i = 0;
+        out.items.retain(|item| {
+            let index = i;
+            i += 1;
+            match item {
+                Out::Message(p)
+                    if index > at && &*p.channel == channel && p.seq.is_some_and(|s| s <= upto) =>
+                {
+                    freed += item.counted(format);
+                    taken.push(p.clone());
+                    false
+                }
+                _ => true,
+            }
+        });
+        out.bytes -= freed;
+        taken
     }
 
     /// Frees what is queued and asks for a 4008 close.
@@ -487,7 +539,10 @@ impl Outbox {
                     };
                 }
                 // A replay is old by design: not a publish-to-write latency.
-                Out::Replayed(_) => messages += 1,
+                Out::Replayed(_) => {
+                    messages += 1;
+                    freed += REPLAYED_ITEM_COST;
+                }
                 Out::Reply(b) => freed += b.len(),
                 Out::Awaiting(_) => debug_assert!(false, "a frame never holds a reply slot"),
             }
@@ -507,18 +562,19 @@ impl Outbox {
     }
 
     /// Keeps, of the queued messages (not the frame in flight, not
-    /// replies or replays), only the latest of each key, the order of
-    /// those kept unchanged (so their seqs still grow); `incoming`'s key
-    /// counts as seen, since the message about to be queued supersedes
-    /// pending ones of its key. Returns how many went.
-    fn merge_per_key(&mut self, format: Format, incoming: Option<&Option<Arc<str>>>) -> usize {
+    /// replies or replays), only the latest of each key of each channel,
+    /// the order of those kept unchanged (so their seqs still grow);
+    /// `incoming`'s channel and key count as seen, since the message about
+    /// to be queued supersedes pending ones of its key. Returns how many
+    /// went.
+    fn merge_per_key(&mut self, format: Format, incoming: Option<ChannelKey<'_>>) -> usize {
         let start = self.in_flight as usize;
-        let mut seen: std::collections::HashSet<&Option<Arc<str>>> = incoming.into_iter().collect();
+        let mut seen: std::collections::HashSet<ChannelKey<'_>> = incoming.into_iter().collect();
         let mut stale = vec![false; self.items.len()];
         let mut merged = 0;
         for (i, item) in self.items.iter().enumerate().skip(start).rev() {
             if let Out::Message(p) = item {
-                if !seen.insert(&p.key) {
+                if !seen.insert((&p.channel, &p.key)) {
                     stale[i] = true;
                     merged += 1;
                 }
@@ -662,6 +718,54 @@ mod tests {
         c.out.borrow_mut().control_written(1);
         pong(&c, b"d");
         assert_eq!(c.out.borrow().control, [1, b'c', 0x8a, 1, b'd']);
+    }
+
+    #[test]
+    fn conflating_a_slow_consumer_merges_per_key_of_each_channel() {
+        let c = conn();
+        let p = |channel: &str, seq: u64, key: &str| -> SharedPublication {
+            let data = crate::protocol::Data::from_json_slice(b"[1]").unwrap();
+            let at = std::time::Instant::now();
+            Rc::new(Publication::encode(
+                &channel.into(),
+                Some(seq),
+                Some(key.into()),
+                &data,
+                at,
+            ))
+        };
+        let policy = (SlowConsumerPolicy::Conflate, SlowConsumerPolicy::Disconnect);
+        let one = p("a", 1, "k").json.len();
+        // Room for three: a's and b's k, twice each, then one more of a.
+        for (channel, seq) in [("a", 1), ("b", 1), ("a", 2)] {
+            assert_eq!(
+                c.push_message(&p(channel, seq, "k"), 3 * one, policy.0, policy.1),
+                Pushed::Queued
+            );
+        }
+        let pushed = c.push_message(&p("b", 2, "k"), 3 * one, policy.0, policy.1);
+        assert_eq!(
+            pushed,
+            Pushed::Merged {
+                merged: 2,
+                dropped: 0
+            }
+        );
+        let left: Vec<(String, u64)> = c
+            .out
+            .borrow()
+            .items
+            .iter()
+            .map(|i| match i {
+                Out::Message(m) => (m.channel.to_string(), m.seq.unwrap()),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            left,
+            [("a".to_string(), 2), ("b".to_string(), 2)],
+            "each channel keeps its own latest"
+        );
     }
 
     #[test]

@@ -963,46 +963,67 @@ fn subscribing_again_replaces_the_options_without_a_gap(backplane: Backplane) {
     let client = cluster.connect(0);
     cluster.send(&client, json!({"action": "subscribe", "channel": channel}));
     cluster.settle();
-    let mut seen = Vec::new();
+    // Every message the client reads, and the seq of the last
+    // `subscribed`: nothing after it may be at or below it.
+    let mut seen: Vec<u64> = Vec::new();
+    let mut answered = 0;
     let mut take = |events: Vec<Value>| {
         for e in &events {
-            if e["type"] == "message" {
-                seen.push(e["seq"].as_u64().unwrap());
+            match e["type"].as_str() {
+                Some("message") => {
+                    let seq = e["seq"].as_u64().unwrap();
+                    assert!(
+                        seq > answered,
+                        "{seq} after subscribed {answered}: {events:?}"
+                    );
+                    assert!(!seen.contains(&seq), "{seq} twice: {events:?}");
+                    seen.push(seq);
+                }
+                Some("subscribed") => answered = e["seq"].as_u64().unwrap(),
+                _ => {}
             }
         }
         events
     };
     take(client.events());
     publish_keyed(&cluster, &publisher, &channel, "a", json!(1));
-    // Publications while the new options travel to the owner and back.
+    cluster.settle();
+    // A publication on its way to the owner when the new options leave:
+    // delivered the old way while they travel, so it must come before
+    // their answer.
+    publish_keyed(&cluster, &publisher, &channel, "a", json!(2));
     cluster.send(
         &client,
-        json!({"action": "subscribe", "channel": channel, "conflate_ms": 50, "id": 1}),
+        json!({"action": "subscribe", "channel": channel, "conflate_ms": 1000, "id": 1}),
     );
-    publish_keyed(&cluster, &publisher, &channel, "a", json!(2));
-    cluster.settle();
-    publish_keyed(&cluster, &publisher, &channel, "a", json!(3));
-    publish_keyed(&cluster, &publisher, &channel, "a", json!(4));
     cluster.settle();
     let events = take(client.events());
     let subscribed = events.iter().find(|e| e["type"] == "subscribed").unwrap();
     assert_eq!(subscribed["id"], 1);
-    cluster.advance_ms(60);
+    // Conflated now: the first message after the answer leaves at once
+    // (3, or 2 behind Redis, where 2 is sequenced after the answer), the
+    // rest are held by the window.
+    for i in 3..=5 {
+        publish_keyed(&cluster, &publisher, &channel, "a", json!(i));
+        cluster.settle();
+    }
     take(client.events());
-    // Back to every message.
-    cluster.send(&client, json!({"action": "subscribe", "channel": channel}));
+    // Back to every message before the window closes: what it held for
+    // this subscriber comes with the answer.
+    cluster.send(
+        &client,
+        json!({"action": "subscribe", "channel": channel, "id": 2}),
+    );
     cluster.settle();
-    publish_keyed(&cluster, &publisher, &channel, "a", json!(5));
+    take(client.events());
     publish_keyed(&cluster, &publisher, &channel, "a", json!(6));
     cluster.settle();
+    cluster.advance_ms(1100);
     take(client.events());
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert!(seen.contains(&2), "{seen:?}");
+    assert!(seen.contains(&5), "the held value arrives: {seen:?}");
     assert_eq!(seen.last(), Some(&6));
-    assert!(
-        seen.contains(&4),
-        "the last before switching back: {seen:?}"
-    );
-    assert!(seen.contains(&5), "{seen:?}");
     // Still one subscription: one unsubscribe ends it.
     cluster.send(
         &client,
@@ -1075,6 +1096,31 @@ fn a_slow_consumer_that_conflates_keeps_the_latest_of_each_key_within_its_bound(
     }
 }
 
+fn a_client_asking_for_snapshot_after_snapshot_without_reading_is_bounded(backplane: Backplane) {
+    let cluster = Cluster::new(backplane, 2, &["--max-publish-rate", "0"]);
+    let channel = cluster.channel_owned_by(1, "big");
+    let publisher = cluster.connect(0);
+    for i in 0..1000 {
+        publish_keyed(&cluster, &publisher, &channel, &format!("k{i}"), json!(i));
+    }
+    cluster.settle();
+    let greedy = cluster.connect(0);
+    let bound = cluster.shards[0].config.limits.max_pending_bytes;
+    for _ in 0..100 {
+        cluster.send(
+            &greedy,
+            json!({"action": "subscribe", "channel": channel, "snapshot": true}),
+        );
+        cluster.settle();
+        let queued = greedy.conn.out.borrow().bytes;
+        assert!(
+            queued <= bound + 1000 * super::outbox::REPLAYED_ITEM_COST,
+            "{queued} queued"
+        );
+    }
+    assert_eq!(greedy.conn.close.get().map(|c| c.code), Some(4008));
+}
+
 /// Runs each named test on one backplane.
 macro_rules! on_backplane {
     ($module:ident, $backplane:expr, $($test:ident),* $(,)?) => {
@@ -1111,6 +1157,7 @@ contract!(
     a_subscriber_joining_a_group_gets_nothing_older_than_its_answer,
     subscribing_again_replaces_the_options_without_a_gap,
     a_slow_consumer_that_conflates_keeps_the_latest_of_each_key_within_its_bound,
+    a_client_asking_for_snapshot_after_snapshot_without_reading_is_bounded,
 );
 
 /// Tokens signed with the secret `TOKEN_SECRET`.

@@ -130,6 +130,10 @@ impl RemoteChannel {
 
     /// A subscribe from shard `waiter.from`.
     pub fn subscribe(&mut self, waiter: Waiter, fx: &mut Vec<Effect>) {
+        if self.history.take_latest_lost() {
+            // The budget took some: Redis still has them.
+            self.latest_complete = false;
+        }
         if self.phase != Phase::Live {
             return self.waiting.push(Waiting {
                 waiter,
@@ -344,9 +348,10 @@ impl RemoteChannel {
             let wants_snapshot = waiting.waiter.snapshot
                 && matches!(replay, Replay::NotAsked | Replay::NotRecovered)
                 && self.limits.keys > 0;
-            let incomplete =
-                matches!(replay, Replay::NotRecovered) || (wants_snapshot && !self.latest_complete);
-            if incomplete && !waiting.covered {
+            // A snapshot is never served short: without every latest value
+            // the waiter waits for the next fetch, which asks for them.
+            let short = wants_snapshot && !self.latest_complete;
+            if short || (matches!(replay, Replay::NotRecovered) && !waiting.covered) {
                 still_waiting.push(waiting);
                 continue;
             }
