@@ -262,8 +262,14 @@ async fn keys_travel_with_their_messages_in_both_formats(backplane: Backplane) {
             .await;
         json_pub.expect_error("bad_request", 9).await;
     }
-    let (status, body) = http_publish(relay.addr, "prices?key=", "0", "").await;
-    assert_eq!(status, 400, "{body}");
+    for bad in ["prices?key=", "prices?key=%FF%FE"] {
+        let (status, body) = http_publish(relay.addr, bad, "0", "").await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("key"), "{bad}: {body}");
+    }
+    // The relay is unharmed: a good publication still goes through.
+    let (status, body) = http_publish(relay.addr, "prices?key=ok", "5", "").await;
+    assert_eq!(status, 202, "{body}");
 }
 
 /// Snapshots (guarantee 6): a subscriber on another node (behind Redis)

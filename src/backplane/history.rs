@@ -252,16 +252,22 @@ impl History {
         entry.max(value)
     }
 
-    /// When the oldest thing kept (a publication or a latest value) was
+    /// When the oldest publication kept and the oldest latest value were
     /// published.
-    fn oldest_at(&self) -> Option<Instant> {
+    fn oldest_times(&self) -> (Option<Instant>, Option<Instant>) {
         let entry = self.entries.front().map(|p| p.at);
         let value = self
             .latest
             .as_ref()
             .and_then(|l| l.by_seq.first_key_value())
             .map(|(_, p)| p.at);
-        match (entry, value) {
+        (entry, value)
+    }
+
+    /// When the oldest thing kept (a publication or a latest value) was
+    /// published.
+    fn oldest_at(&self) -> Option<Instant> {
+        match self.oldest_times() {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -282,13 +288,7 @@ impl History {
     /// Forgets the oldest thing kept, for the budget; false when there was
     /// nothing.
     fn pop_oldest(&mut self) -> bool {
-        let entry = self.entries.front().map(|p| p.at);
-        let value = self
-            .latest
-            .as_ref()
-            .and_then(|l| l.by_seq.first_key_value())
-            .map(|(_, p)| p.at);
-        match (entry, value) {
+        match self.oldest_times() {
             (Some(a), Some(b)) if b < a => {
                 self.latest_lost = true;
                 self.pop_oldest_value()

@@ -739,47 +739,34 @@ impl Shard {
                 .find(|sub| sub.chan as usize == c)
                 .map(|sub| sub.state)
         });
-        match existing {
+        let replaces = match existing {
             Some(SubState::Pending(_)) => {
                 let msg = "a subscribe to this channel is still being answered";
                 return Err((ErrorCode::BadRequest, msg.into()));
             }
-            Some(_) => {
-                // New options for a subscription that keeps receiving
-                // until they are answered.
-                let chan = known.expect("a subscription has its channel");
-                let token = st.pending_subs.insert(PendingSub {
-                    conn_key: key,
-                    conn: conn.clone(),
-                    slot: self.answered_later(channel).then(|| conn.reserve_reply()),
-                    chan,
-                    id,
-                    since_given,
-                    conflate_ms,
-                    replaces: true,
-                    cancelled: false,
-                });
-                st.local[chan].pending += 1;
-                return Ok((st.local[chan].name.clone(), token));
+            // New options for a subscription that keeps receiving until
+            // they are answered: still one subscription.
+            Some(_) => true,
+            None => false,
+        };
+        if !replaces {
+            if st.conns[key].subs.len() >= self.config.limits.max_subscriptions {
+                let msg = format!(
+                    "a connection may hold at most {} subscriptions",
+                    self.config.limits.max_subscriptions
+                );
+                return Err((ErrorCode::TooLarge, msg));
             }
-            None => {}
-        }
-        if st.conns[key].subs.len() >= self.config.limits.max_subscriptions {
-            let msg = format!(
-                "a connection may hold at most {} subscriptions",
-                self.config.limits.max_subscriptions
-            );
-            return Err((ErrorCode::TooLarge, msg));
-        }
-        if !self
-            .node
-            .take_subscription(self.config.limits.max_subscriptions_total)
-        {
-            let msg = format!(
-                "this node holds its most subscriptions ({}); retry later or on another node",
-                self.config.limits.max_subscriptions_total
-            );
-            return Err((ErrorCode::Unavailable, msg));
+            if !self
+                .node
+                .take_subscription(self.config.limits.max_subscriptions_total)
+            {
+                let msg = format!(
+                    "this node holds its most subscriptions ({}); retry later or on another node",
+                    self.config.limits.max_subscriptions_total
+                );
+                return Err((ErrorCode::Unavailable, msg));
+            }
         }
         let chan = match known {
             Some(c) => c,
@@ -803,10 +790,13 @@ impl Shard {
             id,
             since_given,
             conflate_ms,
-            replaces: false,
+            replaces,
             cancelled: false,
         });
         st.local[chan].pending += 1;
+        if replaces {
+            return Ok((st.local[chan].name.clone(), token));
+        }
         let subs = &mut st.conns[key].subs;
         // Most clients hold one subscription: room for exactly one, not the
         // four a first push would reserve.
