@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { encode, decode } from '@msgpack/msgpack';
 
 import { RingcastClient, RingcastError, backoffDelay } from '../ringcast.js';
-import { WebSocket, startRelay, ready, publish, token, next, collect, freePort } from './support.mjs';
+import { WebSocket, startRelay, ready, publish, token, next, collect, freePort, fixedPort } from './support.mjs';
 
 const REDIS_URL = process.env.REDIS_URL;
 const quick = { WebSocket, backoffBaseMs: 50, backoffMaxMs: 400, drainDelayMs: 100 };
@@ -83,8 +83,8 @@ test('conflateMs: a burst arrives merged, with conflated counts, and the last va
 });
 
 test('a relay restart: the client reconnects by itself and hears recovered: false', async (t) => {
-  let relay = await startRelay();
-  const port = relay.port;
+  const port = await fixedPort();
+  let relay = await startRelay([], `127.0.0.1:${port}`);
   const client = new RingcastClient(relay.url, quick);
   t.after(() => { client.close(); relay.stop(); });
   await client.connect();

@@ -4,6 +4,7 @@
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import net from 'node:net';
+import { readFileSync } from 'node:fs';
 import readline from 'node:readline';
 import WebSocket from 'ws';
 
@@ -44,6 +45,29 @@ export function startRelay(args = [], listen = '127.0.0.1:0') {
     });
     proc.once('error', reject);
     proc.once('exit', (code) => reject(new Error(`the relay exited (${code}) before it listened`)));
+  });
+}
+
+/**
+ * A free loopback port below the kernel's ephemeral range, for a relay
+ * that is killed and started again on it: a port from the range could be
+ * taken meanwhile as the source port of some outgoing connection (or of a
+ * reconnecting client's connection to itself).
+ */
+export async function fixedPort() {
+  const [low] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
+  for (let i = 0; i < 100; i++) {
+    const port = 10000 + Math.floor(Math.random() * Math.max(1, low - 10000));
+    if (await isFree(port)) return port;
+  }
+  throw new Error('no free port below the ephemeral range');
+}
+
+function isFree(port) {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.once('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
   });
 }
 
