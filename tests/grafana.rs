@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use common::redis::RedisServer;
 use common::{http_publish, Client, Fmt, Relay};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Every `ringcast_…` metric named in `text`, histogram series
 /// (`_bucket`, `_sum`, `_count`) under their histogram's name.
@@ -49,15 +49,7 @@ async fn stuck_subscriber(relay: &Relay, channel: &str) -> tokio::net::TcpStream
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut s = socket.connect(relay.addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(s.read_u8().await.unwrap());
-    }
+    common::upgrade(&mut s).await;
     let subscribe = json!({"action": "subscribe", "channel": channel}).to_string();
     s.write_all(&common::frame(true, 1, subscribe.as_bytes(), common::MASK))
         .await

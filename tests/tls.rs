@@ -482,16 +482,7 @@ async fn data_before_a_close_notify_is_used_and_bytes_after_it_ignored() {
     assert_eq!(next_event(&mut watcher).await["type"], "subscribed");
 
     let mut tls = tls_connect(&relay, &config).await.unwrap();
-    tls.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(tls.read_u8().await.unwrap());
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
+    common::upgrade(&mut tls).await;
     // One write holds a publish, the client's close_notify and more than a
     // record's worth of bytes after it.
     let (mut tcp, mut conn) = tls.into_inner();

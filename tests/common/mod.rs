@@ -481,6 +481,13 @@ impl Client {
 /// no well-behaved client library would.
 pub async fn raw_ws(relay: &Relay) -> TcpStream {
     let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    upgrade(&mut s).await;
+    s
+}
+
+/// The WebSocket handshake on a stream of the caller's (a TLS one, a
+/// socket with options of its own), checked: a 101 with the right accept.
+pub async fn upgrade<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) {
     s.write_all(
         b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     )
@@ -495,7 +502,6 @@ pub async fn raw_ws(relay: &Relay) -> TcpStream {
     let head = String::from_utf8(head).unwrap();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
-    s
 }
 
 /// A client frame; `mask: None` sends it unmasked (a violation).
