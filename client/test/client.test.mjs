@@ -96,7 +96,18 @@ test('a relay restart: the client reconnects by itself and hears recovered: fals
   client.on('state', (s) => states.push(s.state));
   const resubscribed = next(client, 'subscribed', (e) => e.resumed);
   await relay.stop('SIGKILL');
-  relay = await startRelay([], `127.0.0.1:${port}`);
+  // Right after the kill the relay may refuse the address for a moment
+  // ("in use by another process": seen in CI, not understood yet; see the
+  // issue note): start it again until it takes the port.
+  for (let attempt = 0; ; attempt++) {
+    try {
+      relay = await startRelay([], `127.0.0.1:${port}`);
+      break;
+    } catch (e) {
+      assert.ok(attempt < 100, `the relay never took its port back: ${e}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
   const event = await resubscribed;
   assert.equal(event.recovered, false, 'a new process: another epoch');
   assert.ok(states.includes('reconnecting') && states.includes('connected'), states.join());
