@@ -9,28 +9,34 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A client's TCP socket, driven by readiness.
+///
+/// monoio's `TcpStreamPoll` keeps a cache of the local and peer addresses
+/// in every stream: 64 bytes per connection, an eighth of an idle
+/// connection's memory. The relay never asks a stream for them (it reads
+/// the peer's address of the socket when it needs it), so sockets run as
+/// monoio's address-less stream type instead, whose operations (recv, send,
+/// writev, shutdown) are the same system calls on any stream socket.
+pub type Socket = monoio::net::unix::stream_poll::UnixStreamPoll;
+
+/// An accepted TCP stream as a [`Socket`].
+pub fn socket_of(stream: monoio::net::TcpStream) -> io::Result<Socket> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: monoio hands over the descriptor it owned, which is a
+    // connected stream socket; the new owner closes it once.
+    let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(stream.into_raw_fd()) };
+    monoio::net::UnixStream::from_std(std)?
+        .try_into_poll_io()
+        .map_err(|(e, _)| e)
+}
 
 /// A client connection's bytes: plain TCP, or TLS over it (boxed: its
 /// state is large, and plain connections should not carry its size).
 pub enum Transport {
-    Plain(TcpStreamPoll),
+    Plain(Socket),
     Tls(Box<crate::tls::stream::TlsStream>),
-}
-
-impl Transport {
-    /// The peer's address, asked of the socket (connections carry none).
-    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
-        use std::os::fd::{AsRawFd, BorrowedFd};
-        let tcp = match self {
-            Transport::Plain(s) => s,
-            Transport::Tls(s) => s.tcp(),
-        };
-        // SAFETY: the descriptor belongs to `tcp`, which outlives the borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
-        socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
-    }
 }
 
 impl AsyncRead for Transport {

@@ -8,7 +8,9 @@ use ringcast::config::{Config, ConfigError};
 /// glibc left 1.9 KB of resident memory per connection (half of it free
 /// space fragmented between live objects), jemalloc 1.2 KB with the same
 /// code (1.0 KB with the later per-connection savings); see
-/// docs/benchmarks.md, idle memory.
+/// docs/benchmarks.md, idle memory. The `system-allocator` feature keeps
+/// glibc's, for heap profilers (heaptrack, massif) that hook malloc.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

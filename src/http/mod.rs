@@ -9,11 +9,11 @@ pub mod message;
 pub mod metrics_endpoint;
 pub mod proxy;
 
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::io::Transport;
-use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use crate::io::{Socket, Transport};
 
 pub use message::{Head, MalformedHead, Response};
 
@@ -38,32 +38,17 @@ pub async fn send(
     write_all(stream, &response.encode(keep_alive)).await
 }
 
-/// Serves one accepted TCP connection: HTTP requests until it upgrades to
-/// WebSocket, closes, or idles out; then, if it upgraded, the WebSocket
-/// connection until it ends.
+/// Serves one accepted TCP connection from `peer`: HTTP requests until
+/// it upgrades to WebSocket, closes, or idles out; then, if it upgraded,
+/// the WebSocket connection, as a task of its own.
 ///
-/// The HTTP phase is boxed: its state (about 1.6 KB of nested futures)
-/// lives only through the handshake, while this task lives as long as the
-/// connection. Allocated apart, the short-lived state is freed whole and
-/// reused by the next handshake, and the connection's task stays the size
-/// of [`ConnTask`](crate::ws::connection::ConnTask): with a spawned task per
-/// phase, the handshake's allocations interleaved with the connections'
-/// long-lived ones and the freed space fragmented, about a kilobyte of
-/// resident memory per idle connection.
-///
-/// Not an `async fn`: its arguments would stay in the task for the
-/// connection's whole life. The task holds only the boxed HTTP phase, then
-/// the connection.
-pub fn serve(
-    shard: Rc<Shard>,
-    stream: TcpStreamPoll,
-    admission: Admission,
-) -> impl std::future::Future<Output = ()> {
-    let http = Box::pin(serve_http(shard, stream, admission, None));
-    async move {
-        if let Some(connection) = http.await {
-            connection.await;
-        }
+/// The HTTP phase (about 1.6 KB of nested futures) lives only through the
+/// handshake, in a task of its own; the connection then becomes a record of
+/// the shard's [connection driver](crate::ws::driver), which is all an idle
+/// connection costs beside its hub entry.
+pub async fn serve(shard: Rc<Shard>, stream: Socket, peer: IpAddr, admission: Admission) {
+    if let Some(connection) = serve_http(shard, stream, peer, admission, None).await {
+        crate::ws::driver::adopt(connection);
     }
 }
 
@@ -86,7 +71,7 @@ fn count_client(
 
 /// Reads exactly `buf.len()` bytes (never more: what follows belongs to
 /// TLS or HTTP).
-async fn read_exactly(tcp: &mut TcpStreamPoll, buf: &mut [u8]) -> std::io::Result<()> {
+async fn read_exactly(tcp: &mut Socket, buf: &mut [u8]) -> std::io::Result<()> {
     use tokio::io::AsyncRead;
     let mut filled = 0;
     while filled < buf.len() {
@@ -108,7 +93,7 @@ async fn read_exactly(tcp: &mut TcpStreamPoll, buf: &mut [u8]) -> std::io::Resul
 /// The PROXY protocol v2 header a trusted proxy sends first: the client's
 /// address, or `None` for the proxy's own LOCAL connection.
 async fn read_proxy_header(
-    tcp: &mut TcpStreamPoll,
+    tcp: &mut Socket,
 ) -> Result<Option<std::net::SocketAddr>, Box<dyn std::error::Error>> {
     let mut fixed = [0u8; proxy::FIXED];
     read_exactly(tcp, &mut fixed).await?;
@@ -150,7 +135,7 @@ impl Drop for HandshakeSlot {
 async fn tls_handshake(
     shard: &Shard,
     tls: &crate::tls::Tls,
-    tcp: TcpStreamPoll,
+    tcp: Socket,
     limit: Duration,
 ) -> Option<crate::tls::stream::TlsStream> {
     let Some(_slot) = HandshakeSlot::take() else {
@@ -208,11 +193,12 @@ impl TurnedAway {
 /// address's limits) with `Retry-After`.
 pub async fn serve_turned_away(
     shard: Rc<Shard>,
-    stream: TcpStreamPoll,
+    stream: Socket,
+    peer: IpAddr,
     admission: Admission,
     why: TurnedAway,
 ) {
-    let upgraded = Box::pin(serve_http(shard, stream, admission, Some(why))).await;
+    let upgraded = Box::pin(serve_http(shard, stream, peer, admission, Some(why))).await;
     debug_assert!(
         upgraded.is_none(),
         "a connection turned away upgrades nothing"
@@ -227,7 +213,8 @@ const FULL_TIMEOUT: Duration = Duration::from_secs(2);
 /// `admission`). `turned_away`: see [`serve_turned_away`].
 async fn serve_http(
     shard: Rc<Shard>,
-    mut tcp: TcpStreamPoll,
+    mut tcp: Socket,
+    peer: IpAddr,
     mut admission: Admission,
     mut turned_away: Option<TurnedAway>,
 ) -> Option<ConnTask> {
@@ -305,7 +292,7 @@ async fn serve_http(
             let probe = matches!(head.route(), "/healthz" | "/readyz" | "/metrics")
                 && matches!(head.method.as_str(), "GET" | "HEAD");
             let mut response = if probe {
-                route(&shard, &mut stream, &head, &mut buf, head_len)
+                route(&shard, &mut stream, peer, &head, &mut buf, head_len)
                     .await
                     .unwrap_or_else(|refusal| refusal)
             } else {
@@ -323,7 +310,7 @@ async fn serve_http(
             return Some(connection);
         }
         let keep_alive = head.keep_alive();
-        let mut response = match route(&shard, &mut stream, &head, &mut buf, head_len).await {
+        let mut response = match route(&shard, &mut stream, peer, &head, &mut buf, head_len).await {
             Ok(r) => r,
             Err(r) => {
                 shard.metrics.http_request(head.route(), r.status);
@@ -529,6 +516,7 @@ async fn read_head(
 async fn route(
     shard: &Rc<Shard>,
     stream: &mut Transport,
+    peer: IpAddr,
     head: &Head,
     buf: &mut Vec<u8>,
     head_len: usize,
@@ -575,9 +563,7 @@ async fn route(
                 Response::text(200, "ready")
             }
         }
-        "/metrics"
-            if get && shard.config.server.metrics_addr.is_none() && peer_is_local(stream) =>
-        {
+        "/metrics" if get && shard.config.server.metrics_addr.is_none() && is_local(peer) => {
             metrics_endpoint::scrape()
         }
         "/" if get => Response {
@@ -843,12 +829,6 @@ fn publication_key(target: &str) -> Result<Option<std::sync::Arc<str>>, &'static
     Ok(Some(key.into()))
 }
 
-/// True when the connection's peer is on this host. Asked only when
-/// `/metrics` is requested, so connections carry no peer address.
-fn peer_is_local(stream: &Transport) -> bool {
-    stream.peer_addr().is_some_and(|a| is_local(a.ip()))
-}
-
 /// True for a client on this host: loopback, IPv4 or IPv6 (also written
 /// as an IPv4-mapped IPv6 address).
 fn is_local(ip: std::net::IpAddr) -> bool {
@@ -929,18 +909,6 @@ mod tests {
 
     fn head(text: &str) -> Head {
         Head::parse(text.as_bytes()).unwrap().unwrap().0
-    }
-
-    fn future_size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    /// Every idle connection is one task holding this future: a few bytes
-    /// more can move it into jemalloc's next size class (384, then 448).
-    #[test]
-    fn a_connections_task_stays_within_384_bytes() {
-        let size = future_size(serve);
-        assert!(size <= 384, "the connection's future is {size} bytes");
     }
 
     #[test]

@@ -43,6 +43,7 @@ use std::task::Waker;
 use std::time::Instant;
 
 use slab::Slab;
+use smallvec::SmallVec;
 
 use crate::auth::{Capability, Caps, Grant};
 use crate::backplane::broker::{shards_in, ShardSet, Since};
@@ -91,8 +92,9 @@ struct Sub {
 
 struct ConnEntry {
     conn: Rc<Conn>,
-    /// One per channel.
-    subs: Vec<Sub>,
+    /// One per channel; the first in place, so the many clients that hold
+    /// one subscription allocate nothing for it.
+    subs: SmallVec<[Sub; 1]>,
     /// What the connection's token allows (`None`: no tokens on this
     /// relay).
     auth: Option<Box<ConnAuth>>,
@@ -411,7 +413,7 @@ impl Shard {
         let mut st = self.state.borrow_mut();
         let key = st.conns.insert(ConnEntry {
             conn: conn.clone(),
-            subs: Vec::new(),
+            subs: SmallVec::new(),
             auth,
         });
         self.metrics.connections.set(st.conns.len() as f64);
@@ -423,7 +425,7 @@ impl Shard {
         let (entry, emptied) = {
             let mut st = self.state.borrow_mut();
             let entry = st.conns.remove(key);
-            entry.conn.gone.set(true);
+            entry.conn.mark_gone();
             let mut emptied = Vec::new();
             for sub in &entry.subs {
                 let chan = sub.chan as usize;
@@ -797,13 +799,7 @@ impl Shard {
         if replaces {
             return Ok((st.local[chan].name.clone(), token));
         }
-        let subs = &mut st.conns[key].subs;
-        // Most clients hold one subscription: room for exactly one, not the
-        // four a first push would reserve.
-        if subs.capacity() == 0 {
-            subs.reserve_exact(1);
-        }
-        subs.push(Sub {
+        st.conns[key].subs.push(Sub {
             chan: chan as u32,
             state: SubState::Pending(token as u32),
         });
@@ -1118,7 +1114,7 @@ impl Shard {
             local.pending -= 1;
             let mut activated = false;
             let mut held = Vec::new();
-            if !p.cancelled && !p.conn.gone.get() {
+            if !p.cancelled && !p.conn.is_gone() {
                 let sub = st.conns[p.conn_key]
                     .subs
                     .iter_mut()

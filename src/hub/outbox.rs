@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
+use thin_vec::ThinVec;
+
 use crate::backplane::Publication;
 use crate::config::SlowConsumerPolicy;
 use crate::protocol::Format;
@@ -110,9 +112,68 @@ pub enum Pushed {
     Closed,
 }
 
+/// A connection's queue of items, boxed and only while it holds some
+/// since the heartbeat last freed it: an idle connection then carries one
+/// pointer instead of a 32-byte `VecDeque`. Reads of an unallocated queue
+/// see an empty one; the first write allocates it.
+#[derive(Default)]
+// The extra allocation is the point: a pointer in every connection
+// instead of a `VecDeque`'s 32 bytes.
+#[allow(clippy::box_collection)]
+pub struct Queue(Option<Box<VecDeque<Out>>>);
+
+/// What an unallocated [`Queue`] reads as.
+const EMPTY_QUEUE: &VecDeque<Out> = &VecDeque::new();
+
+impl std::ops::Deref for Queue {
+    type Target = VecDeque<Out>;
+
+    #[inline]
+    fn deref(&self) -> &VecDeque<Out> {
+        self.0.as_deref().unwrap_or(EMPTY_QUEUE)
+    }
+}
+
+impl std::ops::DerefMut for Queue {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut VecDeque<Out> {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+/// Items a queue holds in its first allocation.
+const FIRST_CAPACITY: usize = 4;
+
+impl Queue {
+    /// Frees the storage of an empty queue.
+    fn release(&mut self) {
+        if self.0.as_ref().is_some_and(|q| q.is_empty()) {
+            self.0 = None;
+        }
+    }
+
+    /// After the writer emptied the queue: a queue that never grew past
+    /// its first allocation (a reply, a message now and then) is freed at
+    /// once, so that connections set up in a burst do not each leave a
+    /// hole the size of a queue between their long-lived allocations until
+    /// the heartbeat's release; a grown one (a busy connection) keeps its
+    /// storage for the next writes, cut back after a burst.
+    pub fn trim_drained(&mut self) {
+        let Some(q) = self.0.as_mut() else { return };
+        if !q.is_empty() {
+            return;
+        }
+        if q.capacity() <= FIRST_CAPACITY {
+            self.0 = None;
+        } else if q.capacity() > 64 {
+            q.shrink_to(8);
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Outbox {
-    pub items: VecDeque<Out>,
+    pub items: Queue,
     /// Payload bytes of `items`.
     pub bytes: usize,
     /// Items at the front that form the frame being written; untouchable.
@@ -125,8 +186,10 @@ pub struct Outbox {
     pong_at: u16,
     /// Reply slots (`Out::Awaiting`) in `items`.
     slots: u32,
-    /// Encoded control frames (ping, pong, close) waiting to go out.
-    pub control: Vec<u8>,
+    /// Encoded control frames (ping, pong, close) waiting to go out. A
+    /// thin vector: one pointer, and no allocation while empty, because
+    /// every idle connection carries it.
+    pub control: ThinVec<u8>,
     waker: Option<Waker>,
 }
 
@@ -141,23 +204,44 @@ pub struct CloseRequest {
     pub flush: bool,
 }
 
+/// A shard tick or none, in four bytes where `Cell<Option<u32>>` takes
+/// eight: every connection carries two. Ticks count seconds, so the
+/// sentinel is never a real tick.
+#[derive(Debug)]
+pub struct OptionalTick(Cell<u32>);
+
+impl OptionalTick {
+    const NONE: u32 = u32::MAX;
+
+    pub fn get(&self) -> Option<u32> {
+        Some(self.0.get()).filter(|&t| t != Self::NONE)
+    }
+
+    pub fn set(&self, tick: Option<u32>) {
+        self.0.set(tick.unwrap_or(Self::NONE));
+    }
+}
+
+impl Default for OptionalTick {
+    fn default() -> Self {
+        OptionalTick(Cell::new(Self::NONE))
+    }
+}
+
 pub struct Conn {
     pub format: Format,
     pub out: RefCell<Outbox>,
     /// Set by the hub: send a close frame with this status, then end.
     pub close: Cell<Option<CloseRequest>>,
-    /// Set by the heartbeat: end now, without a close handshake.
-    pub abort: Cell<bool>,
-    /// Set when the connection left the hub; late acks are then dropped.
-    pub gone: Cell<bool>,
+    /// [`Conn::ABORT`], [`Conn::GONE`], [`Conn::PING_DUE`]: one byte for
+    /// three flags, because every idle connection carries them.
+    flags: Cell<u8>,
     /// Heartbeat clock (shard ticks, seconds) of the last bytes read.
     pub last_read: Cell<u32>,
     /// Tick when a heartbeat ping was asked for and not yet answered.
-    pub ping_sent: Cell<Option<u32>>,
-    /// A heartbeat ping is asked for and not yet queued.
-    pub ping_due: Cell<bool>,
+    pub ping_sent: OptionalTick,
     /// Tick when closing started, to bound how long a close may take.
-    pub closing_since: Cell<Option<u32>>,
+    pub closing_since: OptionalTick,
     /// Publications this second, for `--max-publish-rate`.
     pub publishes_this_tick: Cell<u32>,
     /// Subscribes and unsubscribes this second, for `--max-subscribe-rate`.
@@ -181,17 +265,56 @@ pub const MAX_REPLIES_AWAITED: u32 = 64;
 pub const PINGS_PER_SECOND: u16 = 64;
 
 impl Conn {
+    /// Set by the heartbeat: end now, without a close handshake.
+    const ABORT: u8 = 1;
+    /// Set when the connection left the hub; late acks are then dropped.
+    const GONE: u8 = 2;
+    /// A heartbeat ping is asked for and not yet queued.
+    const PING_DUE: u8 = 4;
+
+    fn flag(&self, flag: u8) -> bool {
+        self.flags.get() & flag != 0
+    }
+
+    fn raise(&self, flag: u8) {
+        self.flags.set(self.flags.get() | flag);
+    }
+
+    /// The heartbeat (or a close that took too long) ended the connection.
+    pub fn aborted(&self) -> bool {
+        self.flag(Self::ABORT)
+    }
+
+    /// The connection left the hub.
+    pub fn is_gone(&self) -> bool {
+        self.flag(Self::GONE)
+    }
+
+    pub fn mark_gone(&self) {
+        self.raise(Self::GONE);
+    }
+
+    /// Whether a heartbeat ping is asked for and not yet queued.
+    pub fn ping_due(&self) -> bool {
+        self.flag(Self::PING_DUE)
+    }
+
+    /// Takes the heartbeat's request for a ping, to queue it.
+    pub fn take_ping_due(&self) -> bool {
+        let due = self.ping_due();
+        self.flags.set(self.flags.get() & !Self::PING_DUE);
+        due
+    }
+
     pub fn new(format: Format, now: u32) -> Conn {
         Conn {
             format,
             out: RefCell::new(Outbox::default()),
             close: Cell::new(None),
-            abort: Cell::new(false),
-            gone: Cell::new(false),
+            flags: Cell::new(0),
             last_read: Cell::new(now),
-            ping_sent: Cell::new(None),
-            ping_due: Cell::new(false),
-            closing_since: Cell::new(None),
+            ping_sent: OptionalTick::default(),
+            closing_since: OptionalTick::default(),
             publishes_this_tick: Cell::new(0),
             subscribes_this_tick: Cell::new(0),
             pings_this_tick: Cell::new(0),
@@ -209,7 +332,7 @@ impl Conn {
         policy: SlowConsumerPolicy,
         fallback: SlowConsumerPolicy,
     ) -> Pushed {
-        if self.close.get().is_some() || self.abort.get() {
+        if self.close.get().is_some() || self.aborted() {
             return Pushed::Closed;
         }
         let len = match self.format {
@@ -252,7 +375,7 @@ impl Conn {
     /// sending requests without reading the answers past `max_pending` is
     /// disconnected whatever the slow-consumer policy.
     pub fn push_reply(&self, payload: Vec<u8>, max_pending: usize) -> Pushed {
-        if self.close.get().is_some() || self.abort.get() {
+        if self.close.get().is_some() || self.aborted() {
             return Pushed::Closed;
         }
         let mut out = self.out.borrow_mut();
@@ -292,7 +415,7 @@ impl Conn {
 
     pub fn reserve_reply(&self) -> Rc<ReplySlot> {
         let slot = Rc::new(ReplySlot::default());
-        if self.close.get().is_none() && !self.abort.get() {
+        if self.close.get().is_none() && !self.aborted() {
             let mut out = self.out.borrow_mut();
             out.items.push_back(Out::Awaiting(slot.clone()));
             out.slots += 1;
@@ -314,7 +437,7 @@ impl Conn {
         max_pending: usize,
     ) -> Pushed {
         let flushing = self.close.get().is_some_and(|c| c.flush);
-        if self.gone.get() || self.abort.get() || (self.close.get().is_some() && !flushing) {
+        if self.is_gone() || self.aborted() || (self.close.get().is_some() && !flushing) {
             return Pushed::Closed;
         }
         if slot.is_none() && flushing {
@@ -395,7 +518,7 @@ impl Conn {
     /// notes when, for the pong deadline.
     pub fn request_ping(&self, now: u32) {
         self.ping_sent.set(Some(now));
-        self.ping_due.set(true);
+        self.raise(Self::PING_DUE);
         if let Ok(mut out) = self.out.try_borrow_mut() {
             out.wake();
         }
@@ -406,7 +529,7 @@ impl Conn {
     /// followed (RFC 6455 5.5.3 lets a pong answer only the latest ping),
     /// so a client that pings and never reads holds one pong here, not one
     /// per ping.
-    pub fn push_pong(&self, frame: impl FnOnce(&mut Vec<u8>)) {
+    pub fn push_pong(&self, frame: impl FnOnce(&mut ThinVec<u8>)) {
         self.pings_this_tick
             .set(self.pings_this_tick.get().saturating_add(1));
         let mut out = self.out.borrow_mut();
@@ -430,7 +553,7 @@ impl Conn {
 
     /// Ends the connection at once (dead peer, or a close that took too long).
     pub fn request_abort(&self) {
-        self.abort.set(true);
+        self.raise(Self::ABORT);
         self.out.borrow_mut().wake();
     }
 }
@@ -440,9 +563,7 @@ impl Outbox {
     /// second by the heartbeat, so a connection that went quiet holds no
     /// queue while a busy one keeps its storage between writes.
     pub fn release_if_empty(&mut self) {
-        if self.items.is_empty() && self.items.capacity() > 0 {
-            self.items = VecDeque::new();
-        }
+        self.items.release();
     }
 
     pub fn set_waker(&mut self, waker: &Waker) {
@@ -460,7 +581,7 @@ impl Outbox {
 
     /// Appends a control frame other than a pong (which then no longer
     /// ends the queue, so the next pong follows it).
-    pub fn append_control(&mut self, frame: impl FnOnce(&mut Vec<u8>)) {
+    pub fn append_control(&mut self, frame: impl FnOnce(&mut ThinVec<u8>)) {
         frame(&mut self.control);
         self.pong_at = 0;
     }
@@ -476,7 +597,7 @@ impl Outbox {
             _ => 0,
         };
         if self.control.is_empty() {
-            self.control = Vec::new();
+            self.control = ThinVec::new();
         }
     }
 
@@ -517,8 +638,7 @@ impl Outbox {
 
     /// Drops everything queued (the connection is closing).
     pub fn clear(&mut self) {
-        self.items.clear();
-        self.items.shrink_to_fit();
+        self.items = Queue::default();
         self.bytes = 0;
         self.slots = 0;
     }
@@ -625,6 +745,34 @@ mod tests {
         Conn::new(Format::Json, 0)
     }
 
+    /// Every connection holds one `Rc<Conn>`: with the `Rc`'s two counts
+    /// it fills jemalloc's 128-byte class, and one byte more would take it
+    /// to 160 on every idle connection.
+    #[test]
+    fn a_conn_fits_jemallocs_128_byte_class_with_its_rc() {
+        let size = std::mem::size_of::<Conn>() + 2 * std::mem::size_of::<usize>();
+        assert!(size <= 128, "an Rc<Conn> is {size} bytes");
+    }
+
+    #[test]
+    fn a_queue_drained_within_its_first_allocation_is_freed() {
+        let mut out = Outbox::default();
+        out.items.push_back(Out::Reply(b"{}".to_vec().into()));
+        out.items.pop_front();
+        out.items.trim_drained();
+        assert!(out.items.0.is_none(), "a reply's queue goes once written");
+        for _ in 0..100 {
+            out.items.push_back(Out::Reply(b"{}".to_vec().into()));
+        }
+        out.items.clear();
+        out.items.trim_drained();
+        let kept = out.items.capacity();
+        assert!(
+            (8..=64).contains(&kept),
+            "a busy queue keeps some room: {kept}"
+        );
+    }
+
     fn reply(text: &str) -> Answer {
         smallvec::smallvec![Out::Reply(text.as_bytes().into())]
     }
@@ -681,7 +829,7 @@ mod tests {
         );
         assert!(c.out.borrow_mut().open_front(256));
         assert_eq!(texts(&c.out.borrow()), ["late"]);
-        c.gone.set(true);
+        c.mark_gone();
         let other = c.reserve_reply();
         assert_eq!(
             c.fill_reply(Some(&other), reply("x"), 1 << 20),

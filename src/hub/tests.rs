@@ -441,18 +441,18 @@ fn a_silent_client_is_pinged_then_dropped_and_a_pong_keeps_it(backplane: Backpla
     let answering = cluster.connect(0);
     let at = Instant::now();
     shard.tick_at(29, at, 0);
-    assert!(!silent.conn.ping_due.get(), "not silent long enough yet");
+    assert!(!silent.conn.ping_due(), "not silent long enough yet");
     shard.tick_at(30, at, 0);
-    assert!(silent.conn.ping_due.get() && answering.conn.ping_due.get());
+    assert!(silent.conn.ping_due() && answering.conn.ping_due());
     // The answering client's pong arrives (the connection task records it
     // as it reads a whole control frame).
     answering.conn.ping_sent.set(None);
     answering.conn.last_read.set(35);
     shard.tick_at(40, at, 0);
-    assert!(!silent.conn.abort.get(), "the deadline is not passed");
+    assert!(!silent.conn.aborted(), "the deadline is not passed");
     shard.tick_at(41, at, 0);
-    assert!(silent.conn.abort.get(), "dropped past --pong-timeout");
-    assert!(!answering.conn.abort.get(), "a pong keeps a client");
+    assert!(silent.conn.aborted(), "dropped past --pong-timeout");
+    assert!(!answering.conn.aborted(), "a pong keeps a client");
 }
 
 fn history_older_than_its_ttl_is_not_replayed(backplane: Backplane) {

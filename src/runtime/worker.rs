@@ -85,6 +85,7 @@ impl Worker {
         monoio::spawn(inbox_loop(shard.clone(), self.inbox, stop.clone()));
         monoio::spawn(ticker(shard.clone()));
         monoio::spawn(conflation_wheel(shard.clone()));
+        monoio::spawn(crate::ws::driver::run());
         let mut accept_errors = AcceptErrors::default();
         let mut reserve = ReserveDescriptor::open();
         loop {
@@ -165,17 +166,23 @@ fn admit(shard: &Rc<Shard>, stream: monoio::net::TcpStream, peer: std::net::Sock
         },
     };
     let _ = stream.set_nodelay(true);
-    match stream.try_into_poll_io() {
+    match crate::io::socket_of(stream) {
         Ok(stream) => match admission {
-            Ok(a) => drop(monoio::spawn(crate::http::serve(shard.clone(), stream, a))),
+            Ok(a) => drop(monoio::spawn(crate::http::serve(
+                shard.clone(),
+                stream,
+                peer.ip(),
+                a,
+            ))),
             Err((a, why)) => drop(monoio::spawn(crate::http::serve_turned_away(
                 shard.clone(),
                 stream,
+                peer.ip(),
                 a,
                 why,
             ))),
         },
-        Err((e, _)) => tracing::warn!("could not switch a socket to poll mode: {e}"),
+        Err(e) => tracing::warn!("could not switch a socket to poll mode: {e}"),
     }
 }
 

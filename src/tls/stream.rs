@@ -15,13 +15,13 @@
 //! so the HTTP phase and the WebSocket connection do not know they run
 //! over TLS.
 
+use crate::io::Socket;
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncryptError, UnbufferedStatus};
 use rustls::ServerConfig;
@@ -76,7 +76,7 @@ enum Stage {
 }
 
 pub struct TlsStream {
-    tcp: TcpStreamPoll,
+    tcp: Socket,
     conn: UnbufferedServerConnection,
     /// The beginning of a record not yet complete; empty, with no
     /// allocation, between records.
@@ -97,7 +97,7 @@ fn tls_error(e: rustls::Error) -> io::Error {
 }
 
 impl TlsStream {
-    fn new(tcp: TcpStreamPoll, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
+    fn new(tcp: Socket, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
         Ok(TlsStream {
             tcp,
             conn: UnbufferedServerConnection::new(config).map_err(tls_error)?,
@@ -108,11 +108,6 @@ impl TlsStream {
             peer_closed: false,
             close_notify_sent: false,
         })
-    }
-
-    /// The TCP stream underneath.
-    pub fn tcp(&self) -> &TcpStreamPoll {
-        &self.tcp
     }
 
     /// Runs rustls over `records` (ciphertext, complete records first)
@@ -400,7 +395,7 @@ impl TlsStream {
 }
 
 /// The TLS handshake of an accepted connection.
-pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStreamPoll) -> io::Result<TlsStream> {
+pub async fn accept(config: Arc<ServerConfig>, tcp: Socket) -> io::Result<TlsStream> {
     let mut stream = TlsStream::new(tcp, config)?;
     std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)

@@ -48,7 +48,7 @@ impl ConnTask {
         let (key, conn) = shard.register(format, auth);
         let mut task = ConnTask {
             shard,
-            key,
+            key: u32::try_from(key).expect("a shard holds fewer than 2^32 connections"),
             conn,
             stream,
             reader: None,
@@ -79,13 +79,17 @@ struct FrameInFlight {
 /// A running WebSocket connection: a future that ends with it.
 pub struct ConnTask {
     shard: Rc<Shard>,
-    key: usize,
+    /// The connection's key in the shard's hub (a `u32`: every idle
+    /// connection carries this record, and a shard holds far fewer).
+    key: u32,
     conn: Rc<Conn>,
     stream: Transport,
     /// The frame reader's state, boxed and only while it holds a partial
     /// frame or message: most connections, most of the time, hold none.
     reader: Option<Box<WsReader>>,
-    frame: Option<FrameInFlight>,
+    /// A frame the socket took only part of, boxed and only until the rest
+    /// is written: a frame written whole never leaves `poll_writes`.
+    frame: Option<Box<FrameInFlight>>,
     /// The client's close frame arrived.
     peer_closed: bool,
     /// Our close frame is queued (nothing but control frames follow it).
@@ -149,7 +153,7 @@ impl Future for ConnTask {
 
 impl Drop for ConnTask {
     fn drop(&mut self) {
-        self.shard.unregister(self.key);
+        self.shard.unregister(self.key as usize);
         self.shard.node.connections.fetch_sub(1, Ordering::Relaxed);
         self.shard.node.release_socket(self.address);
     }
@@ -163,7 +167,7 @@ impl ConnTask {
     }
 
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.conn.abort.get() {
+        if self.conn.aborted() {
             return Poll::Ready(());
         }
         let held_back = self.holds_back_input();
@@ -290,7 +294,7 @@ impl ConnTask {
                         Ok(requests) => {
                             for r in requests {
                                 match r {
-                                    Ok(req) => shard.handle_request(*key, req, now),
+                                    Ok(req) => shard.handle_request(*key as usize, req, now),
                                     Err(e) => shard.reply_error(conn, e),
                                 }
                             }
@@ -344,10 +348,11 @@ impl ConnTask {
 
     /// Writes what is queued. `Ok(true)`: the connection is finished.
     fn poll_writes(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
+        let mut frame = self.frame.take().map(|f| *f);
         loop {
-            if self.frame.is_none() {
+            if frame.is_none() {
                 let mut out = self.conn.out.borrow_mut();
-                if self.conn.ping_due.take() {
+                if self.conn.take_ping_due() {
                     out.append_control(|c| frame::push_control(c, frame::OP_PING, b""));
                 }
                 if !out.control.is_empty() {
@@ -385,9 +390,7 @@ impl ConnTask {
                     }
                 }
                 if !out.open_front(MAX_BATCH_ITEMS) {
-                    if out.items.is_empty() && out.items.capacity() > 64 {
-                        out.items.shrink_to(8);
-                    }
+                    out.items.trim_drained();
                     drop(out);
                     // Nothing more to write: what TLS still holds goes now
                     // (plain TCP holds nothing).
@@ -396,25 +399,25 @@ impl ConnTask {
                         _ => Ok(false),
                     };
                 }
-                let frame = plan_frame(
+                let planned = plan_frame(
                     &out.items,
                     self.conn.format,
                     self.shard.config.limits.max_batch_bytes,
                 );
-                out.in_flight = frame.items as u16;
-                self.frame = Some(frame);
+                out.in_flight = planned.items as u16;
+                frame = Some(planned);
             }
-            let Some(frame) = self.frame.as_mut() else {
+            let Some(in_flight) = frame.as_mut() else {
                 continue;
             };
             let written = {
                 let out = self.conn.out.borrow();
-                let mut iov = Iov::new(frame.sent);
+                let mut iov = Iov::new(in_flight.sent);
                 let format = self.conn.format;
-                let batch = frame.items > 1;
+                let batch = in_flight.items > 1;
                 let json = format == Format::Json;
-                let mut more = iov.push(&frame.head[..frame.head_len]);
-                for (i, item) in out.items.iter().take(frame.items).enumerate() {
+                let mut more = iov.push(&in_flight.head[..in_flight.head_len]);
+                for (i, item) in out.items.iter().take(in_flight.items).enumerate() {
                     if !more {
                         break;
                     }
@@ -427,16 +430,20 @@ impl ConnTask {
                     iov.push(b"]");
                 }
                 match Pin::new(&mut self.stream).poll_write_vectored(cx, &iov.slices) {
-                    Poll::Pending => return Ok(false),
-                    Poll::Ready(Ok(n)) if n > 0 => n,
+                    Poll::Pending => None,
+                    Poll::Ready(Ok(n)) if n > 0 => Some(n),
                     Poll::Ready(_) => return Err(()),
                 }
             };
-            frame.sent += written;
+            let Some(written) = written else {
+                self.frame = frame.map(Box::new);
+                return Ok(false);
+            };
+            in_flight.sent += written;
             self.shard.metrics.bytes_out.add(written as u64);
-            if frame.sent == frame.total {
-                let items = frame.items;
-                self.frame = None;
+            if in_flight.sent == in_flight.total {
+                let items = in_flight.items;
+                frame = None;
                 self.finish_frame(items);
             }
         }
@@ -584,6 +591,15 @@ mod tests {
     use super::*;
     use crate::backplane::Publication;
     use std::sync::Arc;
+
+    /// Every idle connection is one such record in its shard's driver slab,
+    /// so its bytes count once per connection (docs/benchmarks.md, idle
+    /// memory): a field added here is a decision, not an accident.
+    #[test]
+    fn a_connection_record_stays_within_72_bytes() {
+        let size = std::mem::size_of::<Option<ConnTask>>();
+        assert!(size <= 72, "a connection's record is {size} bytes");
+    }
 
     fn item(json: &str) -> Out {
         Out::Message(Rc::new(Arc::new(Publication {

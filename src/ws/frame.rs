@@ -8,6 +8,8 @@
 //! writer is free to send pre-encoded fan-out fragments with vectored writes.
 //! Unmasking uses `fastwebsockets::unmask`.
 
+use thin_vec::ThinVec;
+
 /// WebSocket close status codes the relay sends.
 pub mod close {
     pub const PROTOCOL_ERROR: u16 = 1002;
@@ -329,7 +331,7 @@ pub fn write_header(out: &mut [u8; MAX_HEADER], opcode: u8, len: usize) -> usize
 }
 
 /// Appends a complete control frame (ping, pong, close) to `out`.
-pub fn push_control(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+pub fn push_control(out: &mut ThinVec<u8>, opcode: u8, payload: &[u8]) {
     let payload = &payload[..payload.len().min(125)];
     let mut head = [0u8; MAX_HEADER];
     let n = write_header(&mut head, opcode, payload.len());
@@ -338,7 +340,7 @@ pub fn push_control(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 }
 
 /// Appends a close frame with `code` and a short reason.
-pub fn push_close(out: &mut Vec<u8>, code: u16, reason: &str) {
+pub fn push_close(out: &mut ThinVec<u8>, code: u16, reason: &str) {
     let mut payload = Vec::with_capacity(2 + reason.len());
     payload.extend_from_slice(&code.to_be_bytes());
     let mut cut = reason.len().min(123);

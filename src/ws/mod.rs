@@ -2,6 +2,7 @@
 //! loop that joins a socket to the hub.
 
 pub mod connection;
+pub mod driver;
 pub mod frame;
 pub mod handshake;
 
