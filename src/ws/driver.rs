@@ -16,6 +16,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
 use slab::Slab;
@@ -26,7 +27,7 @@ use super::connection::ConnTask;
 /// shard's other tasks (accepts, handshakes, the inbox) run.
 const POLL_BUDGET: usize = 256;
 
-/// This thread's connections; `None` until its driver runs.
+/// This thread's connections, owned by the driving task.
 struct Driver {
     /// A record is `None` while its connection is being polled.
     tasks: Slab<Option<ConnTask>>,
@@ -37,24 +38,25 @@ struct Driver {
 }
 
 thread_local! {
-    static DRIVER: RefCell<Option<Driver>> = const { RefCell::new(None) };
+    /// The running driver, for wakers and [`adopt`]; it does not own it, so
+    /// the connections drop with the driving task, inside the runtime that
+    /// owns their sockets, never in a thread-local destructor.
+    static DRIVER: RefCell<Weak<RefCell<Driver>>> = const { RefCell::new(Weak::new()) };
 }
 
 /// Runs this thread's connections until the worker's runtime ends.
 /// Spawned once per worker, before the first connection is adopted; the
 /// connections drop with this task.
 pub async fn run() {
-    DRIVER.with(|d| {
-        *d.borrow_mut() = Some(Driver {
-            tasks: Slab::new(),
-            ready: Vec::new(),
-            waker: None,
-        })
-    });
-    let _clear = ClearOnDrop;
+    let driver = Rc::new(RefCell::new(Driver {
+        tasks: Slab::new(),
+        ready: Vec::new(),
+        waker: None,
+    }));
+    DRIVER.with(|d| *d.borrow_mut() = Rc::downgrade(&driver));
     let mut batch = Vec::new();
     std::future::poll_fn(|cx| {
-        poll_ready(cx, &mut batch);
+        poll_ready(&driver, cx, &mut batch);
         Poll::<()>::Pending
     })
     .await;
@@ -63,71 +65,56 @@ pub async fn run() {
 /// Hands a connection whose 101 is sent to this thread's driver. Without
 /// one (a thread that runs no worker), it runs as a task of its own.
 pub fn adopt(task: ConnTask) {
-    let orphan = DRIVER.with(|d| match d.borrow_mut().as_mut() {
-        Some(driver) => {
-            let slot = driver.tasks.insert(Some(task));
-            driver.ready.push(slot as u32);
-            if let Some(w) = &driver.waker {
-                w.wake_by_ref();
-            }
-            None
-        }
-        None => Some(task),
-    });
-    if let Some(task) = orphan {
+    let Some(driver) = current() else {
         drop(monoio::spawn(task));
+        return;
+    };
+    let mut driver = driver.borrow_mut();
+    let slot = driver.tasks.insert(Some(task));
+    driver.ready.push(slot as u32);
+    if let Some(w) = &driver.waker {
+        w.wake_by_ref();
     }
+}
+
+/// This thread's running driver.
+fn current() -> Option<Rc<RefCell<Driver>>> {
+    DRIVER.try_with(|d| d.borrow().upgrade()).ok().flatten()
 }
 
 /// Polls the connections woken since the last turn, at most
 /// [`POLL_BUDGET`] of them.
-fn poll_ready(cx: &mut Context<'_>, batch: &mut Vec<u32>) {
-    with_driver(|driver| {
-        if !driver
-            .waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            driver.waker = Some(cx.waker().clone());
+fn poll_ready(driver: &RefCell<Driver>, cx: &mut Context<'_>, batch: &mut Vec<u32>) {
+    {
+        let mut d = driver.borrow_mut();
+        if !d.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            d.waker = Some(cx.waker().clone());
         }
-        let take = driver.ready.len().min(POLL_BUDGET);
-        batch.extend(driver.ready.drain(..take));
-    });
+        let take = d.ready.len().min(POLL_BUDGET);
+        batch.extend(d.ready.drain(..take));
+    }
     for slot in batch.drain(..) {
         // The record is taken out while it is polled: its poll wakes
         // others and calls into the hub, and a finished connection's drop
         // unregisters it; none of that may find the driver borrowed.
-        let taken = with_driver(|driver| driver.tasks.get_mut(slot as usize)?.take()).flatten();
+        let taken = driver
+            .borrow_mut()
+            .tasks
+            .get_mut(slot as usize)
+            .and_then(Option::take);
         // `None`: woken after it finished, or woken twice in one turn.
         let Some(mut task) = taken else { continue };
         let waker = slot_waker(slot);
         let mut slot_cx = Context::from_waker(&waker);
         if Pin::new(&mut task).poll(&mut slot_cx).is_ready() {
-            with_driver(|driver| driver.tasks.remove(slot as usize));
+            driver.borrow_mut().tasks.remove(slot as usize);
             drop(task);
         } else {
-            with_driver(|driver| driver.tasks[slot as usize] = Some(task));
+            driver.borrow_mut().tasks[slot as usize] = Some(task);
         }
     }
-    let more = with_driver(|driver| !driver.ready.is_empty()).unwrap_or(false);
-    if more {
+    if !driver.borrow().ready.is_empty() {
         cx.waker().wake_by_ref();
-    }
-}
-
-/// Runs `f` on this thread's driver, if it runs one.
-fn with_driver<R>(f: impl FnOnce(&mut Driver) -> R) -> Option<R> {
-    DRIVER.with(|d| d.borrow_mut().as_mut().map(f))
-}
-
-/// Empties this thread's driver when its task is dropped, so the
-/// connections drop inside the runtime that owns their sockets.
-struct ClearOnDrop;
-
-impl Drop for ClearOnDrop {
-    fn drop(&mut self) {
-        let driver = DRIVER.with(|d| d.borrow_mut().take());
-        drop(driver);
     }
 }
 
@@ -149,17 +136,15 @@ static VTABLE: RawWakerVTable = RawWakerVTable::new(
 );
 
 fn wake_slot(slot: usize) {
-    // No driver here: its runtime is ending and dropping connections, or
-    // the waker went to a thread that drives none (nothing sends one
-    // there). Either way there is nothing left to poll.
-    let _ = DRIVER.try_with(|d| {
-        if let Ok(mut d) = d.try_borrow_mut() {
-            if let Some(driver) = d.as_mut() {
-                driver.ready.push(slot as u32);
-                if let Some(w) = &driver.waker {
-                    w.wake_by_ref();
-                }
-            }
-        }
-    });
+    // No driver: its task is ending and dropping its connections, or the
+    // waker went to a thread that drives none (nothing sends one there).
+    // Either way there is nothing left to poll.
+    let Some(driver) = current() else { return };
+    let Ok(mut driver) = driver.try_borrow_mut() else {
+        return;
+    };
+    driver.ready.push(slot as u32);
+    if let Some(w) = &driver.waker {
+        w.wake_by_ref();
+    }
 }
