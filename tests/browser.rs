@@ -181,6 +181,10 @@ fn the_dashboard_shows_live_tiles_and_recovers_from_a_drain_without_a_reload() {
     let listen_a = format!("127.0.0.1:{port_a}");
     let listen_b = format!("127.0.0.1:{port_b}");
     let advertised_b = format!("ws://127.0.0.1:{port_b}/ws");
+    // The feed publishes about 200 messages a second; the default history
+    // (100) would cover only the first half second of the move to B, and a
+    // loaded machine can take longer than that, so recovery would depend on
+    // timing. History for a minute makes it depend only on the relay.
     let common_args = [
         "--workers",
         "2",
@@ -188,6 +192,8 @@ fn the_dashboard_shows_live_tiles_and_recovers_from_a_drain_without_a_reload() {
         url.as_str(),
         "--drain-seconds",
         "1",
+        "--history-size",
+        "12000",
     ];
     let mut args_b = common_args.to_vec();
     args_b.extend_from_slice(&["--listen", &listen_b, "--advertise-url", &advertised_b]);

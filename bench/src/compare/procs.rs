@@ -100,6 +100,20 @@ fn kill_group(pgid: u32) {
     }
 }
 
+/// Remembers a group started elsewhere (with `process_group(0)`), so that
+/// [`kill_all`] ends it too. (`million` starts its holders itself, with
+/// pipes; `compare` has no use for this.)
+#[allow(dead_code)]
+pub fn remember_group(pgid: u32) {
+    GROUPS.lock().unwrap().push(pgid);
+}
+
+/// Forgets a group that has ended.
+#[allow(dead_code)]
+pub fn forget_group(pgid: u32) {
+    GROUPS.lock().unwrap().retain(|&g| g != pgid);
+}
+
 /// Ends every group still alive (Ctrl-C).
 pub fn kill_all() {
     for pgid in GROUPS.lock().unwrap().drain(..) {
