@@ -21,6 +21,9 @@
 //!   buckets, the least messages any open connection received).
 //! - `quit`, or end of input: exit. The process also dies with its parent.
 
+#[path = "../ws_frame.rs"]
+mod ws_frame;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -251,23 +254,8 @@ impl Holder {
 
     /// A masked client frame.
     fn frame(&mut self, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(payload.len() + 14);
-        out.push(0x80 | opcode);
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
         let mask = self.mask();
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        ws_frame::masked(opcode, payload, mask)
     }
 
     /// Writes a small frame or request whole, or gives up on the

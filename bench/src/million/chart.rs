@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::Step;
@@ -33,19 +34,13 @@ pub fn draw(path: &Path, steps: &[Step]) -> Result<()> {
         })
         .fold(1.0, f64::max)
         * 1.15;
-    let mut chart = ChartBuilder::on(&left)
-        .caption("Memory per connection (bytes)", ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0f64..x_max, 0f64..mem_max)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("connections")
-        .x_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
-        .draw()
-        .map_err(|e| err(&e))?;
+    let mut chart = panel(
+        &left,
+        "Memory per connection (bytes)",
+        "connections",
+        x_max,
+        mem_max,
+    )?;
     let series: [Series; 3] = [
         ("kernel slab, both ends", RGBColor(31, 119, 180), |s| {
             s.kernel_slab_per_conn
@@ -56,30 +51,17 @@ pub fn draw(path: &Path, steps: &[Step]) -> Result<()> {
         }),
     ];
     for (label, colour, value) in series {
-        let points: Vec<(f64, f64)> = steps
+        let points = steps
             .iter()
             .map(|s| (s.subscribed as f64, value(s)))
             .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
-            });
-        chart
-            .draw_series(
-                points
-                    .into_iter()
-                    .map(|p| Circle::new(p, 3, colour.filled())),
-            )
-            .map_err(|e| err(&e))?;
+        line(&mut chart, points, colour, Some(label))?;
     }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::MiddleRight)
         .draw()
         .map_err(|e| err(&e))?;
 
@@ -88,30 +70,67 @@ pub fn draw(path: &Path, steps: &[Step]) -> Result<()> {
         .map(|s| s.handshakes_per_sec)
         .fold(1.0, f64::max)
         * 1.15;
-    let mut chart = ChartBuilder::on(&right)
-        .caption(
-            "Handshakes per second during each ramp step",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0f64..x_max, 0f64..rate_max)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("connections at the end of the step")
-        .x_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
-        .draw()
-        .map_err(|e| err(&e))?;
-    let colour = RGBColor(214, 39, 40);
-    let points: Vec<(f64, f64)> = steps
+    let mut chart = panel(
+        &right,
+        "Handshakes per second during each ramp step",
+        "connections at the end of the step",
+        x_max,
+        rate_max,
+    )?;
+    let points = steps
         .iter()
         .map(|s| (s.subscribed as f64, s.handshakes_per_sec))
         .collect();
+    line(&mut chart, points, RGBColor(214, 39, 40), None)?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+type Panel<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// One half of the chart: a caption, axes from 0 and thousands of
+/// connections along x.
+fn panel<'a>(
+    area: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    caption: &str,
+    x_desc: &str,
+    x_max: f64,
+    y_max: f64,
+) -> Result<Panel<'a>> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("drawing the chart: {e}");
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+        .map_err(|e| err(&e))?;
     chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .x_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()
+        .map_err(|e| err(&e))?;
+    Ok(chart)
+}
+
+/// A line through `points` with a dot on each, in the legend as `label`.
+fn line(
+    chart: &mut Panel,
+    points: Vec<(f64, f64)>,
+    colour: RGBColor,
+    label: Option<&'static str>,
+) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("drawing the chart: {e}");
+    let drawn = chart
         .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
         .map_err(|e| err(&e))?;
+    if let Some(label) = label {
+        drawn.label(label).legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
+        });
+    }
     chart
         .draw_series(
             points
@@ -119,6 +138,5 @@ pub fn draw(path: &Path, steps: &[Step]) -> Result<()> {
                 .map(|p| Circle::new(p, 3, colour.filled())),
         )
         .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
     Ok(())
 }

@@ -109,10 +109,13 @@ struct Args {
     /// Chart written beside the docs (memory and handshake rate).
     #[arg(long, default_value = "docs/charts/million.svg")]
     chart: PathBuf,
+    /// Only draw --chart again from this results file, then exit.
+    #[arg(long, value_name = "RESULTS.json")]
+    redraw: Option<PathBuf>,
 }
 
 /// What one step of the ramp measured.
-#[derive(Serialize, Clone, Default)]
+#[derive(Serialize, serde::Deserialize, Clone, Default)]
 pub struct Step {
     pub target: u64,
     pub subscribed: u64,
@@ -159,6 +162,14 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let root = workspace_root()?;
+    if let Some(results) = &args.redraw {
+        let text = std::fs::read_to_string(results)
+            .with_context(|| format!("reading {}", results.display()))?;
+        let parsed: Value = serde_json::from_str(&text)?;
+        let steps: Vec<Step> = serde_json::from_value(parsed["steps"].clone())
+            .context("the results file has no steps")?;
+        return chart::draw(&root.join(&args.chart), &steps);
+    }
     let relay_bin = root.join("target/release/ringcast");
     let holder_bin = root.join("target/release/holder");
     for bin in [&relay_bin, &holder_bin] {
