@@ -303,3 +303,65 @@ async fn a_single_node_lists_itself_in_the_directory_only_when_it_advertises() {
     drop(client);
     assert!(relay.wait_exit().success());
 }
+
+/// `/metrics` on the main port answers clients on this host only. Behind
+/// a trusted proxy on this host, that is the client the proxy names in
+/// each request, never the proxy itself: a proxy's pooled connection
+/// carries many clients' requests, and its own address would open the
+/// metrics to everyone behind it.
+#[tokio::test]
+async fn behind_a_trusted_proxy_metrics_answer_only_the_clients_it_names_as_local() {
+    let relay = Relay::start(&["--trusted-proxies", "127.0.0.1/32"]);
+    let get = |xff: Option<&str>| {
+        let xff = xff.map_or(String::new(), |a| format!("X-Forwarded-For: {a}\r\n"));
+        format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{xff}\r\n")
+    };
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    let mut statuses = Vec::new();
+    for xff in [
+        Some("127.0.0.2"),
+        Some("203.0.113.9"),
+        None,
+        Some("127.0.0.2"),
+    ] {
+        s.write_all(get(xff).as_bytes()).await.unwrap();
+        statuses.push(read_one_response(&mut s).await);
+    }
+    assert_eq!(
+        statuses,
+        [200, 404, 404, 200],
+        "one keep-alive connection from the proxy: a local client, a remote one, \
+         one the proxy does not name, the local one again"
+    );
+    // A client of this host that is not a trusted proxy still gets them.
+    let plain = Relay::start(&[]);
+    let (status, body) = common::http(
+        plain.addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body:.200}");
+}
+
+/// Reads one response with a `Content-Length` body from a keep-alive
+/// connection; its status.
+async fn read_one_response(s: &mut TcpStream) -> u16 {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(common::PATIENCE, s.read(&mut byte))
+            .await
+            .expect("a response")
+            .unwrap();
+        assert_eq!(n, 1, "the relay closed the keep-alive connection");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    head.split_whitespace().nth(1).unwrap().parse().unwrap()
+}

@@ -221,13 +221,26 @@ async fn serve_http(
     // Behind a trusted proxy, the client's address comes from it: first
     // from its PROXY header, else from the first request's
     // X-Forwarded-For.
+    let tcp_peer = peer;
     let mut client_pending = admission.from_proxy() && turned_away.is_none();
+    // Who asks, for the routes open to this host only (`/metrics`): behind
+    // a trusted proxy, the client it names (in its PROXY header, or in each
+    // request's X-Forwarded-For: a proxy's pooled connection carries many
+    // clients' requests), never the proxy's own address, which on this
+    // host would open them to everyone behind it. A client the proxy does
+    // not name is nobody local.
+    let nobody = IpAddr::from([0, 0, 0, 0]);
+    let named_per_request = admission.from_proxy() && !shard.config.limits.proxy_protocol;
+    let mut peer = if admission.from_proxy() { nobody } else { peer };
     if client_pending && shard.config.limits.proxy_protocol {
         let limit = shard.config.limits.handshake_timeout;
         let read = monoio::time::timeout(limit, read_proxy_header(&mut tcp)).await;
         match read {
             Ok(Ok(client)) => {
                 client_pending = false;
+                // LOCAL (no client): the proxy's own connection, a health
+                // check on its host.
+                peer = client.map_or(tcp_peer, |c| c.ip());
                 if let Some(client) = client {
                     if let Err(refusal) = count_client(&shard, &mut admission, client.ip()) {
                         turned_away = Some(TurnedAway::Address(refusal));
@@ -283,6 +296,13 @@ async fn serve_http(
                 }
             }
         }
+        let asker = if named_per_request {
+            let addresses = &shard.node.addresses;
+            let forwarded = head.headers_named("x-forwarded-for");
+            proxy::forwarded_for(forwarded, |ip| addresses.is_trusted_proxy(ip)).unwrap_or(nobody)
+        } else {
+            peer
+        };
         if let Err(refusal) = check_framing(&head) {
             shard.metrics.http_request(head.route(), refusal.status);
             refuse(&mut stream, &refusal).await;
@@ -292,7 +312,7 @@ async fn serve_http(
             let probe = matches!(head.route(), "/healthz" | "/readyz" | "/metrics")
                 && matches!(head.method.as_str(), "GET" | "HEAD");
             let mut response = if probe {
-                route(&shard, &mut stream, peer, &head, &mut buf, head_len)
+                route(&shard, &mut stream, asker, &head, &mut buf, head_len)
                     .await
                     .unwrap_or_else(|refusal| refusal)
             } else {
@@ -310,7 +330,8 @@ async fn serve_http(
             return Some(connection);
         }
         let keep_alive = head.keep_alive();
-        let mut response = match route(&shard, &mut stream, peer, &head, &mut buf, head_len).await {
+        let mut response = match route(&shard, &mut stream, asker, &head, &mut buf, head_len).await
+        {
             Ok(r) => r,
             Err(r) => {
                 shard.metrics.http_request(head.route(), r.status);

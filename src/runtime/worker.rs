@@ -116,6 +116,7 @@ impl Worker {
                 _ = stop.wait() => break,
             }
         }
+        crate::ws::driver::shutdown();
         super::listener::release(&listener);
         Ok(())
     }

@@ -10,8 +10,8 @@
 //!
 //! Everything here stays on the shard's thread: the readiness wakers live in
 //! monoio's driver and the outbox wakers in the hub, both on this thread.
-//! The driver is never borrowed while a connection runs, so a wake always
-//! finds it.
+//! The driver is never borrowed while a connection runs or drops, so a
+//! wake always finds it (a debug assertion says so).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -75,6 +75,21 @@ pub fn adopt(task: ConnTask) {
     if let Some(w) = &driver.waker {
         w.wake_by_ref();
     }
+}
+
+/// Ends this thread's connections as its worker stops: drops every record
+/// while the runtime that owns their sockets still runs, and lets the
+/// driving task go (it holds its own waker, so nothing else would free it).
+pub fn shutdown() {
+    let Some(driver) = current() else { return };
+    DRIVER.with(|d| *d.borrow_mut() = Weak::new());
+    let (tasks, waker) = {
+        let mut d = driver.borrow_mut();
+        d.ready.clear();
+        (std::mem::take(&mut d.tasks), d.waker.take())
+    };
+    drop(tasks);
+    drop(waker);
 }
 
 /// This thread's running driver.
@@ -141,6 +156,10 @@ fn wake_slot(slot: usize) {
     // Either way there is nothing left to poll.
     let Some(driver) = current() else { return };
     let Ok(mut driver) = driver.try_borrow_mut() else {
+        debug_assert!(
+            false,
+            "a connection was woken while its driver was borrowed"
+        );
         return;
     };
     driver.ready.push(slot as u32);
