@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod runtime;
+pub mod socket;
 pub mod tables;
 pub mod tls;
 pub mod ws;

@@ -13,7 +13,8 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::io::{Socket, Transport};
+use crate::io::Transport;
+use crate::socket::Socket;
 
 pub use message::{Head, MalformedHead, Response};
 

@@ -167,7 +167,7 @@ fn admit(shard: &Rc<Shard>, stream: monoio::net::TcpStream, peer: std::net::Sock
         },
     };
     let _ = stream.set_nodelay(true);
-    match crate::io::socket_of(stream) {
+    match crate::socket::socket_of(stream) {
         Ok(stream) => match admission {
             Ok(a) => drop(monoio::spawn(crate::http::serve(
                 shard.clone(),

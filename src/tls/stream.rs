@@ -15,7 +15,7 @@
 //! so the HTTP phase and the WebSocket connection do not know they run
 //! over TLS.
 
-use crate::io::Socket;
+use crate::socket::Socket;
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
