@@ -322,6 +322,8 @@ async fn behind_a_trusted_proxy_metrics_answer_only_the_clients_it_names_as_loca
         Some("127.0.0.2"),
         Some("203.0.113.9"),
         None,
+        // Garbage where the proxy names the client: nobody local.
+        Some("127.0.0.2, not an address"),
         Some("127.0.0.2"),
     ] {
         s.write_all(get(xff).as_bytes()).await.unwrap();
@@ -329,9 +331,9 @@ async fn behind_a_trusted_proxy_metrics_answer_only_the_clients_it_names_as_loca
     }
     assert_eq!(
         statuses,
-        [200, 404, 404, 200],
+        [200, 404, 404, 404, 200],
         "one keep-alive connection from the proxy: a local client, a remote one, \
-         one the proxy does not name, the local one again"
+         one the proxy does not name, a garbled chain, the local one again"
     );
     // A client of this host that is not a trusted proxy still gets them.
     let plain = Relay::start(&[]);

@@ -39,14 +39,13 @@ struct Driver {
 
 thread_local! {
     /// The running driver, for wakers and [`adopt`]; it does not own it, so
-    /// the connections drop with the driving task, inside the runtime that
-    /// owns their sockets, never in a thread-local destructor.
+    /// no connection drops in a thread-local destructor, outside the
+    /// runtime that owns its socket ([`shutdown`] drops them inside it).
     static DRIVER: RefCell<Weak<RefCell<Driver>>> = const { RefCell::new(Weak::new()) };
 }
 
-/// Runs this thread's connections until the worker's runtime ends.
-/// Spawned once per worker, before the first connection is adopted; the
-/// connections drop with this task.
+/// Runs this thread's connections until the worker stops ([`shutdown`]).
+/// Spawned once per worker, before the first connection is adopted.
 pub async fn run() {
     let driver = Rc::new(RefCell::new(Driver {
         tasks: Slab::new(),
@@ -117,7 +116,8 @@ fn poll_ready(driver: &RefCell<Driver>, cx: &mut Context<'_>, batch: &mut Vec<u3
             .tasks
             .get_mut(slot as usize)
             .and_then(Option::take);
-        // `None`: woken after it finished, or woken twice in one turn.
+        // `None`: its connection finished since it was woken. (A slot
+        // woken twice in one turn is polled twice, as a task would be.)
         let Some(mut task) = taken else { continue };
         let waker = slot_waker(slot);
         let mut slot_cx = Context::from_waker(&waker);
