@@ -243,6 +243,15 @@ pub struct Limits {
     #[arg(long, env = "RINGCAST_MAX_BATCH_BYTES", default_value_t = 64 * 1024)]
     pub max_batch_bytes: usize,
 
+    /// Milliseconds a connection's publications may wait for more to share
+    /// their write (0: written on the loop turn they arrive, the default).
+    /// A few milliseconds of latency buy fewer, fuller frames, the costly
+    /// part of fan-out. Replies, pongs and closes never wait, and a full
+    /// frame goes at once. At most 1000.
+    #[arg(long, env = "RINGCAST_WRITE_DELAY", default_value = "0", value_name = "MILLISECONDS",
+        value_parser = milliseconds)]
+    pub write_delay: Duration,
+
     /// Seconds a client has to send a whole request head, and then a whole
     /// request body: one deadline each, however the bytes trickle in.
     #[arg(long, env = "RINGCAST_HANDSHAKE_TIMEOUT", default_value = "10", value_name = "SECONDS",
@@ -930,6 +939,12 @@ impl Config {
         if self.limits.max_batch_bytes < 1024 {
             return fail("--max-batch-bytes must be at least 1024".into());
         }
+        if self.limits.write_delay > Duration::from_secs(1) {
+            return fail(
+                "--write-delay must be at most 1000 milliseconds (for slower feeds, subscribe with conflate)"
+                    .into(),
+            );
+        }
         if self.limits.handshake_timeout.is_zero() {
             return fail("--handshake-timeout must be at least 1 second".into());
         }
@@ -1063,6 +1078,14 @@ fn seconds(text: &str) -> Result<Duration, String> {
         .parse::<u64>()
         .map(Duration::from_secs)
         .map_err(|_| format!("`{text}` is not a whole number of seconds"))
+}
+
+/// A whole number of milliseconds.
+fn milliseconds(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("`{text}` is not a whole number of milliseconds"))
 }
 
 /// Seconds, possibly with a fraction (`0.25`).
@@ -1326,6 +1349,21 @@ mod tests {
             ConfigError::CommandLine(e) => one_line(&e),
             ConfigError::Invalid(m) => m,
         })
+    }
+
+    #[test]
+    fn write_delay_is_off_by_default_and_whole_milliseconds_up_to_a_second() {
+        assert!(parse(&[]).unwrap().limits.write_delay.is_zero());
+        let delay = |v: &str| parse(&["--write-delay", v]).map(|c| c.limits.write_delay);
+        assert_eq!(delay("20"), Ok(Duration::from_millis(20)));
+        assert_eq!(delay("1000"), Ok(Duration::from_secs(1)));
+        assert!(delay("1001")
+            .unwrap_err()
+            .contains("at most 1000 milliseconds"));
+        for bad in ["-1", "0.5", "5ms"] {
+            let e = delay(bad).unwrap_err();
+            assert!(e.contains("whole number of milliseconds"), "{bad}: {e}");
+        }
     }
 
     #[test]

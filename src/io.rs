@@ -95,6 +95,18 @@ pub fn with_read_buf<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     READ_BUF.with(|b| f(&mut b.borrow_mut()[..]))
 }
 
+thread_local! {
+    /// The worker's write buffer: a frame's slices gathered for one write
+    /// (`ws::connection`), at most 64 KiB, reused by every connection.
+    static WRITE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the worker's shared write buffer; what `f` leaves in it is
+/// overwritten by the next connection's write.
+pub fn with_write_buf<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    WRITE_BUF.with(|b| f(&mut b.borrow_mut()))
+}
+
 /// Waits for one read into the worker's shared buffer and hands the bytes
 /// to `f` at once (see [`with_read_buf`]); `None` at end of stream or on an
 /// error.

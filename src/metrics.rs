@@ -172,6 +172,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "Frames written that carried at least one message.",
     ),
     (
+        "ringcast_write_flushes_total",
+        Kind::Counter,
+        "Connections released to write what waited for --write-delay.",
+    ),
+    (
         "ringcast_batch_messages",
         Kind::Histogram,
         "Messages per written frame.",
@@ -453,6 +458,7 @@ pub struct ShardMetrics {
     pub bytes_out: LocalCounter,
     pub deliveries: LocalCounter,
     pub batches: LocalCounter,
+    pub write_flushes: LocalCounter,
     pub batch_messages: Histogram,
     pub publish_to_write: Histogram,
     pub pending_bytes: Histogram,
@@ -505,6 +511,7 @@ impl ShardMetrics {
             bytes_out: LocalCounter::new(counter!("ringcast_bytes_out_total", "shard" => s.clone())),
             deliveries: LocalCounter::new(counter!("ringcast_deliveries_total", "shard" => s.clone())),
             batches: LocalCounter::new(counter!("ringcast_batches_total", "shard" => s.clone())),
+            write_flushes: LocalCounter::new(counter!("ringcast_write_flushes_total", "shard" => s.clone())),
             batch_messages: histogram!("ringcast_batch_messages", "shard" => s.clone()),
             publish_to_write: histogram!("ringcast_publish_to_write_seconds", "shard" => s.clone()),
             pending_bytes: histogram!("ringcast_pending_bytes", "shard" => s.clone()),
@@ -565,6 +572,7 @@ impl ShardMetrics {
             &self.bytes_out,
             &self.deliveries,
             &self.batches,
+            &self.write_flushes,
             &self.conflation_sent,
             &self.conflation_merged,
         ] {

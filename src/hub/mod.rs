@@ -16,6 +16,11 @@
 //!   machinery ([`Shard::handle_msg`]);
 //! - time: [`Shard::tick_at`] once a second (heartbeats, close deadlines,
 //!   rate allowances, the broker's tick, memory given back, metrics);
+//!   [`Shard::handle_conflation_timers`] when
+//!   [`Shard::next_conflation_deadline`] comes; with `--write-delay`,
+//!   [`Shard::flush_held_writes`] when [`Shard::next_flush_deadline`]
+//!   comes (a connection's task calls [`Shard::hold_writes`] when what it
+//!   has queued may wait);
 //! - outputs: what each connection must send waits in its outbox
 //!   ([`Conn`], drained by the connection's task through
 //!   [`outbox::Outbox::open_front`] and `pop_written`, woken when there is
@@ -58,7 +63,8 @@ use crate::protocol::{
 use crate::tables::{shrink_map, SHRINK_FROM};
 use conflation::{Group, Member, Wheel, WHEEL_TICK_MS};
 pub use outbox::{
-    Answer, CloseRequest, Conn, Out, Pushed, ReplySlot, SharedPublication, MAX_REPLIES_AWAITED,
+    Answer, CloseRequest, Conn, Out, Pushed, ReplySlot, SharedPublication, MAX_BATCH_ITEMS,
+    MAX_REPLIES_AWAITED,
 };
 
 /// Where a connection's subscription to one local channel stands.
@@ -293,6 +299,11 @@ pub struct Shard {
     /// The task that sleeps until the wheel's next tick, to wake when an
     /// earlier one is scheduled.
     wheel_waker: RefCell<Option<Waker>>,
+    /// Connections whose writes wait (`--write-delay`), each once
+    /// ([`Conn::writes_held`]), with when they are due, in that order.
+    held: RefCell<std::collections::VecDeque<(Instant, Rc<Conn>)>>,
+    /// The task that flushes them, waiting for the first.
+    flush_waker: RefCell<Option<Waker>>,
 }
 
 impl Shard {
@@ -318,6 +329,8 @@ impl Shard {
             last_input: Cell::new(None),
             clock_base: std::cell::OnceCell::new(),
             wheel_waker: RefCell::new(None),
+            held: RefCell::default(),
+            flush_waker: RefCell::new(None),
         }
     }
 
@@ -378,6 +391,54 @@ impl Shard {
             if let Some(next) = reopened {
                 st.wheel.schedule(next, (chan, group));
             }
+        }
+    }
+
+    /// A connection's task found only publications queued at `now`, short
+    /// of a full frame, with `--write-delay` on: they wait until the delay
+    /// has passed, so that one write carries what arrives until then.
+    /// Publications pushed meanwhile do not wake it; anything else queued
+    /// does, and goes at once with what is before it.
+    pub fn hold_writes(&self, conn: &Rc<Conn>, now: Instant) {
+        if !conn.hold_writes() {
+            return;
+        }
+        let mut held = self.held.borrow_mut();
+        // One delay for all: deadlines come in the order of the holds.
+        held.push_back((now + self.config.limits.write_delay, conn.clone()));
+        if held.len() == 1 {
+            if let Some(waker) = self.flush_waker.borrow_mut().take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// When the first held connection is due ([`Shard::flush_held_writes`]
+    /// then); with none held, the flushing task waits with `waker` for the
+    /// next.
+    pub fn next_flush_deadline(&self, waker: &Waker) -> Option<Instant> {
+        let deadline = self.held.borrow().front().map(|(at, _)| *at);
+        if deadline.is_none() {
+            *self.flush_waker.borrow_mut() = Some(waker.clone());
+        }
+        deadline
+    }
+
+    /// Releases every connection whose delay has passed at `now`: each
+    /// writes what it has queued, and holds nothing back until it has
+    /// written it all.
+    pub fn flush_held_writes(&self, now: Instant) {
+        loop {
+            let due = {
+                let mut held = self.held.borrow_mut();
+                match held.front() {
+                    Some((at, _)) if *at <= now => held.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((_, conn)) = due else { return };
+            self.metrics.write_flushes.add(1);
+            conn.release_writes();
         }
     }
 
@@ -1251,6 +1312,7 @@ impl Shard {
             self.config.limits.max_pending_bytes,
             self.config.limits.slow_consumer,
             self.config.limits.slow_consumer_fallback,
+            self.config.limits.max_batch_bytes,
         ) {
             Pushed::Queued | Pushed::Closed => {}
             Pushed::DroppedOldest(n) => self.metrics.slow_drop_oldest.increment(n as u64),

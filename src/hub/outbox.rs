@@ -152,20 +152,23 @@ impl Queue {
         }
     }
 
-    /// After the writer emptied the queue: a queue that never grew past
-    /// its first allocation (a reply, a message now and then) is freed at
-    /// once, so that connections set up in a burst do not each leave a
-    /// hole the size of a queue between their long-lived allocations until
-    /// the heartbeat's release; a grown one (a busy connection) keeps its
-    /// storage for the next writes, cut back after a burst.
-    pub fn trim_drained(&mut self) {
+    /// After the writer emptied the queue, whose last frame carried
+    /// `last_frame` items: a queue that never grew past its first
+    /// allocation (a reply, a message now and then) is freed at once, so
+    /// that connections set up in a burst do not each leave a hole the size
+    /// of a queue between their long-lived allocations until the
+    /// heartbeat's release. A grown one (a busy connection) keeps room for
+    /// about twice its last frame, so that a steady feed does not grow it
+    /// again from scratch for every frame; past that (the backlog of a
+    /// burst) it is cut back.
+    pub fn trim_drained(&mut self, last_frame: usize) {
         let Some(q) = self.0.as_mut() else { return };
         if !q.is_empty() {
             return;
         }
         if q.capacity() <= FIRST_CAPACITY {
             self.0 = None;
-        } else if q.capacity() > 64 {
+        } else if q.capacity() > 64 && q.capacity() > 2 * last_frame {
             q.shrink_to(8);
         }
     }
@@ -233,8 +236,9 @@ pub struct Conn {
     pub out: RefCell<Outbox>,
     /// Set by the hub: send a close frame with this status, then end.
     pub close: Cell<Option<CloseRequest>>,
-    /// [`Conn::ABORT`], [`Conn::GONE`], [`Conn::PING_DUE`]: one byte for
-    /// three flags, because every idle connection carries them.
+    /// [`Conn::ABORT`], [`Conn::GONE`], [`Conn::PING_DUE`], [`Conn::HELD`],
+    /// [`Conn::FLUSHING`]: one byte, because every idle connection carries
+    /// them.
     flags: Cell<u8>,
     /// Heartbeat clock (shard ticks, seconds) of the last bytes read.
     pub last_read: Cell<u32>,
@@ -254,6 +258,10 @@ pub struct Conn {
     pub bytes_this_tick: Cell<u32>,
 }
 
+/// Most queued items one frame carries: a queue this long is a full frame
+/// and is written at once, even while writes are held (`--write-delay`).
+pub const MAX_BATCH_ITEMS: usize = 256;
+
 /// Replies a connection may await from other shards or Redis before its
 /// input is read no further: its requests in flight stay bounded (by
 /// this plus what one read holds), so a client cannot fill the queues
@@ -271,6 +279,13 @@ impl Conn {
     const GONE: u8 = 2;
     /// A heartbeat ping is asked for and not yet queued.
     const PING_DUE: u8 = 4;
+    /// Its writes wait for the shard's next flush (`--write-delay`): it is
+    /// on the shard's held list, and publications queued meanwhile do not
+    /// wake it.
+    const HELD: u8 = 8;
+    /// The flush came: write everything queued, holding nothing back,
+    /// until the queue is drained.
+    const FLUSHING: u8 = 16;
 
     fn flag(&self, flag: u8) -> bool {
         self.flags.get() & flag != 0
@@ -302,8 +317,43 @@ impl Conn {
     /// Takes the heartbeat's request for a ping, to queue it.
     pub fn take_ping_due(&self) -> bool {
         let due = self.ping_due();
-        self.flags.set(self.flags.get() & !Self::PING_DUE);
+        self.lower(Self::PING_DUE);
         due
+    }
+
+    fn lower(&self, flag: u8) {
+        self.flags.set(self.flags.get() & !flag);
+    }
+
+    /// Whether its writes wait for the shard's next flush.
+    pub fn writes_held(&self) -> bool {
+        self.flag(Self::HELD)
+    }
+
+    /// Marks its writes held; false when they already were (it is on the
+    /// shard's held list once).
+    pub(super) fn hold_writes(&self) -> bool {
+        let was = self.writes_held();
+        self.raise(Self::HELD);
+        !was
+    }
+
+    /// The shard's flush: it writes what it holds now.
+    pub(super) fn release_writes(&self) {
+        self.lower(Self::HELD);
+        self.raise(Self::FLUSHING);
+        self.wake();
+    }
+
+    /// Whether a flush is being written (nothing is held back until the
+    /// queue is drained).
+    pub fn flushing(&self) -> bool {
+        self.flag(Self::FLUSHING)
+    }
+
+    /// The queue is drained: the flush is over.
+    pub fn end_flush(&self) {
+        self.lower(Self::FLUSHING);
     }
 
     pub fn new(format: Format, now: u32) -> Conn {
@@ -325,12 +375,15 @@ impl Conn {
 
     /// Queues a publication, enforcing the pending-bytes bound with
     /// `policy` (and `fallback`, when merging per key is not enough).
+    /// While its writes are held, it wakes the connection only once the
+    /// queue makes a full frame (`frame_bytes` or [`MAX_BATCH_ITEMS`]).
     pub fn push_message(
         &self,
         publication: &SharedPublication,
         max_pending: usize,
         policy: SlowConsumerPolicy,
         fallback: SlowConsumerPolicy,
+        frame_bytes: usize,
     ) -> Pushed {
         if self.close.get().is_some() || self.aborted() {
             return Pushed::Closed;
@@ -363,7 +416,9 @@ impl Conn {
         }
         out.bytes += len;
         out.items.push_back(Out::Message(publication.clone()));
-        out.wake();
+        if !self.writes_held() || out.items.len() >= MAX_BATCH_ITEMS || out.bytes >= frame_bytes {
+            out.wake();
+        }
         match (merged, dropped) {
             (0, 0) => Pushed::Queued,
             (0, dropped) => Pushed::DroppedOldest(dropped),
@@ -601,6 +656,16 @@ impl Outbox {
         }
     }
 
+    /// Whether what is queued may wait for the next flush: live
+    /// publications only, short of a full frame. A reply, a replayed
+    /// answer or a slot goes now, and what is queued before it with it.
+    pub fn may_hold(&self, frame_bytes: usize) -> bool {
+        self.slots == 0
+            && self.items.len() < MAX_BATCH_ITEMS
+            && self.bytes < frame_bytes
+            && self.items.iter().all(|i| matches!(i, Out::Message(_)))
+    }
+
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty() && self.control.is_empty()
@@ -759,18 +824,25 @@ mod tests {
         let mut out = Outbox::default();
         out.items.push_back(Out::Reply(b"{}".to_vec().into()));
         out.items.pop_front();
-        out.items.trim_drained();
+        out.items.trim_drained(1);
         assert!(out.items.0.is_none(), "a reply's queue goes once written");
-        for _ in 0..100 {
-            out.items.push_back(Out::Reply(b"{}".to_vec().into()));
-        }
-        out.items.clear();
-        out.items.trim_drained();
+        let fill = |out: &mut Outbox, n: usize| {
+            for _ in 0..n {
+                out.items.push_back(Out::Reply(b"{}".to_vec().into()));
+            }
+            out.items.clear();
+        };
+        fill(&mut out, 1000);
+        out.items.trim_drained(256);
         let kept = out.items.capacity();
         assert!(
             (8..=64).contains(&kept),
-            "a busy queue keeps some room: {kept}"
+            "a backlog's room is cut back: {kept}"
         );
+        fill(&mut out, 200);
+        let grown = out.items.capacity();
+        out.items.trim_drained(200);
+        assert_eq!(out.items.capacity(), grown, "a steady feed keeps its room");
     }
 
     fn reply(text: &str) -> Answer {
@@ -887,11 +959,11 @@ mod tests {
         // Room for three: a's and b's k, twice each, then one more of a.
         for (channel, seq) in [("a", 1), ("b", 1), ("a", 2)] {
             assert_eq!(
-                c.push_message(&p(channel, seq, "k"), 3 * one, policy.0, policy.1),
+                c.push_message(&p(channel, seq, "k"), 3 * one, policy.0, policy.1, 1 << 16),
                 Pushed::Queued
             );
         }
-        let pushed = c.push_message(&p("b", 2, "k"), 3 * one, policy.0, policy.1);
+        let pushed = c.push_message(&p("b", 2, "k"), 3 * one, policy.0, policy.1, 1 << 16);
         assert_eq!(
             pushed,
             Pushed::Merged {

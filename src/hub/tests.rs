@@ -1372,3 +1372,132 @@ fn a_revoked_user_is_closed_with_4003_and_cannot_refresh() {
         "bob's own token is not revoked"
     );
 }
+
+/// Counts the wakes of the connection task it stands for.
+#[derive(Default)]
+struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl CountingWaker {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// With `--write-delay`, as the connection task drives it: publications
+/// queued while the writes are held do not wake the task, a reply or a
+/// full frame does, and the connection is released, woken to write
+/// everything in order, once its own delay has passed.
+#[test]
+fn held_writes_wait_for_their_delay_but_replies_and_full_frames_do_not() {
+    let cluster = Cluster::new(Backplane::Embedded, 1, &["--write-delay", "5"]);
+    let shard = &cluster.shards[0];
+    let reader = subscriber(&cluster, 0, "feed");
+    let other = subscriber(&cluster, 0, "feed");
+    let publisher = cluster.connect(0);
+    let task = Arc::new(CountingWaker::default());
+    let waker = std::task::Waker::from(task.clone());
+    let flusher = Arc::new(CountingWaker::default());
+    let flusher_waker = std::task::Waker::from(flusher.clone());
+    let frame_bytes = shard.config.limits.max_batch_bytes;
+    let t0 = cluster.now.get();
+    let ms = Duration::from_millis;
+
+    // Not held: the first publication wakes the task, which holds it.
+    reader.conn.out.borrow_mut().set_waker(&waker);
+    cluster.publish(&publisher, "feed", json!(1));
+    cluster.settle();
+    assert_eq!(task.count(), 1);
+    assert!(reader.conn.out.borrow().may_hold(frame_bytes));
+    assert_eq!(shard.next_flush_deadline(&flusher_waker), None);
+    shard.hold_writes(&reader.conn, t0);
+    shard.hold_writes(&reader.conn, t0 + ms(1));
+    assert_eq!(
+        flusher.count(),
+        1,
+        "the first held connection wakes the flusher"
+    );
+    assert!(reader.conn.writes_held());
+    assert_eq!(
+        shard.next_flush_deadline(&flusher_waker),
+        Some(t0 + ms(5)),
+        "held once"
+    );
+    other.events();
+    shard.hold_writes(&other.conn, t0 + ms(3));
+    assert_eq!(flusher.count(), 1, "a later deadline needs no wake");
+
+    // Held: more publications wait without a wake.
+    reader.conn.out.borrow_mut().set_waker(&waker);
+    cluster.publish(&publisher, "feed", json!(2));
+    cluster.publish(&publisher, "feed", json!(3));
+    cluster.settle();
+    assert_eq!(
+        task.count(),
+        1,
+        "publications do not wake a held connection"
+    );
+    assert!(reader.conn.out.borrow().may_hold(frame_bytes));
+
+    // A reply wakes it, and may not wait: it goes with what is before it.
+    cluster.send(
+        &reader,
+        json!({"action": "subscribe", "channel": "other", "id": 7}),
+    );
+    cluster.settle();
+    assert_eq!(task.count(), 2, "a reply wakes a held connection");
+    assert!(!reader.conn.out.borrow().may_hold(frame_bytes));
+    let events = reader.events();
+    assert_eq!(
+        kinds(&events),
+        ["message", "message", "message", "subscribed"]
+    );
+    assert_eq!(
+        events[..3]
+            .iter()
+            .map(|e| e["data"].clone())
+            .collect::<Vec<_>>(),
+        [json!(1), json!(2), json!(3)]
+    );
+
+    // Still held until its deadline: a full frame's worth wakes it at once.
+    reader.conn.out.borrow_mut().set_waker(&waker);
+    for i in 0..super::MAX_BATCH_ITEMS {
+        cluster.publish(&publisher, "feed", json!(i));
+        cluster.settle();
+        let full = i + 1 == super::MAX_BATCH_ITEMS;
+        assert_eq!(
+            task.count(),
+            2 + usize::from(full),
+            "after {} publications",
+            i + 1
+        );
+    }
+    assert!(!reader.conn.out.borrow().may_hold(frame_bytes));
+    assert_eq!(reader.messages().len(), super::MAX_BATCH_ITEMS);
+
+    // Its deadline: released, woken, and writing without holding back
+    // until its queue is drained; the other stays held until its own.
+    reader.conn.out.borrow_mut().set_waker(&waker);
+    cluster.publish(&publisher, "feed", json!("last"));
+    cluster.settle();
+    assert_eq!(task.count(), 3);
+    shard.flush_held_writes(t0 + ms(4));
+    assert_eq!(task.count(), 3, "not due yet");
+    shard.flush_held_writes(t0 + ms(5));
+    assert_eq!(task.count(), 4, "released at its deadline");
+    assert!(!reader.conn.writes_held() && reader.conn.flushing());
+    assert!(other.conn.writes_held());
+    assert_eq!(shard.next_flush_deadline(&flusher_waker), Some(t0 + ms(8)));
+    assert_eq!(reader.events().len(), 1);
+    reader.conn.end_flush();
+    assert!(!reader.conn.flushing());
+    shard.flush_held_writes(t0 + ms(8));
+    assert!(!other.conn.writes_held() && other.conn.flushing());
+    assert_eq!(shard.next_flush_deadline(&flusher_waker), None);
+}

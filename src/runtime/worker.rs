@@ -85,6 +85,9 @@ impl Worker {
         monoio::spawn(inbox_loop(shard.clone(), self.inbox, stop.clone()));
         monoio::spawn(ticker(shard.clone()));
         monoio::spawn(conflation_wheel(shard.clone()));
+        if !shard.config.limits.write_delay.is_zero() {
+            monoio::spawn(write_flusher(shard.clone()));
+        }
         monoio::spawn(crate::ws::driver::run());
         let mut accept_errors = AcceptErrors::default();
         let mut reserve = ReserveDescriptor::open();
@@ -373,6 +376,22 @@ async fn conflation_wheel(shard: Rc<Shard>) {
         if due {
             shard.handle_conflation_timers(Instant::now());
         }
+    }
+}
+
+/// With `--write-delay`: sleeps until the first held connection is due
+/// and releases those due (`Shard::flush_held_writes`). Holds come in
+/// deadline order, so the one in front is always the earliest, and a hold
+/// while none waited wakes this task.
+async fn write_flusher(shard: Rc<Shard>) {
+    loop {
+        let deadline = std::future::poll_fn(|cx| match shard.next_flush_deadline(cx.waker()) {
+            Some(deadline) => std::task::Poll::Ready(deadline),
+            None => std::task::Poll::Pending,
+        })
+        .await;
+        monoio::time::sleep_until(deadline.into()).await;
+        shard.flush_held_writes(Instant::now());
     }
 }
 

@@ -21,15 +21,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::frame::{self, Incoming, WsReader, MAX_HEADER};
 use crate::addresses::AddressKey;
-use crate::hub::{Authenticated, CloseRequest, Conn, Out, Shard, MAX_REPLIES_AWAITED};
-use crate::io::with_read_buf;
+use crate::hub::outbox::Outbox;
+use crate::hub::{
+    Authenticated, CloseRequest, Conn, Out, Shard, MAX_BATCH_ITEMS, MAX_REPLIES_AWAITED,
+};
+use crate::io::{with_read_buf, with_write_buf};
 use crate::protocol::{decode_requests, Format};
 
 /// Reads per poll before the task yields, so a flooding client cannot starve
 /// the others on its core.
 const READ_BUDGET: usize = 4;
-/// Most publications coalesced into one batch frame.
-const MAX_BATCH_ITEMS: usize = 256;
 /// Slices handed to one `writev`.
 const MAX_IOV: usize = 128;
 
@@ -349,6 +350,7 @@ impl ConnTask {
     /// Writes what is queued. `Ok(true)`: the connection is finished.
     fn poll_writes(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
         let mut frame = self.frame.take().map(|f| *f);
+        let mut last_frame_items = 0;
         loop {
             if frame.is_none() {
                 let mut out = self.conn.out.borrow_mut();
@@ -390,10 +392,19 @@ impl ConnTask {
                     }
                 }
                 if !out.open_front(MAX_BATCH_ITEMS) {
-                    out.items.trim_drained();
+                    out.items.trim_drained(last_frame_items);
                     drop(out);
+                    self.conn.end_flush();
                     // Nothing more to write: what TLS still holds goes now
                     // (plain TCP holds nothing).
+                    return match Pin::new(&mut self.stream).poll_flush(cx) {
+                        Poll::Ready(Err(_)) => Err(()),
+                        _ => Ok(false),
+                    };
+                }
+                if self.holds_writes(&out) {
+                    drop(out);
+                    self.shard.hold_writes(&self.conn, Instant::now());
                     return match Pin::new(&mut self.stream).poll_flush(cx) {
                         Poll::Ready(Err(_)) => Err(()),
                         _ => Ok(false),
@@ -412,24 +423,13 @@ impl ConnTask {
             };
             let written = {
                 let out = self.conn.out.borrow();
-                let mut iov = Iov::new(in_flight.sent);
-                let format = self.conn.format;
-                let batch = in_flight.items > 1;
-                let json = format == Format::Json;
-                let mut more = iov.push(&in_flight.head[..in_flight.head_len]);
-                for (i, item) in out.items.iter().take(in_flight.items).enumerate() {
-                    if !more {
-                        break;
-                    }
-                    if json && batch && i > 0 {
-                        more = iov.push(b",");
-                    }
-                    more = more && iov.push(item.bytes(format));
-                }
-                if more && json && batch {
-                    iov.push(b"]");
-                }
-                match Pin::new(&mut self.stream).poll_write_vectored(cx, &iov.slices) {
+                match poll_write_frame(
+                    &mut self.stream,
+                    cx,
+                    in_flight,
+                    &out.items,
+                    self.conn.format,
+                ) {
                     Poll::Pending => None,
                     Poll::Ready(Ok(n)) if n > 0 => Some(n),
                     Poll::Ready(_) => return Err(()),
@@ -443,10 +443,22 @@ impl ConnTask {
             self.shard.metrics.bytes_out.add(written as u64);
             if in_flight.sent == in_flight.total {
                 let items = in_flight.items;
+                last_frame_items = items;
                 frame = None;
                 self.finish_frame(items);
             }
         }
+    }
+
+    /// Whether what is queued waits for the shard's next flush
+    /// (`--write-delay`): not while a flush is being written or the
+    /// connection closes, and not when [`Outbox::may_hold`] says it must go.
+    fn holds_writes(&self, out: &Outbox) -> bool {
+        let limits = &self.shard.config.limits;
+        !limits.write_delay.is_zero()
+            && !self.conn.flushing()
+            && self.conn.close.get().is_none()
+            && out.may_hold(limits.max_batch_bytes)
     }
 
     /// Pops a fully written frame's items and records its metrics.
@@ -560,6 +572,82 @@ fn plan_frame(
     }
 }
 
+/// Frames up to this size are gathered into one buffer before the write.
+const GATHER_MAX: usize = 256 * 1024;
+
+/// Calls `piece` with each part of the frame in order (its head, the
+/// items, a JSON batch's commas and closing bracket) until it returns
+/// false.
+fn frame_pieces<'a>(
+    frame: &'a FrameInFlight,
+    items: &'a std::collections::VecDeque<Out>,
+    format: Format,
+    mut piece: impl FnMut(&'a [u8]) -> bool,
+) {
+    let brackets = format == Format::Json && frame.items > 1;
+    if !piece(&frame.head[..frame.head_len]) {
+        return;
+    }
+    for (i, item) in items.iter().take(frame.items).enumerate() {
+        if brackets && i > 0 && !piece(b",") {
+            return;
+        }
+        if !piece(item.bytes(format)) {
+            return;
+        }
+    }
+    if brackets {
+        piece(b"]");
+    }
+}
+
+/// Appends the part of `frame` not yet sent to `buf`.
+fn gather_unsent(
+    frame: &FrameInFlight,
+    items: &std::collections::VecDeque<Out>,
+    format: Format,
+    buf: &mut Vec<u8>,
+) {
+    let mut skip = frame.sent;
+    frame_pieces(frame, items, format, |s| {
+        if skip >= s.len() {
+            skip -= s.len();
+        } else {
+            buf.extend_from_slice(&s[skip..]);
+            skip = 0;
+        }
+        true
+    });
+}
+
+/// Writes the unsent part of `frame`. Up to [`GATHER_MAX`] it is copied
+/// into the worker's write buffer and written in one piece: the kernel's
+/// copy of a `writev` pays per slice, and a batch frame has two per
+/// publication in JSON (the item and its comma); on broadcast to 10,000
+/// subscribers `_copy_from_iter` took a third of the relay's core. A
+/// `writev` also takes at most [`MAX_IOV`] slices, which split a frame
+/// of 64 JSON publications into two writes and two TCP segments, the
+/// second holding only its closing bracket (docs/benchmarks.md, "Fewer,
+/// fuller writes"). Bigger frames (a few large items) go by `writev`.
+fn poll_write_frame(
+    stream: &mut Transport,
+    cx: &mut Context<'_>,
+    frame: &FrameInFlight,
+    items: &std::collections::VecDeque<Out>,
+    format: Format,
+) -> Poll<std::io::Result<usize>> {
+    if frame.total - frame.sent <= GATHER_MAX {
+        return with_write_buf(|buf| {
+            buf.clear();
+            gather_unsent(frame, items, format, buf);
+            Pin::new(stream).poll_write(cx, buf)
+        });
+    }
+    let mut iov = Iov::new(frame.sent);
+    frame_pieces(frame, items, format, |s| iov.push(s));
+    Pin::new(stream).poll_write_vectored(cx, &iov.slices)
+}
+
 /// Gathers the unsent part of a frame into at most `MAX_IOV` slices.
 struct Iov<'a> {
     slices: SmallVec<[IoSlice<'a>; MAX_IOV]>,
@@ -618,17 +706,40 @@ mod tests {
         format: Format,
         f: &FrameInFlight,
     ) -> Vec<u8> {
-        let mut out = f.head[..f.head_len].to_vec();
-        for (i, it) in items.iter().take(f.items).enumerate() {
-            if format == Format::Json && f.items > 1 && i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(it.bytes(format));
-        }
-        if format == Format::Json && f.items > 1 {
-            out.push(b']');
-        }
+        let mut out = Vec::new();
+        frame_pieces(f, items, format, |s| {
+            out.extend_from_slice(s);
+            true
+        });
         out
+    }
+
+    /// A frame the socket took part of is gathered again from where it
+    /// stopped, at every byte; the `writev` path stops at its slice limit.
+    #[test]
+    fn the_unsent_rest_of_a_frame_is_gathered_from_any_byte() {
+        let items: std::collections::VecDeque<Out> =
+            (0..100).map(|i| item(&format!("{{\"n\":{i}}}"))).collect();
+        for format in [Format::Json, Format::MsgPack] {
+            let mut f = plan_frame(&items, format, 1 << 16);
+            let whole = render(&items, format, &f);
+            assert_eq!(whole.len(), f.total);
+            for sent in 0..f.total {
+                f.sent = sent;
+                let mut rest = Vec::new();
+                gather_unsent(&f, &items, format, &mut rest);
+                assert_eq!(rest, whole[sent..], "{format:?} from byte {sent}");
+            }
+            f.sent = 0;
+            let mut iov = Iov::new(0);
+            frame_pieces(&f, &items, format, |s| iov.push(s));
+            let mut pieces = 0;
+            frame_pieces(&f, &items, format, |_| {
+                pieces += 1;
+                true
+            });
+            assert_eq!(iov.slices.len(), pieces.min(MAX_IOV));
+        }
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct Contender {
     pub name: &'static str,
     pub what: &'static str,
     kind: Kind,
+    /// Options added to the server's own (a ringcast setting under test).
+    options: &'static [&'static str],
 }
 
 pub const CONTENDERS: &[Contender] = &[
@@ -74,46 +76,61 @@ pub const CONTENDERS: &[Contender] = &[
         name: "ringcast",
         what: "this project, --workers 1; embedded backplane on one node, Redis between two",
         kind: Kind::Ringcast,
+        options: &[],
+    },
+    Contender {
+        name: "ringcast-wd20",
+        what: "this project as above with --write-delay 20: a connection's publications wait up to 20 ms to share one write (opt-in; the default writes on the loop turn they arrive)",
+        kind: Kind::Ringcast,
+        options: &["--write-delay", "20"],
     },
     Contender {
         name: "node-ws",
         what: "the Node.js tutorial relay: ws + ioredis, one Redis channel per channel, fan-out by iterating the subscriber set (bench/contenders/node-ws)",
         kind: Kind::NodeWs,
+        options: &[],
     },
     Contender {
         name: "socketio",
         what: "Socket.IO 4 with @socket.io/redis-adapter, rooms as channels, WebSocket transport only (bench/contenders/socketio)",
         kind: Kind::SocketIo,
+        options: &[],
     },
     Contender {
         name: "sockudo",
         what: "sockudo, the Rust (tokio) Pusher-protocol server: cargo install --locked, pinned; subscribe over the Pusher protocol, publish through its signed HTTP API; local adapter on one node, Redis adapter between two",
         kind: Kind::Sockudo,
+        options: &[],
     },
     Contender {
         name: "uws",
         what: "uWebSockets: a server you built yourself on its pub/sub (--uws PATH), speaking the JSON subset of bench/contenders/README.md; one node",
         kind: Kind::Uws,
+        options: &[],
     },
     Contender {
         name: "centrifugo",
         what: "Centrifugo, the Go real-time server, a binary you provide (--centrifugo PATH, v5 or v6): its JSON client protocol, publishes through its server API; memory engine on one node, Redis engine between two",
         kind: Kind::Centrifugo,
+        options: &[],
     },
     Contender {
         name: "bun",
         what: "Bun.serve with Bun's built-in topic pub/sub (ws.subscribe, server.publish; uWebSockets inside), the npm package bun, pinned (bench/contenders/bun); one node",
         kind: Kind::Bun,
+        options: &[],
     },
     Contender {
         name: "uws-js",
         what: "uWebSockets.js with its topic pub/sub (ws.subscribe, app.publish) on Node, the npm build @trufflesuite/uws-js-unofficial, pinned, native addon required (bench/contenders/uws-js); one node",
         kind: Kind::UwsJs,
+        options: &[],
     },
     Contender {
         name: "baseline",
         what: "tokio + tokio-tungstenite broadcast server written the usual way, one thread (bench/src/bin/baseline.rs); one node only",
         kind: Kind::Baseline,
+        options: &[],
     },
 ];
 
@@ -398,6 +415,7 @@ impl Contender {
                     if topology == Topology::TwoNodes {
                         args.extend(strings(&["--redis", &env.redis_url()]));
                     }
+                    args.extend(strings(self.options));
                     Proc::spawn(
                         self.name,
                         env.server_cpu,
