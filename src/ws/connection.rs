@@ -4,8 +4,11 @@
 //!
 //! Reads are readiness based (monoio poll-io): bytes land in the worker's
 //! shared read buffer and are parsed there, so an idle connection owns no
-//! buffer. Writes are vectored: the frame header, the batch brackets and the
-//! shared, pre-encoded publications go to the kernel without being copied.
+//! buffer. Writes go a frame at a time: the frame header, the batch
+//! brackets and the shared, pre-encoded publications, gathered into the
+//! worker's shared write buffer for one `send` (`poll_write_frame`), so an
+//! idle connection owns no write buffer either. With `--write-delay`, a
+//! queue of publications waits for its deadline (`ConnTask::holds_writes`).
 
 use std::future::Future;
 use std::io::IoSlice;
