@@ -341,6 +341,16 @@ pub struct Limits {
     pub max_bytes_per_second: u32,
 }
 
+impl Limits {
+    /// Bytes of publications a connection may hold back under
+    /// `--write-delay` before it writes anyway: a full frame, and never
+    /// more than half the pending bound, so that waiting never brings a
+    /// prompt reader near the slow-consumer policy.
+    pub fn held_bytes(&self) -> usize {
+        self.max_batch_bytes.min(self.max_pending_bytes / 2)
+    }
+}
+
 /// Liveness of WebSocket clients.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Heartbeat")]

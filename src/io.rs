@@ -97,7 +97,7 @@ pub fn with_read_buf<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 
 thread_local! {
     /// The worker's write buffer: a frame's slices gathered for one write
-    /// (`ws::connection`), at most 256 KiB, reused by every connection.
+    /// (`ws::connection`, up to 96 KiB), reused by every connection.
     static WRITE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 

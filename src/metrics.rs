@@ -174,7 +174,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "ringcast_write_flushes_total",
         Kind::Counter,
-        "Connections released to write what waited for --write-delay.",
+        "Held connections released at their deadline (--write-delay).",
     ),
     (
         "ringcast_batch_messages",

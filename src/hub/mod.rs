@@ -1312,7 +1312,7 @@ impl Shard {
             self.config.limits.max_pending_bytes,
             self.config.limits.slow_consumer,
             self.config.limits.slow_consumer_fallback,
-            self.config.limits.max_batch_bytes,
+            self.config.limits.held_bytes(),
         ) {
             Pushed::Queued | Pushed::Closed => {}
             Pushed::DroppedOldest(n) => self.metrics.slow_drop_oldest.increment(n as u64),

@@ -376,14 +376,15 @@ impl Conn {
     /// Queues a publication, enforcing the pending-bytes bound with
     /// `policy` (and `fallback`, when merging per key is not enough).
     /// While its writes are held, it wakes the connection only once the
-    /// queue makes a full frame (`frame_bytes` or [`MAX_BATCH_ITEMS`]).
+    /// queue holds `held_bytes` ([`crate::config::Limits::held_bytes`]) or
+    /// [`MAX_BATCH_ITEMS`].
     pub fn push_message(
         &self,
         publication: &SharedPublication,
         max_pending: usize,
         policy: SlowConsumerPolicy,
         fallback: SlowConsumerPolicy,
-        frame_bytes: usize,
+        held_bytes: usize,
     ) -> Pushed {
         if self.close.get().is_some() || self.aborted() {
             return Pushed::Closed;
@@ -416,7 +417,7 @@ impl Conn {
         }
         out.bytes += len;
         out.items.push_back(Out::Message(publication.clone()));
-        if !self.writes_held() || out.items.len() >= MAX_BATCH_ITEMS || out.bytes >= frame_bytes {
+        if !self.writes_held() || out.items.len() >= MAX_BATCH_ITEMS || out.bytes >= held_bytes {
             out.wake();
         }
         match (merged, dropped) {
@@ -657,12 +658,13 @@ impl Outbox {
     }
 
     /// Whether what is queued may wait for the next flush: live
-    /// publications only, short of a full frame. A reply, a replayed
-    /// answer or a slot goes now, and what is queued before it with it.
-    pub fn may_hold(&self, frame_bytes: usize) -> bool {
+    /// publications only, fewer than [`MAX_BATCH_ITEMS`] and
+    /// `held_bytes`. A reply, a replayed answer or a slot goes now, and
+    /// what is queued before it with it.
+    pub fn may_hold(&self, held_bytes: usize) -> bool {
         self.slots == 0
             && self.items.len() < MAX_BATCH_ITEMS
-            && self.bytes < frame_bytes
+            && self.bytes < held_bytes
             && self.items.iter().all(|i| matches!(i, Out::Message(_)))
     }
 

@@ -1404,7 +1404,7 @@ fn held_writes_wait_for_their_delay_but_replies_and_full_frames_do_not() {
     let waker = std::task::Waker::from(task.clone());
     let flusher = Arc::new(CountingWaker::default());
     let flusher_waker = std::task::Waker::from(flusher.clone());
-    let frame_bytes = shard.config.limits.max_batch_bytes;
+    let frame_bytes = shard.config.limits.held_bytes();
     let t0 = cluster.now.get();
     let ms = Duration::from_millis;
 
@@ -1500,4 +1500,46 @@ fn held_writes_wait_for_their_delay_but_replies_and_full_frames_do_not() {
     shard.flush_held_writes(t0 + ms(8));
     assert!(!other.conn.writes_held() && other.conn.flushing());
     assert_eq!(shard.next_flush_deadline(&flusher_waker), None);
+}
+
+/// Held publications never bring a prompt reader near the slow-consumer
+/// bound: a held connection is woken once its queue holds half of
+/// `--max-pending-bytes` when that is less than a full frame.
+#[test]
+fn held_writes_go_at_half_the_pending_bound_before_the_slow_consumer_policy() {
+    let cluster = Cluster::new(
+        Backplane::Embedded,
+        1,
+        &[
+            "--write-delay",
+            "1000",
+            "--max-message-bytes",
+            "4096",
+            "--max-pending-bytes",
+            "16384",
+        ],
+    );
+    let shard = &cluster.shards[0];
+    assert_eq!(shard.config.limits.held_bytes(), 8192);
+    let reader = subscriber(&cluster, 0, "feed");
+    let publisher = cluster.connect(0);
+    let task = Arc::new(CountingWaker::default());
+    let waker = std::task::Waker::from(task.clone());
+    shard.hold_writes(&reader.conn, cluster.now.get());
+    reader.conn.out.borrow_mut().set_waker(&waker);
+    let mut pushed = 0;
+    while task.count() == 0 {
+        cluster.publish(&publisher, "feed", json!("x".repeat(1000)));
+        cluster.settle();
+        pushed += 1;
+        assert!(pushed < 16, "never woken");
+    }
+    let held = reader.conn.out.borrow().bytes;
+    assert!((8192..16384).contains(&held), "woken holding {held} bytes");
+    assert!(!reader.conn.out.borrow().may_hold(8192));
+    assert!(
+        reader.conn.close.get().is_none(),
+        "not closed as a slow consumer"
+    );
+    assert_eq!(reader.messages().len(), pushed);
 }

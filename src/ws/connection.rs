@@ -395,7 +395,11 @@ impl ConnTask {
                     }
                 }
                 if !out.open_front(MAX_BATCH_ITEMS) {
-                    out.items.trim_drained(last_frame_items);
+                    // Trimmed when this poll drained it by writing, not
+                    // when a poll to read or ping finds it empty.
+                    if last_frame_items > 0 {
+                        out.items.trim_drained(last_frame_items);
+                    }
                     drop(out);
                     self.conn.end_flush();
                     // Nothing more to write: what TLS still holds goes now
@@ -461,7 +465,7 @@ impl ConnTask {
         !limits.write_delay.is_zero()
             && !self.conn.flushing()
             && self.conn.close.get().is_none()
-            && out.may_hold(limits.max_batch_bytes)
+            && out.may_hold(limits.held_bytes())
     }
 
     /// Pops a fully written frame's items and records its metrics.
@@ -575,8 +579,11 @@ fn plan_frame(
     }
 }
 
-/// Frames up to this size are gathered into one buffer before the write.
-const GATHER_MAX: usize = 256 * 1024;
+/// A frame whose unsent rest is up to this size is gathered into one
+/// buffer before the write: a full frame at the default
+/// `--max-batch-bytes` (64 KiB), without copying a big frame again and
+/// again while a slow reader takes it a little at a time.
+const GATHER_MAX: usize = 96 * 1024;
 
 /// Calls `piece` with each part of the frame in order (its head, the
 /// items, a JSON batch's commas and closing bracket) until it returns
@@ -631,7 +638,7 @@ fn gather_unsent(
 /// `writev` also takes at most [`MAX_IOV`] slices, which split a frame
 /// of 64 JSON publications into two writes and two TCP segments, the
 /// second holding only its closing bracket (docs/benchmarks.md, "Fewer,
-/// fuller writes"). Bigger frames (a few large items) go by `writev`.
+/// fuller writes"). A bigger rest (a few large items) goes by `writev`.
 fn poll_write_frame(
     stream: &mut Transport,
     cx: &mut Context<'_>,

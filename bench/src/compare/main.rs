@@ -116,7 +116,7 @@ fn run(cli: Cli) -> Result<()> {
     if cli.list {
         println!("contenders:");
         for c in CONTENDERS {
-            println!("  {:<10} {}", c.name, c.what);
+            println!("  {:<13} {}", c.name, c.what);
         }
         println!("workloads:");
         for w in WORKLOADS {
