@@ -246,8 +246,8 @@ pub struct Limits {
     /// Milliseconds a connection's publications may wait for more to share
     /// their write (0: written on the loop turn they arrive, the default).
     /// A few milliseconds of latency buy fewer, fuller frames, the costly
-    /// part of fan-out. Replies, pongs and closes never wait, and a full
-    /// frame goes at once. At most 1000.
+    /// part of fan-out. Replies, pongs and closes never wait; a full frame,
+    /// or half of --max-pending-bytes, goes at once. At most 1000.
     #[arg(long, env = "RINGCAST_WRITE_DELAY", default_value = "0", value_name = "MILLISECONDS",
         value_parser = milliseconds)]
     pub write_delay: Duration,

@@ -417,7 +417,7 @@ impl Conn {
         }
         out.bytes += len;
         out.items.push_back(Out::Message(publication.clone()));
-        if !self.writes_held() || out.items.len() >= MAX_BATCH_ITEMS || out.bytes >= held_bytes {
+        if !self.writes_held() || out.makes_a_full_frame(held_bytes) {
             out.wake();
         }
         match (merged, dropped) {
@@ -663,9 +663,14 @@ impl Outbox {
     /// what is queued before it with it.
     pub fn may_hold(&self, held_bytes: usize) -> bool {
         self.slots == 0
-            && self.items.len() < MAX_BATCH_ITEMS
-            && self.bytes < held_bytes
+            && !self.makes_a_full_frame(held_bytes)
             && self.items.iter().all(|i| matches!(i, Out::Message(_)))
+    }
+
+    /// Whether what is queued is as much as a connection may hold back:
+    /// [`MAX_BATCH_ITEMS`] items or `held_bytes`.
+    fn makes_a_full_frame(&self, held_bytes: usize) -> bool {
+        self.items.len() >= MAX_BATCH_ITEMS || self.bytes >= held_bytes
     }
 
     /// True when there is nothing to write.

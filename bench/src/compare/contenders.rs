@@ -357,25 +357,7 @@ impl Contender {
     pub fn start(&self, topology: Topology, env: &Env) -> Result<Started> {
         let mut procs = Vec::new();
         if self.needs_redis(topology) {
-            let mut redis = Proc::spawn(
-                "redis-server",
-                env.server_cpu,
-                "redis-server",
-                &strings(&[
-                    "--port",
-                    &env.redis_port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ]),
-                &env.logs,
-                &[],
-                &env.logs.join("redis.log"),
-            )?;
-            procs::wait_listening(&mut redis, addr(env.redis_port), PATIENCE)?;
+            let redis = Proc::redis(env.server_cpu, env.redis_port, &env.logs, PATIENCE)?;
             procs.push(redis);
         }
         let nodes = match topology {

@@ -54,6 +54,31 @@ impl Proc {
         })
     }
 
+    /// A throwaway redis-server on 127.0.0.1:`port` (nothing saved) on
+    /// `cpu`, run in and logging to `logs`, once it takes connections.
+    pub fn redis(cpu: u32, port: u16, logs: &Path, patience: Duration) -> Result<Proc> {
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .map(String::from)
+        .to_vec();
+        let log = logs.join("redis.log");
+        let mut redis = Proc::spawn("redis-server", cpu, "redis-server", &args, logs, &[], &log)?;
+        wait_listening(
+            &mut redis,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            patience,
+        )?;
+        Ok(redis)
+    }
+
     /// The server's PID (taskset execs the program, so it keeps the PID).
     pub fn pid(&self) -> u32 {
         self.child.id()

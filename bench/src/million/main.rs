@@ -210,27 +210,10 @@ fn run(args: Args) -> Result<()> {
         args.target, args.relay_cpu, args.load_cpu, args.redis_port
     );
 
-    let mut redis = Proc::spawn(
-        "redis",
+    let redis = Proc::redis(
         args.relay_cpu,
-        "redis-server",
-        &strings(&[
-            "--port",
-            &args.redis_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]),
-        &root,
-        &[],
-        &logs.join("redis.log"),
-    )?;
-    procs::wait_listening(
-        &mut redis,
-        SocketAddr::from(([127, 0, 0, 1], args.redis_port)),
+        args.redis_port,
+        &logs,
         Duration::from_secs(10),
     )?;
 
